@@ -1,0 +1,160 @@
+"""The Python API: prune(model_or_path, ratio=...) -> (ModelProto, PruneReport)."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .analysis import Analysis, analyze
+from .errors import GraphpruneError, PlanError
+from .ir import Graph, load_model, save_model
+from .metrics import count
+from .passmanager import PassManager
+from .plan import RewritePlan, check_plan
+from .rewrite import apply_removal
+
+
+@dataclass
+class PruneReport:
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    groups_total: int = 0
+    groups_pruned: int = 0
+    groups_frozen: int = 0
+    channels_prunable: int = 0
+    channels_frozen: int = 0
+    channels_removed: int = 0
+    frozen_reasons: dict = field(default_factory=dict)
+    per_layer: list = field(default_factory=list)   # (node, op, macs before, macs after)
+    verification: dict | None = None
+    timings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    diagnostics: list = field(default_factory=list)
+    plan: RewritePlan | None = None
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def prunable_share(self) -> float:
+        total = self.channels_prunable + self.channels_frozen
+        return self.channels_prunable / total if total else 0.0
+
+
+def load_graph(model_or_path) -> tuple[Graph, bool]:
+    from .passes.canonicalize import canonicalize
+    model, external = load_model(model_or_path)
+    graph = Graph(model)
+    canonicalize(graph)
+    return graph, external
+
+
+def analyze_model(model_or_path, exclude=None) -> Analysis:
+    graph, _ = load_graph(model_or_path)
+    return analyze(graph, exclude=exclude)
+
+
+def summarize_analysis(analysis: Analysis, report: PruneReport) -> None:
+    report.groups_total = len(analysis.groups) + len(analysis.frozen_groups)
+    report.groups_frozen = len(analysis.frozen_groups)
+    report.channels_prunable = sum(g.channels for g in analysis.groups)
+    report.channels_frozen = sum(g.channels for g in analysis.frozen_groups)
+    reasons = Counter()
+    for g in analysis.frozen_groups:
+        reasons[_short_reason(g.reason)] += 1
+    report.frozen_reasons = dict(reasons.most_common())
+
+
+def _short_reason(reason: str) -> str:
+    """'Softmax node 'n12': normalises ...' -> 'Softmax: normalises ...' so reasons aggregate across nodes."""
+    head, _, tail = reason.partition(": ")
+    op = head.split(" node ")[0]
+    return f"{op}: {tail}" if tail else head
+
+
+def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: int = 1, min_channels: int = 1,
+          exclude=None, plan: RewritePlan | None = None, verify: bool = True, verify_samples: int = 2,
+          seed: int = 0, input_dims: dict | None = None, progress=None, dry_run: bool = False):
+    """Prune `model_or_path` (path or ModelProto). Returns (pruned ModelProto, PruneReport); report.plan is
+    the RewritePlan. With dry_run=True nothing is rewritten: the model is None and the plan says what would go.
+    """
+    from .passes.allocate import uniform_plan
+    from .passes.canonicalize import canonicalize
+    from .passes.importance import get_criterion
+    from .verify import compare, masked_reference, random_feeds
+
+    if not 0.0 <= ratio < 1.0:
+        raise GraphpruneError(f"ratio must be in [0, 1), got {ratio}")
+    start = time.perf_counter()
+    pm = PassManager(progress=progress)
+    report = PruneReport()
+    model, _external = pm.run("load", load_model, model_or_path)
+    graph = Graph(model)
+    pm.run("canonicalize", canonicalize, graph)
+    before = count(graph)
+    analysis = pm.run("analyze", analyze, graph, exclude)
+    summarize_analysis(analysis, report)
+    report.diagnostics = list(analysis.diagnostics)
+
+    name = model_or_path if isinstance(model_or_path, (str, Path)) else (model.graph.name or "model")
+    settings = {"ratio": ratio, "importance": importance, "round_to": round_to, "min_channels": min_channels,
+                "exclude": list(exclude or []), "seed": seed}
+    if plan is None:
+        criterion = get_criterion(importance, seed=seed)
+        scores = pm.run("score", lambda: {g.id: criterion.scores(g, analysis) for g in analysis.groups})
+        plan = pm.run("plan", uniform_plan, analysis, scores, ratio, round_to, min_channels, str(name), settings)
+    else:
+        pm.run("check plan", check_plan, plan, analysis)
+    report.groups_pruned = sum(1 for g in plan.groups if g.removed_units)
+    report.channels_removed = plan.removed_channels
+    report.params_before, report.macs_before = before["params"], before["macs"]
+    if dry_run:
+        report.params_after, report.macs_after = report.params_before, report.macs_before
+        report.timings = pm.timings()
+        report.seconds = time.perf_counter() - start
+        report.plan = plan
+        return None, report
+
+    removed = plan.removed_elements()
+    original = Graph(graph.to_model(with_value_info=False))
+    original.shapes, original.dtypes = dict(graph.shapes), dict(graph.dtypes)
+    pm.run("rewrite", apply_removal, graph, analysis.fixups, removed)
+    pruned = graph.to_model(with_value_info=True)
+    pm.run("check", _check, pruned)
+    after = count(graph)
+    report.params_after, report.macs_after = after["params"], after["macs"]
+    report.per_layer = [(n, before["per_node"][n], after["per_node"].get(n, 0))
+                        for n in before["per_node"] if before["per_node"][n]]
+    if verify:
+        def run_verify():
+            reference = masked_reference(original, removed, analysis.coupler.oracle_masks)
+            feeds = random_feeds(original, verify_samples, seed=seed, dims=input_dims)
+            return compare(reference, pruned, feeds)
+        report.verification = pm.run("verify", run_verify)
+    report.timings = pm.timings()
+    report.seconds = time.perf_counter() - start
+    report.plan = plan
+    return pruned, report
+
+
+def _check(model: onnx.ModelProto) -> None:
+    if model.ByteSize() < (1 << 31) - (1 << 20):
+        onnx.checker.check_model(model, full_check=True)
+
+
+def save(model: onnx.ModelProto, path, external_data=None) -> None:
+    save_model(model, path, external_data)
+
+
+__all__ = ["prune", "analyze_model", "PruneReport", "RewritePlan", "PlanError", "save", "np"]

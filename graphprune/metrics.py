@@ -1,0 +1,51 @@
+"""Parameter and multiply-accumulate counts from static shapes (symbolic dims count as 1)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .ir import Graph, attr
+
+
+def _prod(dims) -> int:
+    return int(np.prod([d if isinstance(d, int) else 1 for d in dims], dtype=np.int64)) if dims else 1
+
+
+def node_macs(graph: Graph, node) -> int:
+    op = node.op_type
+    out = graph.shape(node.output[0]) if node.output else None
+    if out is None:
+        return 0
+    if op == "Conv":
+        w = graph.shape(node.input[1])
+        return _prod(out) * _prod(w[1:]) if w else 0
+    if op == "ConvTranspose":
+        w = graph.shape(node.input[1])
+        x = graph.shape(node.input[0])
+        return _prod(x) * _prod(w[1:]) if w and x else 0
+    if op == "Gemm":
+        a = graph.shape(node.input[0])
+        if not a:
+            return 0
+        k = a[0] if attr(node, "transA", 0) else a[1]
+        return _prod(out) * (k if isinstance(k, int) else 1)
+    if op == "MatMul":
+        a = graph.shape(node.input[0])
+        if not a:
+            return 0
+        k = a[-1]
+        return _prod(out) * (k if isinstance(k, int) else 1)
+    if op in ("LSTM", "GRU", "RNN"):
+        w, r, x = (graph.shape(node.input[i]) for i in (1, 2, 0))
+        if not (w and r and x):
+            return 0
+        steps = x[0] if attr(node, "layout", 0) == 0 else x[1]
+        batch = x[1] if attr(node, "layout", 0) == 0 else x[0]
+        per_step = _prod(w) + _prod(r)
+        return per_step * _prod([steps, batch])
+    return 0
+
+
+def count(graph: Graph) -> dict:
+    params = int(sum(a.size for a in graph.initializers.values() if a.dtype.kind in "fiu" and a.size > 1))
+    per_node = {node.name: node_macs(graph, node) for node in graph.nodes}
+    return {"params": params, "macs": int(sum(per_node.values())), "per_node": per_node}

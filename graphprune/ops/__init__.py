@@ -1,0 +1,5 @@
+"""Channel rules, one function per op type, registered in graphprune.analysis.RULES.
+
+Importing this package registers every rule. Each module groups ops of one family.
+"""
+from . import conv, elementwise, norm, reduce, rnn, shape  # noqa: F401

@@ -1,0 +1,115 @@
+"""Pooling and reductions. Channels survive pooling; reducing *over* an axis couples all of its elements
+unless a removed (zeroed) element contributes nothing (sums), in which case its elements stay free."""
+from __future__ import annotations
+
+from ..analysis import rule
+
+POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
+
+
+@rule(*POOLS)
+def pool(node, c):
+    x, y = node.input[0], node.output[0]
+    if len(node.output) > 1 and node.output[1]:
+        c.freeze_all("MaxPool indices encode channel positions")
+        return
+    r = c.rank(x)
+    c.link(x, 0, y, 0)
+    c.link(x, 1, y, 1)
+    c.not_channel(x, range(2, r))
+    c.not_channel(y, range(2, r))
+
+
+# zero contributes nothing to these, so removing an element equals masking it
+SUM_LIKE = {"ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare"}
+REDUCES = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+           "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+
+
+def reduced_axes(node, c):
+    r = c.rank(node.input[0])
+    axes = c.attr("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = c.const(node.input[1])
+        if axes is None:
+            return None
+        axes = [int(a) for a in axes.reshape(-1)]
+    if axes is None or len(axes) == 0:
+        if c.attr("noop_with_empty_axes", 0):
+            return []
+        return list(range(r))
+    return sorted(a % r for a in axes)
+
+
+@rule(*REDUCES)
+def reduce(node, c):
+    x, y = node.input[0], node.output[0]
+    r = c.rank(x)
+    axes = reduced_axes(node, c)
+    if axes is None:
+        c.freeze_all("reduction axes are not constant")
+        return
+    if len(node.input) > 1 and node.input[1]:
+        c.not_channel(node.input[1])
+    keep = c.attr("keepdims", 1)
+    ao = 0
+    for ax in range(r):
+        if ax in axes:
+            if node.op_type in SUM_LIKE:
+                c.touch(x, ax)
+            else:
+                c.freeze(x, ax, reason=f"{node.op_type} over this axis: removing an element changes the result")
+            if keep:
+                c.not_channel(y, [ao])
+                ao += 1
+        else:
+            c.link(x, ax, y, ao)
+            ao += 1
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax")
+def softmax(node, c):
+    x, y = node.input[0], node.output[0]
+    r = c.rank(x)
+    axis = c.attr("axis", -1 if c.opset >= 13 else 1) % r
+    # before opset 13 the op flattens every axis from `axis` on into one
+    normalised = {axis} if c.opset >= 13 else set(range(axis, r))
+    for ax in range(r):
+        if ax in normalised:
+            c.freeze(x, ax, reason=f"{node.op_type} normalises over this axis")
+            c.freeze(y, ax, reason=f"{node.op_type} normalises over this axis")
+        else:
+            c.link(x, ax, y, ax)
+
+
+@rule("ArgMax", "ArgMin")
+def argmax(node, c):
+    x, y = node.input[0], node.output[0]
+    r = c.rank(x)
+    axis = c.attr("axis", 0) % r
+    keep = c.attr("keepdims", 1)
+    ao = 0
+    for ax in range(r):
+        if ax == axis:
+            c.freeze(x, ax, reason=f"{node.op_type} returns positions along this axis")
+            if keep:
+                c.not_channel(y, [ao])
+                ao += 1
+        else:
+            c.link(x, ax, y, ao)
+            ao += 1
+
+
+@rule("TopK")
+def topk(node, c):
+    x = node.input[0]
+    r = c.rank(x)
+    axis = c.attr("axis", -1) % r
+    c.not_channel(node.input[1])
+    for ax in range(r):
+        for out in node.output:
+            if ax == axis:
+                c.freeze(x, ax, reason="TopK selects along this axis")
+                c.freeze(out, ax, reason="TopK selects along this axis")
+            else:
+                c.link(x, ax, out, ax)

@@ -1,0 +1,79 @@
+"""Physically remove planned channels: slice initializers, let rules fix attributes and shape constants."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .ir import Graph, set_attr
+
+
+class Rewriter:
+    """What a rule's fixup sees: removed/kept indices per tensor axis, old and new shapes, safe setters."""
+
+    def __init__(self, graph: Graph, removed: dict[tuple[str, int], np.ndarray]):
+        self.graph = graph
+        self._removed = {k: np.unique(np.asarray(v, dtype=np.int64)) for k, v in removed.items() if len(v)}
+        self._old_shapes = dict(graph.shapes)
+        self.changed_tensors = {k[0] for k in self._removed}
+
+    def removed(self, name: str, axis: int) -> np.ndarray:
+        shape = self._old_shapes.get(name)
+        if shape is None:
+            return np.zeros(0, np.int64)
+        return self._removed.get((name, axis % len(shape)), np.zeros(0, np.int64))
+
+    def kept(self, name: str, axis: int) -> np.ndarray:
+        shape = self._old_shapes[name]
+        dim = shape[axis % len(shape)]
+        return np.setdiff1d(np.arange(dim, dtype=np.int64), self.removed(name, axis))
+
+    def old_shape(self, name: str) -> tuple:
+        return self._old_shapes[name]
+
+    def new_shape(self, name: str) -> tuple:
+        shape = self._old_shapes[name]
+        return tuple(d - len(self.removed(name, ax)) if isinstance(d, int) else d for ax, d in enumerate(shape))
+
+    def set_const_input(self, node: onnx.NodeProto, index: int, array: np.ndarray) -> None:
+        """Give node.input[index] a new constant; never changes a constant other nodes may share."""
+        base = node.input[index] if index < len(node.input) and node.input[index] else f"{node.name}_input{index}"
+        name = self.graph.add_initializer(base.split("__")[0], np.asarray(array))
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+
+    def set_attr(self, node: onnx.NodeProto, name: str, value) -> None:
+        set_attr(node, name, value)
+
+    def drop_attr(self, node: onnx.NodeProto, name: str) -> None:
+        for i, a in enumerate(node.attribute):
+            if a.name == name:
+                del node.attribute[i]
+                return
+
+
+def node_touches(node: onnx.NodeProto, changed: set[str]) -> bool:
+    return any(n in changed for n in node.input) or any(n in changed for n in node.output)
+
+
+def apply_removal(graph: Graph, fixups, removed: dict[tuple[str, int], np.ndarray],
+                  weight_updates: dict[str, np.ndarray] | None = None) -> Rewriter:
+    """Rewrite `graph` in place so that the `removed` elements no longer exist."""
+    rw = Rewriter(graph, removed)
+    for node, fn in fixups:
+        if node_touches(node, rw.changed_tensors):
+            fn(rw, node)
+    for name, arr in (weight_updates or {}).items():
+        graph.set_initializer(name, arr)
+    for name in list(graph.initializers):
+        if name not in rw.changed_tensors:
+            continue
+        arr = graph.initializers[name]
+        for ax in range(arr.ndim):
+            gone = rw.removed(name, ax)
+            if len(gone):
+                arr = np.delete(arr, gone, axis=ax)
+        graph.set_initializer(name, arr)
+    graph.reindex()
+    graph.infer_shapes()
+    return rw

@@ -1,0 +1,165 @@
+"""Verification: the pruned model must equal the original with the removed channels masked on the consumer side.
+
+Masking the producer is the wrong oracle (after a BatchNorm the zeros come back as constants), so every node
+input that still carries removed channels is wrapped in Where(mask, x, 0) before the node reads it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from .errors import VerificationError
+from .ir import Graph
+
+
+def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], oracle_masks=(),
+                     weight_updates: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The original model with removed channels zeroed wherever a node reads them."""
+    model = graph.to_model(with_value_info=False)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    by_tensor: dict[str, dict[int, np.ndarray]] = {}
+    for (name, axis), idx in removed.items():
+        if len(idx):
+            by_tensor.setdefault(name, {})[axis] = idx
+    new_nodes = []
+    masked_names: dict[str, str] = {}
+    counter = [0]
+
+    def mask_for(name):
+        if name in masked_names:
+            return masked_names[name]
+        shape = graph.shape(name)
+        mask = np.ones([d if ax in by_tensor[name] else 1 for ax, d in enumerate(shape)], dtype=bool)
+        for ax, idx in by_tensor[name].items():
+            index = [slice(None)] * len(shape)
+            index[ax] = idx
+            mask[tuple(index)] = False
+        counter[0] += 1
+        mname = f"__gp_mask_{counter[0]}"
+        zname = f"__gp_zero_{counter[0]}"
+        g.initializer.append(numpy_helper.from_array(mask, mname))
+        dtype = helper.tensor_dtype_to_np_dtype(graph.dtypes.get(name, onnx.TensorProto.FLOAT))
+        g.initializer.append(numpy_helper.from_array(np.zeros((), dtype=dtype), zname))
+        out = f"{name}__gp_masked"
+        new_nodes.append(helper.make_node("Where", [mname, name, zname], [out], name=f"__gp_where_{counter[0]}"))
+        masked_names[name] = out
+        return out
+
+    for node in list(g.node):
+        for i, name in enumerate(node.input):
+            if name in by_tensor and name not in inits:
+                node.input[i] = mask_for(name)
+        new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    for name, arr in (weight_updates or {}).items():
+        _replace_init(g, name, arr)
+    for weight, axis, like, like_axis in oracle_masks:
+        idx = removed.get((like, like_axis))
+        if idx is None or not len(idx):
+            continue
+        arr = numpy_helper.to_array(inits[weight]).copy() if weight not in (weight_updates or {}) \
+            else np.array(weight_updates[weight])
+        index = [slice(None)] * arr.ndim
+        index[axis] = idx
+        arr[tuple(index)] = 0
+        _replace_init(g, weight, arr)
+    return model
+
+
+def _replace_init(g, name, arr):
+    for k, t in enumerate(g.initializer):
+        if t.name == name:
+            g.initializer[k].CopyFrom(numpy_helper.from_array(np.asarray(arr), name))
+            return
+
+
+def session(model: onnx.ModelProto, optimize: bool = False) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def random_feeds(graph: Graph, n: int, seed: int = 0, dims: dict | None = None) -> list[dict[str, np.ndarray]]:
+    """Random inputs matched to each graph input: normal floats, token ids inside the vocabulary, mask ones."""
+    rng = np.random.default_rng(seed)
+    dims = dict(dims or {})
+    feeds = []
+    for _ in range(n):
+        feed = {}
+        for vi in graph.inputs:
+            tt = vi.type.tensor_type
+            shape = []
+            for k, d in enumerate(tt.shape.dim):
+                if d.HasField("dim_value"):
+                    shape.append(d.dim_value)
+                else:
+                    shape.append(dims.get(d.dim_param, 1 if k == 0 else 16))
+            dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            if dtype.kind == "f":
+                feed[vi.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype == np.bool_:
+                feed[vi.name] = np.ones(shape, dtype=bool)
+            else:
+                high = _index_bound(graph, vi.name)
+                if "mask" in vi.name.lower():
+                    feed[vi.name] = np.ones(shape, dtype=dtype)
+                else:
+                    feed[vi.name] = rng.integers(0, high, size=shape).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def _index_bound(graph: Graph, name: str, depth: int = 0) -> int:
+    """Largest safe integer value: the smallest table size this input indexes (through casts/reshapes)."""
+    bound = None
+    for node, i in graph.uses.get(name, []):
+        if node.op_type == "Gather" and i == 1:
+            shape = graph.shape(node.input[0])
+            axis = 0
+            for a in node.attribute:
+                if a.name == "axis":
+                    axis = a.i
+            if shape and isinstance(shape[axis], int):
+                bound = shape[axis] if bound is None else min(bound, shape[axis])
+        elif node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten") and depth < 4 and i == 0:
+            sub = _index_bound(graph, node.output[0], depth + 1)
+            bound = sub if bound is None else min(bound, sub)
+    return bound if bound is not None else 2
+
+
+def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, feeds, rtol: float = 1e-4,
+            atol: float = 1e-5) -> dict:
+    """Run both models on the same feeds; raise VerificationError naming the worst output."""
+    ref_sess, new_sess = session(reference), session(pruned)
+    names = [o.name for o in ref_sess.get_outputs()]
+    worst = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "output": None, "samples": len(feeds)}
+    for feed in feeds:
+        want = ref_sess.run(names, feed)
+        got = new_sess.run(names, feed)
+        for name, a, b in zip(names, want, got):
+            a = np.asarray(a)
+            b = np.asarray(b)
+            if a.shape != b.shape:
+                raise VerificationError(f"output '{name}': shape {b.shape} differs from the original {a.shape}",
+                                        name, float("inf"))
+            if a.dtype.kind != "f":
+                if not np.array_equal(a, b):
+                    raise VerificationError(f"output '{name}': integer values differ", name, float("inf"))
+                continue
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            scale = max(1.0, float(np.max(np.abs(a)))) if a.size else 1.0
+            m = float(diff.max()) if diff.size else 0.0
+            if m > worst["max_abs_diff"]:
+                worst.update(max_abs_diff=m, output=name)
+            worst["max_rel_diff"] = max(worst["max_rel_diff"], m / scale)
+            if not np.all(np.isfinite(b) == np.isfinite(a)) or np.any(diff > atol * scale + rtol * np.abs(a)):
+                raise VerificationError(
+                    f"output '{name}' differs from the masked original: max abs diff {m:.3g} "
+                    f"(tolerance atol {atol:g} x {scale:.3g}, rtol {rtol:g})", name, m)
+    return worst

@@ -1,0 +1,310 @@
+"""Normalise any exporter's graph: constants as initializers, no Identity/Dropout, folded shape arithmetic,
+unique node names, topological order, fresh shapes."""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from graphprune.ir import Graph, attr, subgraph_outer_names
+
+NON_FOLDABLE = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform",
+                "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
+# Folding a big weight transform just moves bytes around; folding shape arithmetic is what rules need.
+FOLD_LIMIT = 1 << 22
+LOW_BIT_TYPES = {np.int8, np.uint8, np.int16, np.uint16}
+
+
+def canonicalize(graph: Graph) -> dict:
+    stats = {"constants": _constants_to_initializers(graph)}
+    stats["removed"] = _drop_passthrough(graph)
+    _toposort(graph)
+    _name_nodes(graph)
+    graph.reindex()
+    graph.infer_shapes()
+    stats["folded"] = fold_constants(graph)
+    graph.reindex()
+    graph.infer_shapes()
+    refine_shapes(graph)
+    return stats
+
+
+def refine_shapes(graph: Graph, rounds: int = 4) -> None:
+    """Fill Reshape output dims onnx could not infer (a target built from Shape->Gather of a dynamic dim and
+    constants), then re-infer downstream. Repeats while that helps and folds what became static."""
+    hints: dict[str, tuple] = {}
+    for _ in range(rounds):
+        found = False
+        for node in graph.nodes:
+            if node.op_type != "Reshape":
+                continue
+            y = node.output[0]
+            cur = graph.shape(y)
+            if cur is not None and all(d is not None for d in cur):
+                continue
+            dims = _reshape_dims(graph, node)
+            if dims is not None and dims != cur:
+                hints[y] = dims
+                found = True
+        if not found:
+            return
+        graph.infer_shapes(hints)
+        if fold_constants(graph):
+            graph.reindex()
+            graph.infer_shapes(hints)
+
+
+def _shape_values(graph: Graph, name: str, depth: int = 0):
+    """Per position of a shape tensor: int constant, symbolic dim name, or None."""
+    value = graph.const(name)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    node = graph.producer.get(name)
+    if node is None or depth > 8:
+        return None
+    if node.op_type == "Concat":
+        out = []
+        for piece in node.input:
+            sub = _shape_values(graph, piece, depth + 1)
+            if sub is None:
+                return None
+            out.extend(sub)
+        return out
+    if node.op_type in ("Unsqueeze", "Cast", "Squeeze", "Identity"):
+        return _shape_values(graph, node.input[0], depth + 1)
+    if node.op_type == "Gather" and graph.const(node.input[1]) is not None:
+        src = graph.producer.get(node.input[0])
+        if src is not None and src.op_type == "Shape":
+            shape = graph.shape(src.input[0])
+            if shape is None:
+                return None
+            full = list(shape)[slice(attr(src, "start", 0), attr(src, "end", len(shape)))]
+            return [full[int(i) % len(full)] for i in graph.const(node.input[1]).reshape(-1)]
+    if node.op_type == "Shape":
+        shape = graph.shape(node.input[0])
+        return None if shape is None else list(shape)[slice(attr(node, "start", 0), attr(node, "end", len(shape)))]
+    return None
+
+
+def _reshape_dims(graph: Graph, node):
+    xs = graph.shape(node.input[0])
+    values = _shape_values(graph, node.input[1])
+    if xs is None or values is None or any(v is None for v in values) or any(d is None for d in xs):
+        return None
+    dims = [xs[k] if v == 0 else v for k, v in enumerate(values)]
+    if sum(1 for d in dims if d == -1) > 1:
+        return None
+    if -1 in dims:
+        static_in = int(np.prod([d for d in xs if isinstance(d, int)]))
+        static_out = int(np.prod([d for d in dims if isinstance(d, int) and d != -1]))
+        sym_in = sorted(d for d in xs if isinstance(d, str))
+        sym_out = sorted(d for d in dims if isinstance(d, str))
+        if sym_in != sym_out or static_out == 0 or static_in % static_out:
+            return None
+        dims[dims.index(-1)] = static_in // static_out
+    return tuple(dims)
+
+
+def _constants_to_initializers(graph: Graph) -> int:
+    kept, n = [], 0
+    outputs = set(graph.output_names)
+    for node in graph.nodes:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            graph.set_initializer(node.output[0], _constant_value(node))
+            n += 1
+        else:
+            kept.append(node)
+    graph.nodes = kept
+    return n
+
+
+def _constant_value(node) -> np.ndarray:
+    a = node.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    if a.name == "value_float":
+        return np.array(a.f, dtype=np.float32)
+    if a.name == "value_floats":
+        return np.array(list(a.floats), dtype=np.float32)
+    if a.name == "value_int":
+        return np.array(a.i, dtype=np.int64)
+    if a.name == "value_ints":
+        return np.array(list(a.ints), dtype=np.int64)
+    if a.name == "sparse_value":
+        from onnx.reference.ops.op_constant import _check_dtype  # noqa: F401
+        raise NotImplementedError("sparse Constant")
+    raise NotImplementedError(f"Constant with attribute {a.name}")
+
+
+def _drop_passthrough(graph: Graph) -> int:
+    """Remove Identity and inference-mode Dropout by renaming their consumers' inputs."""
+    outputs = set(graph.output_names)
+    rename: dict[str, str] = {}
+    kept, n = [], 0
+    for node in graph.nodes:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        passthrough = node.op_type == "Identity" or (
+            node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1])
+            and (len(node.input) < 3 or not node.input[2]))
+        if passthrough and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            rename[node.output[0]] = node.input[0]
+            n += 1
+            continue
+        kept.append(node)
+    if rename:
+        for node in kept:
+            _rename_in_subgraphs(node, rename)
+    graph.nodes = kept
+    return n
+
+
+def _rename_in_subgraphs(node, rename):
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                for i, name in enumerate(n.input):
+                    if name in rename:
+                        n.input[i] = rename[name]
+                _rename_in_subgraphs(n, rename)
+
+
+def _toposort(graph: Graph) -> None:
+    available = set(graph.input_names) | set(graph.initializers) | {""}
+    producers = {}
+    for idx, node in enumerate(graph.nodes):
+        for o in node.output:
+            producers[o] = idx
+    deps = []
+    for node in graph.nodes:
+        needs = {i for i in list(node.input) + sorted(subgraph_outer_names(node)) if i not in available}
+        deps.append({producers[i] for i in needs if i in producers})
+    indeg = [len(d) for d in deps]
+    users = [[] for _ in graph.nodes]
+    for idx, d in enumerate(deps):
+        for p in d:
+            users[p].append(idx)
+    queue = deque(i for i, k in enumerate(indeg) if k == 0)
+    order = []
+    while queue:
+        i = queue.popleft()
+        order.append(i)
+        for u in users[i]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                queue.append(u)
+    if len(order) == len(graph.nodes):
+        graph.nodes = [graph.nodes[i] for i in order]
+
+
+def _name_nodes(graph: Graph) -> None:
+    seen = set()
+    for k, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op_type}_{k}"
+            name = base
+            j = 1
+            while name in seen:
+                name = f"{base}_{j}"
+                j += 1
+            node.name = name
+        seen.add(node.name)
+
+
+# ---- constant folding ------------------------------------------------------------------------------------------
+def fold_constants(graph: Graph) -> int:
+    """Fold nodes whose inputs are all constant, and shape reads of static dims. Weight-only quantised
+    weights (low-bit initializer -> Cast/DequantizeLinear) are left as they are."""
+    outputs = set(graph.output_names)
+    folded = 0
+    kept = []
+    for node in graph.nodes:
+        value = None
+        if node.domain in ("", "ai.onnx") and node.op_type not in NON_FOLDABLE and not subgraph_outer_names(node) \
+                and not any(o in outputs for o in node.output) and len(node.output) == 1:
+            value = _try_fold(graph, node)
+        if value is not None:
+            graph.set_initializer(node.output[0], value)
+            folded += 1
+        else:
+            kept.append(node)
+    graph.nodes = kept
+    return folded
+
+
+def _try_fold(graph: Graph, node):
+    op = node.op_type
+    if op == "Shape":
+        shape = graph.shape(node.input[0])
+        if shape is None:
+            return None
+        r = len(shape)
+        start, end = attr(node, "start", 0), attr(node, "end", r)
+        part = shape[slice(start, end)]
+        if all(isinstance(d, int) for d in part):
+            return np.array(part, dtype=np.int64)
+        return None
+    if op == "Size":
+        shape = graph.shape(node.input[0])
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            return np.array(int(np.prod(shape)), dtype=np.int64)
+        return None
+    if op in ("Gather", "Slice") and node.input[0] in graph.producer and \
+            graph.producer[node.input[0]].op_type == "Shape" and all(graph.is_const(i) for i in node.input[1:] if i):
+        return _fold_partial_shape(graph, node)
+    inputs = [i for i in node.input if i]
+    if not inputs or not all(graph.is_const(i) for i in inputs):
+        return None
+    arrays = [graph.const(i) for i in inputs]
+    if op in ("Cast", "Mul") and any(a.dtype.type in LOW_BIT_TYPES for a in arrays):
+        return None
+    if sum(a.size for a in arrays) > FOLD_LIMIT:
+        return None
+    try:
+        result = _evaluate(node, graph)
+    except Exception:
+        return None
+    if result is None or result.size > FOLD_LIMIT:
+        return None
+    return result
+
+
+def _fold_partial_shape(graph: Graph, node):
+    shape_node = graph.producer[node.input[0]]
+    shape = graph.shape(shape_node.input[0])
+    if shape is None:
+        return None
+    r = len(shape)
+    full = list(shape)[slice(attr(shape_node, "start", 0), attr(shape_node, "end", r))]
+    n = len(full)
+    if node.op_type == "Gather":
+        idx = graph.const(node.input[1])
+        picked = [full[int(i) % n] for i in idx.reshape(-1)]
+        if all(isinstance(d, int) for d in picked):
+            return np.array(picked, dtype=np.int64).reshape(idx.shape)
+        return None
+    starts, ends = graph.const(node.input[1]), graph.const(node.input[2])
+    steps = graph.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.array([1])
+    picked = full[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
+    if all(isinstance(d, int) for d in picked):
+        return np.array(picked, dtype=np.int64)
+    return None
+
+
+def _evaluate(node, graph: Graph):
+    """Evaluate one node on constant inputs with onnx's reference implementation."""
+    from onnx.reference import ReferenceEvaluator
+    inputs = [i for i in node.input if i]
+    feeds = {name: graph.const(name) for name in inputs}
+    vis_in = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(feeds[n].dtype), feeds[n].shape)
+              for n in inputs]
+    vis_out = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]
+    g = helper.make_graph([node], "fold", vis_in, vis_out)
+    model = helper.make_model(g, opset_imports=graph.model.opset_import)
+    ref = ReferenceEvaluator(model)
+    out = ref.run(None, feeds)[0]
+    return np.asarray(out)

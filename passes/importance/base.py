@@ -1,0 +1,34 @@
+"""The one small interface every importance criterion implements."""
+from __future__ import annotations
+
+import numpy as np
+
+from graphprune.analysis import Analysis, ChannelGroup
+
+CRITERIA: dict[str, type] = {}
+
+
+class Criterion:
+    """Scores the units of a group; higher means keep. Subclasses set `name` and implement `scores`."""
+    name = ""
+    needs_data = False
+
+    def __init__(self, seed: int = 0, **options):
+        self.seed = seed
+        self.options = options
+
+    def scores(self, group: ChannelGroup, analysis: Analysis) -> np.ndarray:
+        raise NotImplementedError
+
+
+def register(cls):
+    if cls.name in CRITERIA:
+        raise ValueError(f"importance criterion {cls.name!r} registered twice")
+    CRITERIA[cls.name] = cls
+    return cls
+
+
+def get_criterion(name: str, **options) -> Criterion:
+    if name not in CRITERIA:
+        raise ValueError(f"unknown importance criterion {name!r}; choose from {', '.join(sorted(CRITERIA))}")
+    return CRITERIA[name](**options)
