@@ -1,0 +1,52 @@
+"""Shared helpers for tests: build small ONNX graphs with random weights, prune, and check equivalence."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune
+
+_rng = np.random.default_rng(1234)
+
+
+def rand(*shape, seed=None, scale=None, positive=False):
+    rng = np.random.default_rng(seed) if seed is not None else _rng
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    s = scale if scale is not None else 1.0 / np.sqrt(max(fan_in, 1))
+    a = rng.standard_normal(shape) * s
+    if positive:
+        a = np.abs(a) + 0.5
+    return a.astype(np.float32)
+
+
+def make_model(nodes, inputs, outputs, initializers=None, opset=17, value_info=None):
+    """inputs/outputs: list of (name, shape) or (name, shape, elem_type); initializers: dict name -> array."""
+    def vi(spec):
+        name, shape = spec[0], spec[1]
+        et = spec[2] if len(spec) > 2 else TensorProto.FLOAT
+        return helper.make_tensor_value_info(name, et, shape)
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in (initializers or {}).items()]
+    graph = helper.make_graph(nodes, "test", [vi(i) for i in inputs], [vi(o) for o in outputs], inits,
+                              value_info=value_info or [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def prune_checked(model, ratio=0.5, expect_smaller=True, **kwargs):
+    """Prune with verification on (raises if the pruned model differs from the masked original)."""
+    kwargs.setdefault("verify_samples", 2)
+    pruned, report = graphprune.prune(model, ratio=ratio, verify=True, **kwargs)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report.verification is not None
+    if expect_smaller:
+        assert report.params_after < report.params_before, "nothing was pruned"
+    return pruned, report
+
+
+def group_sizes(model):
+    """Sorted (units, channels) of the prunable groups of a model."""
+    analysis = graphprune.analyze_model(model)
+    return sorted((len(g.units), g.channels) for g in analysis.groups)
