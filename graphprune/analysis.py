@@ -321,17 +321,14 @@ class ChannelGroup:
     frozen: bool = False
     reason: str = ""
     name: str = ""
+    main: tuple[str, int] | None = None  # the member whose width a user calls the layer width
 
     @property
     def channels(self) -> int:
-        """Channels of the widest member: what a user calls the layer width."""
-        return max(sum(u.size(m) for u in self.units) for m in self.members)
+        return self.width(self.main or self.members[0])
 
-    def main_member(self, graph: Graph):
-        for m in self.members:
-            if m[0] in graph.initializers:
-                return m
-        return self.members[0]
+    def width(self, member) -> int:
+        return sum(u.size(member) for u in self.units)
 
 
 @dataclass
@@ -497,23 +494,29 @@ def _build_groups(graph: Graph, c: Coupler, root: np.ndarray, root_reason: np.nd
             sig_reason.setdefault(sig, c.reasons[int(root_reason[r])])
         else:
             by_sig[sig].append(unit)
+    producers = {}
+    for p in c.producers:  # weights first, so a group is named after its Conv/Gemm, not a bias or norm
+        if c.roles.get(p.weight) == "weight":
+            producers.setdefault((p.y, p.y_axis), p.node)
+    for p in c.producers:
+        producers.setdefault((p.y, p.y_axis), p.node)
     groups = []
     for sig, units in by_sig.items():
-        groups.append(ChannelGroup(len(groups), list(sig), units, name=_group_name(graph, c, sig)))
+        groups.append(_make_group(len(groups), sig, units, producers, graph))
     frozen = []
     for sig, units in frozen_by_sig.items():
-        frozen.append(ChannelGroup(len(frozen), list(sig), units, frozen=True, reason=sig_reason[sig],
-                                   name=_group_name(graph, c, sig)))
+        frozen.append(_make_group(len(frozen), sig, units, producers, graph, sig_reason[sig]))
     return groups, frozen
 
 
-def _group_name(graph: Graph, c: Coupler, sig) -> str:
-    """Name a group after the first weight that produces it, else its first member."""
-    producers = {(p.weight, p.weight_axis) for p in c.producers}
-    for m in sig:
-        if m in producers:
-            return f"{m[0]}[axis {m[1]}]"
-    for m in sig:
-        if m[0] in graph.initializers:
-            return f"{m[0]}[axis {m[1]}]"
-    return f"{sig[0][0]}[axis {sig[0][1]}]"
+def _make_group(gid, sig, units, producers, graph, reason=None) -> ChannelGroup:
+    """Name a group after the node that produces it (a Conv, Gemm, ...); its width is that output's width."""
+    group = ChannelGroup(gid, list(sig), units, frozen=reason is not None, reason=reason or "")
+    made = [(producers[m], m) for m in sig if m in producers]
+    if made:
+        group.name, group.main = made[0]
+        return group
+    acts = [m for m in sig if m[0] not in graph.initializers]
+    group.main = max(acts or list(sig), key=group.width)
+    group.name = f"{group.main[0]}:{group.main[1]}"
+    return group

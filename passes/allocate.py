@@ -35,8 +35,7 @@ def uniform_plan(analysis, scores: dict[int, np.ndarray], ratio: float, round_to
         for k in drop:
             for member, idx in group.units[k].elements.items():
                 removed.setdefault(member_key(member), []).extend(int(i) for i in idx)
-        main = max(group.members, key=lambda m: sum(u.size(m) for u in group.units))
-        gone = sum(group.units[k].size(main) for k in drop)
+        gone = sum(group.units[k].size(group.main) for k in drop)
         plan.groups.append(GroupPlan(group=group.name, channels=width, units=n, removed_units=len(drop),
                                      removed={k: sorted(v) for k, v in removed.items()},
                                      kept_channels=width - gone))
