@@ -229,7 +229,7 @@ class Graph:
     def infer_shapes(self, hints: dict | None = None) -> None:
         """Clear all value_info and re-infer from scratch, so no stale shape survives a rewrite.
         `hints` ({tensor: dims}) are shapes graphprune derived itself where onnx's inference gives up."""
-        model = self.to_model(with_value_info=False)
+        model = self._skeleton()
         for name, dims in (hints or {}).items():
             if name in self.dtypes:
                 model.graph.value_info.append(helper.make_tensor_value_info(name, self.dtypes[name], list(dims)))
@@ -249,6 +249,27 @@ class Graph:
         for name, arr in self.initializers.items():
             self.shapes[name] = tuple(int(d) for d in arr.shape)
             self.dtypes[name] = helper.np_dtype_to_tensor_dtype(arr.dtype)
+
+    def _skeleton(self) -> onnx.ModelProto:
+        """The model for shape inference: big weights become typed graph inputs, so no weight bytes are copied
+        (small and integer constants stay, data propagation needs their values)."""
+        out = onnx.ModelProto()
+        for field_name in ("ir_version", "producer_name", "domain", "model_version"):
+            setattr(out, field_name, getattr(self.model, field_name))
+        out.opset_import.extend(self.model.opset_import)
+        out.functions.extend(self.model.functions)
+        g = out.graph
+        g.name = self.model.graph.name
+        g.node.extend(self.nodes)
+        g.input.extend(self.inputs)
+        g.output.extend(self.outputs)
+        for name, arr in self.initializers.items():
+            if arr.size <= 4096 or arr.dtype.kind in "iub":
+                g.initializer.append(numpy_helper.from_array(arr, name))
+            else:
+                g.input.append(helper.make_tensor_value_info(
+                    name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+        return out
 
     # ---- export -----------------------------------------------------------------------------------------
     def to_model(self, with_value_info: bool = True) -> onnx.ModelProto:
