@@ -51,8 +51,10 @@ class Producer:
 class Coupler:
     """What a rule sees: shapes, constants, and the verbs to declare couplings."""
 
-    def __init__(self, graph: Graph, choices: dict | None = None):
+    def __init__(self, graph: Graph, choices: dict | None = None, whole_heads: bool = False):
         self.graph = graph
+        # where a reshape splits an axis: prune the outer factor (whole heads / groups) instead of the finest
+        self.whole_heads = whole_heads
         self.slots: dict[tuple[str, int], tuple[int, int]] = {}
         self.slot_list: list[tuple[str, int]] = []
         self.n = 0
@@ -369,21 +371,22 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
-def analyze(graph: Graph, exclude: list[str] | None = None, max_retries: int = 4) -> Analysis:
+def analyze(graph: Graph, exclude: list[str] | None = None, whole_heads: bool = False,
+            max_retries: int = 4) -> Analysis:
     """Run every op rule, group coupled channels, freeze the rest with reasons."""
     from . import ops  # noqa: F401  (registers the rules)
 
     choices: dict = {}
     for _ in range(max_retries + 1):
-        result = _analyze_once(graph, exclude or [], choices)
+        result = _analyze_once(graph, exclude or [], choices, whole_heads)
         changed = _revise_choices(result, choices)
         if not changed:
             return result
     return result
 
 
-def _analyze_once(graph: Graph, exclude: list[str], choices: dict) -> Analysis:
-    c = Coupler(graph, choices)
+def _analyze_once(graph: Graph, exclude: list[str], choices: dict, whole_heads: bool = False) -> Analysis:
+    c = Coupler(graph, choices, whole_heads)
     for name in graph.input_names:
         c.freeze(name, reason=f"graph input '{name}'")
     for node in graph.nodes:

@@ -60,9 +60,9 @@ def load_graph(model_or_path) -> tuple[Graph, bool]:
     return graph, external
 
 
-def analyze_model(model_or_path, exclude=None) -> Analysis:
+def analyze_model(model_or_path, exclude=None, whole_heads: bool = False) -> Analysis:
     graph, _ = load_graph(model_or_path)
-    return analyze(graph, exclude=exclude)
+    return analyze(graph, exclude=exclude, whole_heads=whole_heads)
 
 
 def summarize_analysis(analysis: Analysis, report: PruneReport) -> None:
@@ -85,7 +85,8 @@ def _short_reason(reason: str) -> str:
 
 def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: int = 1, min_channels: int = 1,
           exclude=None, plan: RewritePlan | None = None, verify: bool = True, verify_samples: int = 2,
-          seed: int = 0, input_dims: dict | None = None, progress=None, dry_run: bool = False):
+          seed: int = 0, input_dims: dict | None = None, progress=None, dry_run: bool = False,
+          whole_heads: bool = False):
     """Prune `model_or_path` (path or ModelProto). Returns (pruned ModelProto, PruneReport); report.plan is
     the RewritePlan. With dry_run=True nothing is rewritten: the model is None and the plan says what would go.
     """
@@ -103,13 +104,13 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
     graph = Graph(model)
     pm.run("canonicalize", canonicalize, graph)
     before = count(graph)
-    analysis = pm.run("analyze", analyze, graph, exclude)
+    analysis = pm.run("analyze", analyze, graph, exclude, whole_heads)
     summarize_analysis(analysis, report)
     report.diagnostics = list(analysis.diagnostics)
 
     name = model_or_path if isinstance(model_or_path, (str, Path)) else (model.graph.name or "model")
     settings = {"ratio": ratio, "importance": importance, "round_to": round_to, "min_channels": min_channels,
-                "exclude": list(exclude or []), "seed": seed}
+                "exclude": list(exclude or []), "seed": seed, "whole_heads": whole_heads}
     if plan is None:
         criterion = get_criterion(importance, seed=seed)
         scores = pm.run("score", lambda: {g.id: criterion.scores(g, analysis) for g in analysis.groups})

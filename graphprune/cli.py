@@ -61,6 +61,9 @@ def _default_output(model: Path) -> Path:
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep a multiple of N channels per group.")
 @click.option("--min-channels", type=int, default=1, show_default=True, help="Keep at least N channels per group.")
 @click.option("--exclude", multiple=True, help="Node-name glob pattern whose channels stay (repeatable).")
+@click.option("--whole-heads", is_flag=True,
+              help="Where a reshape splits an axis (attention heads, channel groups), remove whole heads/groups "
+                   "instead of the same inner channels from every head.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write no model.")
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path), help="Save the plan as JSON.")
 @click.option("--plan-in", type=click.Path(exists=False, dir_okay=False, path_type=Path),
@@ -70,7 +73,7 @@ def _default_output(model: Path) -> Path:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if any channel group is frozen by a missing or failing rule.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-layer MACs, pass timings.")
-def prune(model, ratio, output, importance, round_to, min_channels, exclude, dry_run, plan_out, plan_in,
+def prune(model, ratio, output, importance, round_to, min_channels, exclude, whole_heads, dry_run, plan_out, plan_in,
           no_verify, verify_samples, seed, strict, verbose):
     """Prune MODEL and write a smaller, verified ONNX file."""
     from .api import prune as run_prune, save
@@ -107,7 +110,7 @@ def prune(model, ratio, output, importance, round_to, min_channels, exclude, dry
             pruned, report = run_prune(str(model), ratio=ratio, importance=importance, round_to=round_to,
                                        min_channels=min_channels, exclude=list(exclude), plan=plan,
                                        verify=not no_verify, verify_samples=verify_samples, seed=seed,
-                                       progress=step, dry_run=dry_run)
+                                       progress=step, dry_run=dry_run, whole_heads=whole_heads)
         if strict:
             bad = {r: n for r, n in report.frozen_reasons.items() if "no channel rule" in r or "rule failed" in r}
             if bad:

@@ -28,7 +28,94 @@ def canonicalize(graph: Graph) -> dict:
     graph.reindex()
     graph.infer_shapes()
     refine_shapes(graph)
+    stats["probed"] = probe_shapes(graph)
+    stats["untied"] = untie_small_shared(graph)
     return stats
+
+
+def untie_small_shared(graph: Graph, limit: int = 4096) -> int:
+    """Give each consumer its own copy of a small shared float initializer. Exporters de-duplicate equal
+    tensors (all-ones BN scales, zero biases), which would couple unrelated layers; a copy is exact. Large
+    shared weights (tied embeddings) stay shared: that tie is real and is pruned as one coupling."""
+    n = 0
+    for name, arr in list(graph.initializers.items()):
+        if arr.dtype.kind != "f" or arr.size > limit or arr.size < 2:
+            continue
+        uses = [u for u in graph.uses.get(name, []) if u[1] >= 0]
+        if len({id(node) for node, _ in uses}) < 2 or name in graph.output_names:
+            continue
+        for node, i in uses[1:]:
+            node.input[i] = graph.add_initializer(name, arr)
+            n += 1
+    if n:
+        graph.reindex()
+        graph.infer_shapes()
+    return n
+
+
+def probe_shapes(graph: Graph, dims=(1, 16), alt_dims=(2, 24)) -> int:
+    """Where static inference leaves float tensors without a full shape (exporter idioms onnx cannot follow),
+    run the model twice in onnxruntime with different values for every dynamic input dim: a dim that is equal
+    in both runs is static, the others stay dynamic. Returns the number of tensors refined."""
+    unknown = [n for n in _value_names(graph) if graph.dtypes.get(n) in (1, 10, 11, 16) and
+               (graph.shape(n) is None or any(d is None for d in graph.shape(n)))]
+    if not unknown:
+        return 0
+    import onnxruntime as ort
+    from graphprune.verify import random_feeds
+    model = graph.to_model(with_value_info=False)
+    known = {o.name for o in model.graph.output}
+    for name in unknown:
+        if name not in known:
+            model.graph.output.append(helper.make_tensor_value_info(name, graph.dtypes[name], None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        runs = []
+        for first, other in (dims, alt_dims):
+            sym = _symbolic_defaults(graph, first, other)
+            feed = random_feeds(graph, 1, seed=0, dims=sym)[0]
+            outs = sess.run(unknown, feed)
+            runs.append([np.shape(o) for o in outs])
+    except Exception:
+        return 0
+    hints = {}
+    for name, a, b in zip(unknown, runs[0], runs[1]):
+        if len(a) != len(b):
+            continue
+        cur = graph.shape(name)
+        dims_ = []
+        for k, (x, y) in enumerate(zip(a, b)):
+            if x == y:
+                dims_.append(int(x))
+            else:
+                sym = cur[k] if cur is not None and k < len(cur) and isinstance(cur[k], str) else None
+                dims_.append(sym)
+        hints[name] = tuple(dims_)
+    graph.infer_shapes(hints)
+    for name, d in hints.items():  # onnx may drop hints it cannot merge; keep what we measured
+        cur = graph.shape(name)
+        if cur is None or any(x is None for x in cur):
+            graph.shapes[name] = d
+    return len(hints)
+
+
+def _value_names(graph: Graph):
+    for node in graph.nodes:
+        for o in node.output:
+            if o:
+                yield o
+
+
+def _symbolic_defaults(graph: Graph, first: int, other: int) -> dict:
+    out = {}
+    for vi in graph.inputs:
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value") and d.dim_param:
+                out.setdefault(d.dim_param, first if k == 0 else other)
+    return out
 
 
 def refine_shapes(graph: Graph, rounds: int = 4) -> None:
