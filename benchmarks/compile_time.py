@@ -23,15 +23,14 @@ import onnx
 import onnxruntime as ort
 
 import graphprune
+from graphprune.testing.torch_env import install_torchvision_shim
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def export_resnet50(path: Path) -> dict:
     import torch
-    lib = torch.library.Library("torchvision", "DEF")  # CPU torch + PyPI torchvision: define missing op schemas
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    install_torchvision_shim()
     import torchvision
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
@@ -47,12 +46,22 @@ def export_resnet50(path: Path) -> dict:
 
 def export_bert(path: Path) -> dict:
     import torch
+    install_torchvision_shim()
     from transformers import BertConfig, BertModel
     torch.manual_seed(0)
-    model = BertModel(BertConfig()).eval()
+    bert = BertModel(BertConfig(), add_pooling_layer=False).eval()
+
+    class Encoder(torch.nn.Module):  # positional inputs, one tensor out
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, ids, mask):
+            return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
     ids = torch.randint(0, 30000, (1, 128))
     mask = torch.ones(1, 128, dtype=torch.int64)
-    torch.onnx.export(model, (ids, mask), str(path), dynamo=False, opset_version=17,
+    torch.onnx.export(Encoder().eval(), (ids, mask), str(path), dynamo=False, opset_version=17,
                       input_names=["input_ids", "attention_mask"])
     return {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 

@@ -128,8 +128,7 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
         return None, report
 
     removed = plan.removed_elements()
-    original = Graph(graph.to_model(with_value_info=False))
-    original.shapes, original.dtypes = dict(graph.shapes), dict(graph.dtypes)
+    original = graph.clone() if verify else None
     pm.run("rewrite", apply_removal, graph, analysis.fixups, removed)
     pruned = graph.to_model(with_value_info=True)
     pm.run("check", _check, pruned)

@@ -154,7 +154,9 @@ class Graph:
     """Mutable view of one ONNX graph: nodes, weights as numpy arrays, inferred shapes."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.model = model  # keeps opset imports, metadata_props, doc_string, functions
+        # The shell keeps opset imports, metadata_props, doc_string, functions; weights live as arrays.
+        self.model = onnx.ModelProto()
+        _copy_shell(model, self.model)
         g = model.graph
         self.nodes: list[onnx.NodeProto] = list(g.node)
         self.initializers: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -167,6 +169,26 @@ class Graph:
         self._name_counter = 0
         self._taken = None
         self.reindex()
+
+    def clone(self) -> "Graph":
+        """A copy that shares weight arrays (never mutated in place) but owns its nodes and shapes."""
+        other = Graph.__new__(Graph)
+        other.model = onnx.ModelProto()
+        other.model.CopyFrom(self.model)
+        other.nodes = []
+        for node in self.nodes:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            other.nodes.append(copy)
+        other.initializers = dict(self.initializers)
+        other.inputs = list(self.inputs)
+        other.outputs = list(self.outputs)
+        other.shapes = dict(self.shapes)
+        other.dtypes = dict(self.dtypes)
+        other._name_counter = self._name_counter
+        other._taken = None
+        other.reindex()
+        return other
 
     # ---- structure -------------------------------------------------------------------------------------
     def reindex(self) -> None:
@@ -298,6 +320,17 @@ class Graph:
                 if name in self.dtypes:
                     g.value_info.append(helper.make_tensor_value_info(name, self.dtypes[name], list(dims)))
         return out
+
+
+def _copy_shell(model: onnx.ModelProto, shell: onnx.ModelProto) -> None:
+    """Copy everything of a model but its initializers (which the Graph holds as arrays)."""
+    graph = model.graph
+    saved = list(graph.initializer)
+    del graph.initializer[:]
+    try:
+        shell.CopyFrom(model)
+    finally:
+        graph.initializer.extend(saved)
 
 
 def _dim(d):

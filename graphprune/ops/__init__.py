@@ -2,4 +2,4 @@
 
 Importing this package registers every rule. Each module groups ops of one family.
 """
-from . import conv, elementwise, norm, reduce, rnn, shape  # noqa: F401
+from . import conv, einsum, elementwise, norm, reduce, rnn, shape  # noqa: F401
