@@ -14,6 +14,11 @@ from .errors import VerificationError
 from .ir import Graph
 
 
+# element types onnxruntime's CPU Where lacks -> a type it has that holds them exactly
+_WHERE_WIDER = {onnx.TensorProto.INT16: onnx.TensorProto.INT32, onnx.TensorProto.UINT16: onnx.TensorProto.INT32,
+                onnx.TensorProto.UINT64: onnx.TensorProto.INT64, onnx.TensorProto.BFLOAT16: onnx.TensorProto.FLOAT}
+
+
 def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], oracle_masks=(),
                      weight_updates: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """The original model with removed channels zeroed wherever a node reads them."""
@@ -41,10 +46,25 @@ def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], o
         mname = f"__gp_mask_{counter[0]}"
         zname = f"__gp_zero_{counter[0]}"
         g.initializer.append(numpy_helper.from_array(mask, mname))
-        dtype = helper.tensor_dtype_to_np_dtype(graph.dtypes.get(name, onnx.TensorProto.FLOAT))
-        g.initializer.append(numpy_helper.from_array(np.zeros((), dtype=dtype), zname))
+        elem = graph.dtypes.get(name, onnx.TensorProto.FLOAT)
         out = f"{name}__gp_masked"
-        new_nodes.append(helper.make_node("Where", [mname, name, zname], [out], name=f"__gp_where_{counter[0]}"))
+        if elem == onnx.TensorProto.BOOL:  # onnxruntime's CPU Where has no bool kernel: mask with And
+            new_nodes.append(helper.make_node("And", [mname, name], [out], name=f"__gp_where_{counter[0]}"))
+            masked_names[name] = out
+            return out
+        # nor int16/uint16/uint64/bfloat16 kernels: mask in a wider type (exact) and cast back
+        wide = _WHERE_WIDER.get(elem)
+        dtype = helper.tensor_dtype_to_np_dtype(wide or elem)
+        g.initializer.append(numpy_helper.from_array(np.zeros((), dtype=dtype), zname))
+        src = name
+        if wide:
+            src = f"{name}__gp_wide"
+            new_nodes.append(helper.make_node("Cast", [name], [src], to=wide, name=f"__gp_widen_{counter[0]}"))
+        where_out = f"{name}__gp_wide_masked" if wide else out
+        new_nodes.append(helper.make_node("Where", [mname, src, zname], [where_out],
+                                          name=f"__gp_where_{counter[0]}"))
+        if wide:
+            new_nodes.append(helper.make_node("Cast", [where_out], [out], to=elem, name=f"__gp_narrow_{counter[0]}"))
         masked_names[name] = out
         return out
 

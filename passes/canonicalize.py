@@ -20,6 +20,7 @@ LOW_BIT_TYPES = {np.int8, np.uint8, np.int16, np.uint16}
 def canonicalize(graph: Graph) -> dict:
     stats = {"constants": _constants_to_initializers(graph)}
     stats["removed"] = _drop_passthrough(graph)
+    _explicit_default_axes(graph)
     _toposort(graph)
     _name_nodes(graph)
     graph.reindex()
@@ -57,6 +58,13 @@ def probe_shapes(graph: Graph, dims=(1, 16), alt_dims=(2, 24)) -> int:
     """Where static inference leaves float tensors without a full shape (exporter idioms onnx cannot follow),
     run the model twice in onnxruntime with different values for every dynamic input dim: a dim that is equal
     in both runs is static, the others stay dynamic. Returns the number of tensors refined."""
+    # onnx infers no type at all behind ops whose function body it cannot expand (GroupNormalization,
+    # MeanVarianceNormalization without axes, onnxruntime ops in the ONNX domain): guess the type of the
+    # node's first input (a wrong guess only makes the session below fail, which skips probing as before)
+    for node in graph.nodes:
+        for o in node.output:
+            if o and o not in graph.dtypes and node.input and graph.dtypes.get(node.input[0]) in (1, 10, 11, 16):
+                graph.dtypes[o] = graph.dtypes[node.input[0]]
     unknown = [n for n in _value_names(graph) if graph.dtypes.get(n) in (1, 10, 11, 16) and
                (graph.shape(n) is None or any(d is None for d in graph.shape(n)))]
     if not unknown:
@@ -223,6 +231,15 @@ def _constant_value(node) -> np.ndarray:
         from onnx.reference.ops.op_constant import _check_dtype  # noqa: F401
         raise NotImplementedError("sparse Constant")
     raise NotImplementedError(f"Constant with attribute {a.name}")
+
+
+def _explicit_default_axes(graph: Graph) -> None:
+    """MeanVarianceNormalization without `axes`: write the default [0, 2, 3] out. onnx 1.23's function-body
+    inference fails without it, and the strict check after pruning then refuses the model."""
+    for node in graph.nodes:
+        if node.op_type == "MeanVarianceNormalization" and node.domain in ("", "ai.onnx") \
+                and attr(node, "axes") is None:
+            node.attribute.append(helper.make_attribute("axes", [0, 2, 3]))
 
 
 def _drop_passthrough(graph: Graph) -> int:

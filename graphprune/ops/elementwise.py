@@ -81,8 +81,14 @@ def quantize(node, c):
         if c.rank(p) == 0:
             continue
         if block:
-            c.freeze(p, reason="blocked quantization is not mapped")
-            c.freeze(x, axis % r, reason="blocked quantization is not mapped")
+            # Blocked: p has x's rank, one entry per block along `axis`, x's dims elsewhere. Those other axes
+            # must shrink with x (they used to be frozen on p only, so x's lost entries p kept: invalid model).
+            for ax in range(r):
+                if ax == axis % r:
+                    c.freeze(p, ax, reason="blocked quantization is not mapped")
+                    c.freeze(x, ax, reason="blocked quantization is not mapped")
+                else:
+                    c.link(p, ax, y, ax)
         elif c.rank(p) == 1 and r:
             c.link(p, 0, y, axis % r)
         else:

@@ -79,7 +79,8 @@ def layer_norm(node, c):
             c.role(p, "norm_scale" if p == node.input[1] else "norm_bias")
             pr = c.rank(p)
             for k in range(pr):
-                c.link(p, k, y, r - pr + k) if c.shape(p)[k] == c.shape(y)[r - pr + k] else c.freeze(p, k)
+                # compare with x's shape (y has the same; onnx may have inferred none for y)
+                c.link(p, k, y, r - pr + k) if c.shape(p)[k] == c.shape(x)[r - pr + k] else c.freeze(p, k)
 
 
 @rule("LpNormalization", "MeanVarianceNormalization", "LRN")

@@ -21,7 +21,8 @@ def pool(node, c):
 
 
 # zero contributes nothing to these, so removing an element equals masking it
-SUM_LIKE = {"ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare"}
+# (ReduceLogSum is log(ReduceSum): a zero adds nothing to the sum either)
+SUM_LIKE = {"ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum"}
 REDUCES = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
            "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 
