@@ -15,6 +15,8 @@ NON_FOLDABLE = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "
 # Folding a big weight transform just moves bytes around; folding shape arithmetic is what rules need.
 FOLD_LIMIT = 1 << 22
 LOW_BIT_TYPES = {np.int8, np.uint8, np.int16, np.uint16}
+# Shared float initializers up to this size are copied apart (untie_small_shared); larger ones are real ties.
+UNTIE_LIMIT = 4096
 
 
 def canonicalize(graph: Graph) -> dict:
@@ -28,13 +30,14 @@ def canonicalize(graph: Graph) -> dict:
     stats["folded"] = fold_constants(graph)
     graph.reindex()
     graph.infer_shapes()
+    # untie first: its re-inference would drop the shapes refine/probe measured (GPT-2's head reshapes)
+    stats["untied"] = untie_small_shared(graph)
     refine_shapes(graph)
     stats["probed"] = probe_shapes(graph)
-    stats["untied"] = untie_small_shared(graph)
     return stats
 
 
-def untie_small_shared(graph: Graph, limit: int = 4096) -> int:
+def untie_small_shared(graph: Graph, limit: int = UNTIE_LIMIT) -> int:
     """Give each consumer its own copy of a small shared float initializer. Exporters de-duplicate equal
     tensors (all-ones BN scales, zero biases), which would couple unrelated layers; a copy is exact. Large
     shared weights (tied embeddings) stay shared: that tie is real and is pruned as one coupling."""
@@ -365,6 +368,11 @@ def _try_fold(graph: Graph, node):
         return None
     arrays = [graph.const(i) for i in inputs]
     if op in ("Cast", "Mul") and any(a.dtype.type in LOW_BIT_TYPES for a in arrays):
+        return None
+    # A large float weight that other nodes read too (tied embedding / LM head via Transpose) must stay one
+    # tensor: folding here would store a second copy and silently untie the coupling.
+    if any(a.dtype.kind == "f" and a.size > UNTIE_LIMIT and len({id(n) for n, _ in graph.uses.get(i, [])}) > 1
+           for i, a in zip(inputs, arrays)):
         return None
     if sum(a.size for a in arrays) > FOLD_LIMIT:
         return None

@@ -181,8 +181,12 @@ def map_reshape(c, x, y, entries=None):
             if not rewritable(oa[po]) and not (entries and entries[oa[po]] == -1):
                 continue
             candidates.append((hi // lo, t, pi, po))
-        # Prefer the largest atom: the finest removal units (head_dim over heads, channels over groups).
-        candidates.sort(key=lambda cand: (-cand[0], cand[1]))
+        # Default: the largest atom, i.e. the finest removal units (head_dim over heads, channels over groups);
+        # with whole_heads, the outermost atom (whole heads, whole groups).
+        if c.whole_heads:
+            candidates.sort(key=lambda cand: -cand[1])
+        else:
+            candidates.sort(key=lambda cand: (-cand[0], cand[1]))
         keys = [(cand[1],) for cand in candidates]
         pick = c.choose(("reshape", k), keys) if keys else None
         if pick is None:
@@ -250,14 +254,29 @@ def _axes_arg(node, c, default=None):
 def squeeze(node, c):
     x, y = node.input[0], node.output[0]
     xs = c.shape(x)
+    if len(node.input) > 1 and node.input[1] and c.const(node.input[1]) is None:
+        c.freeze_all("squeeze axes are not constant")
+        return
     axes = _axes_arg(node, c)
-    if axes is None:
+    implicit = axes is None
+    if implicit:
         axes = [k for k, d in enumerate(xs) if d == 1]
     axes = {a % len(xs) for a in axes}
     kept = [k for k in range(len(xs)) if k not in axes]
     c.not_channel(x, sorted(axes))
     for out_ax, in_ax in enumerate(kept):
         c.link(x, in_ax, y, out_ax)
+    if implicit:
+        # Squeeze with no axes drops every size-1 dim: a channel axis pruned down to 1 would vanish too and
+        # change the rank. Spell the axes out once channels are removed.
+        def fix(rw, node, axes=sorted(axes)):
+            if rw.graph.opset("") >= 13:
+                while len(node.input) < 2:
+                    node.input.append("")
+                rw.set_const_input(node, 1, np.array(axes, dtype=np.int64))
+            else:
+                rw.set_attr(node, "axes", axes)
+        c.fixup(fix)
 
 
 @rule("Unsqueeze")
@@ -498,8 +517,10 @@ def expand(node, c):
     for ao in range(r):
         ax = ao - (r - len(xs))
         entry = entries[ao - (r - len(entries))] if entries and ao - (r - len(entries)) >= 0 else None
+        # a shape tensor shorter than the output leaves the leading axes to x: nothing there to rewrite
+        uncovered = entries is not None and ao < r - len(entries)
         if ax >= 0 and xs[ax] == ys[ao]:
-            if entry is None and _is_int(ys[ao]):
+            if entry is None and _is_int(ys[ao]) and not uncovered:
                 c.freeze(x, ax, reason="expand target computed at run time")
                 c.freeze(y, ao, reason="expand target computed at run time")
             else:
@@ -565,10 +586,16 @@ def pad(node, c):
     pads = [int(p) for p in np.asarray(pads).reshape(-1)]
     n = len(axes)
     per_axis = {ax: (pads[k], pads[k + n]) for k, ax in enumerate(axes)}
+    mode = c.attr("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
     for ax in range(r):
         before, after = per_axis.get(ax, (0, 0))
         if before == 0 and after == 0:
             c.link(x, ax, y, ax)
+        elif mode != "constant":
+            # reflect/edge/wrap pads copy elements of x: removing one changes what the padding holds
+            c.freeze(x, ax, reason=f"{mode} padding copies elements of this axis")
+            c.freeze(y, ax, reason=f"{mode} padding copies elements of this axis")
         elif before >= 0 and after >= 0 and _is_int(c.shape(x)[ax]):
             size = c.shape(x)[ax]
             c.link(x, ax, y, ax, np.arange(size), before + np.arange(size))
@@ -586,21 +613,35 @@ def resize(node, c):
     for extra in node.input[1:]:
         c.not_channel(extra)
     sizes_input = node.input[3] if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] else ""
+    sized_axes = c.attr("axes")  # opset 18: scales/sizes list only these axes
+    sized_axes = None if sized_axes is None else [a % len(xs) for a in sized_axes]
+    ctm = c.attr("coordinate_transformation_mode", "half_pixel")
+    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
+    roi = c.const(node.input[1]) if node.op_type == "Resize" and len(node.input) > 1 and node.input[1] else None
     for ax in range(len(xs)):
-        if ax >= 2:  # spatial axes are resampled: never channels
+        # An axis whose size does not change is copied as it is (scale 1 is exact for every mode), wherever it
+        # sits: channels-last (NHWC) resizes keep their channels on the last axis. A cropping roi is not.
+        same = _is_int(xs[ax]) and xs[ax] == ys[ax]
+        if same and ctm == "tf_crop_and_resize":
+            k = ax if sized_axes is None else (sized_axes.index(ax) if ax in sized_axes else None)
+            n = len(xs) if sized_axes is None else len(sized_axes)
+            same = k is None or (roi is not None and roi.size == 2 * n and roi[k] == 0 and roi[k + n] == 1)
+        if same and sizes_input and c.const(sizes_input) is None:
+            c.freeze(x, ax, reason="resize sizes computed at run time")
+            c.freeze(y, ax, reason="resize sizes computed at run time")
+        elif same:
+            c.link(x, ax, y, ax)
+        elif ax >= 2:  # spatial axes are resampled: never channels
             c.not_channel(x, [ax])
             c.not_channel(y, [ax])
-        elif xs[ax] == ys[ax]:
-            c.link(x, ax, y, ax)
         else:
             c.freeze(x, ax, reason=f"{node.op_type} rescales this axis")
             c.freeze(y, ax, reason=f"{node.op_type} rescales this axis")
     if sizes_input:
-        if c.const(sizes_input) is None:
-            c.freeze(x, 1, reason="resize sizes computed at run time")
-
-        def fix(rw, node):
-            rw.set_const_input(node, 3, np.array(rw.new_shape(node.output[0]), dtype=np.int64))
+        def fix(rw, node, sized_axes=sized_axes):
+            new = rw.new_shape(node.output[0])
+            values = new if sized_axes is None else [new[a] for a in sized_axes]  # opset 18 `axes`
+            rw.set_const_input(node, 3, np.array(values, dtype=np.int64))
         c.fixup(fix)
 
 
@@ -641,14 +682,16 @@ def shape(node, c):
     batch/sequence dims are left after constant folding)."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
-    start = c.attr("start", 0) % (r + 1) if c.attr("start", 0) < 0 else c.attr("start", 0)
-    end = c.attr("end", r)
-    end = end % (r + 1) if end < 0 else min(end, r)
-    read = set()
+    # negative start/end count from the back (r + v, not v mod r + 1), then clamp to [0, r]
+    start, end = c.attr("start", 0), c.attr("end", r)
+    start = min(max(start + r if start < 0 else start, 0), r)
+    end = min(max(end + r if end < 0 else end, 0), r)
+    # a shape that is itself a graph output is read in full (it has no uses inside the graph)
+    read = set(range(end - start)) if y in c.graph.output_names else set()
     for use, _ in c.graph.uses.get(y, []):
         if use.op_type == "Gather" and c.const(use.input[1]) is not None:
             read.update(int(i) % (end - start) for i in c.const(use.input[1]).reshape(-1))
-        elif use.op_type == "Slice" and all(c.const(n) is not None for n in use.input[1:3]):
+        elif use.op_type == "Slice" and len(use.input) >= 3 and all(c.const(n) is not None for n in use.input[1:3]):
             s, e = int(c.const(use.input[1]).reshape(-1)[0]), int(c.const(use.input[2]).reshape(-1)[0])
             st = int(c.const(use.input[4]).reshape(-1)[0]) if len(use.input) > 4 and use.input[4] else 1
             read.update(range(*slice(s, e, st).indices(end - start)))
