@@ -369,11 +369,13 @@ def _try_fold(graph: Graph, node):
     arrays = [graph.const(i) for i in inputs]
     if op in ("Cast", "Mul") and any(a.dtype.type in LOW_BIT_TYPES for a in arrays):
         return None
-    # A large float weight that other nodes read too (tied embedding / LM head via Transpose) must stay one
-    # tensor: folding here would store a second copy and silently untie the coupling.
-    if any(a.dtype.kind == "f" and a.size > UNTIE_LIMIT and len({id(n) for n, _ in graph.uses.get(i, [])}) > 1
-           for i, a in zip(inputs, arrays)):
-        return None
+    # A large float weight that a non-foldable node reads too (tied embedding read by Gather and, through a
+    # Transpose, by the LM head) must stay one tensor: folding would store a second copy and silently untie the
+    # coupling. When every reader folds (PyTorch's gate reordering Slices of LSTM weights), nothing is copied.
+    for name, a in zip(inputs, arrays):
+        if a.dtype.kind == "f" and a.size > UNTIE_LIMIT and not all(
+                all(graph.is_const(i) for i in user.input if i) for user, _ in graph.uses.get(name, [])):
+            return None
     if sum(a.size for a in arrays) > FOLD_LIMIT:
         return None
     try:

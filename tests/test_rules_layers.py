@@ -1105,3 +1105,19 @@ def test_recurrent_initial_state_from_graph_input_freezes_hidden():
     pruned, _ = prune_checked(model)       # the input projection still prunes
     assert node_attr(pruned, "GRU", "hidden_size") == 6
     assert shape_of(pruned, "wp") == (6, 4)
+
+
+def test_instance_norm_statistics_axis_is_frozen():
+    """MatMul -> InstanceNormalization over a [1, 5, 16] tensor: the 16-wide axis carries the statistics."""
+    import graphprune
+    from onnx import helper as h
+    nodes = [
+        h.make_node("MatMul", ["x", "w1"], ["a"]),
+        h.make_node("InstanceNormalization", ["a", "s", "b"], ["n"]),
+        h.make_node("MatMul", ["n", "w2"], ["y"]),
+    ]
+    model = make_model(nodes, [("x", [1, 5, 8])], [("y", [1, 5, 4])],
+                       {"w1": rand(8, 16), "w2": rand(16, 4), "s": rand(5, positive=True), "b": rand(5)})
+    analysis = graphprune.analyze_model(model)
+    assert any("InstanceNormalization statistics" in g.reason for g in analysis.frozen_groups)
+    assert not any(("w1", 1) in g.members for g in analysis.groups)

@@ -13,6 +13,7 @@ from .elementwise import broadcast
 
 @rule("Conv")
 def conv(node, c):
+    """Output channels are weight rows, input channels weight columns; depthwise couples in and out; group conv removes the same local channel from every group."""
     x, w = node.input[0], node.input[1]
     b = node.input[2] if len(node.input) > 2 else ""
     y = node.output[0]
@@ -58,6 +59,7 @@ def _fix_depthwise_group(rw, node):
 
 @rule("ConvTranspose")
 def conv_transpose(node, c):
+    """Input channels are weight rows, output channels weight columns (bias too); depthwise transpose couples in and out."""
     x, w = node.input[0], node.input[1]
     b = node.input[2] if len(node.input) > 2 else ""
     y = node.output[0]
@@ -89,6 +91,7 @@ def conv_transpose(node, c):
 
 @rule("Gemm")
 def gemm(node, c):
+    """A's K axis is contracted against B (transA/transB honoured); N is produced by B and the bias."""
     a, b = node.input[0], node.input[1]
     bias = node.input[2] if len(node.input) > 2 else ""
     y = node.output[0]
@@ -113,6 +116,7 @@ def gemm(node, c):
 
 @rule("MatMul")
 def matmul(node, c):
+    """K contracted across both operands, M and N pass to the output, batch axes broadcast; a constant B is a weight."""
     a, b = node.input[0], node.input[1]
     y = node.output[0]
     ra, rb, ry = c.rank(a), c.rank(b), c.rank(y)

@@ -63,6 +63,7 @@ def binary(node, c):
 
 @rule("CastLike")
 def cast_like(node, c):
+    """Like Cast; the second operand only gives the type."""
     c.same(node.input[0], node.output[0])
     c.not_channel(node.input[1])  # only its type is read
 

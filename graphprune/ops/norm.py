@@ -10,6 +10,7 @@ from ..analysis import rule
 
 @rule("BatchNormalization")
 def batch_norm(node, c):
+    """Per-channel scale, bias, mean, variance go with the channel: exact under removal."""
     x, y = node.input[0], node.output[0]
     c.same(x, y)
     for extra in node.output[1:]:  # training-mode running statistics
@@ -22,8 +23,12 @@ def batch_norm(node, c):
 
 @rule("InstanceNormalization")
 def instance_norm(node, c):
+    """Statistics per (sample, channel) over axes 2+: channels are independent, axes 2+ stay whole."""
     x, y = node.input[0], node.output[0]
-    c.same(x, y)
+    c.same(x, y, axes=[0, 1])
+    for ax in range(2, c.rank(x)):
+        c.freeze(x, ax, reason="InstanceNormalization statistics run over this axis")
+        c.freeze(y, ax, reason="InstanceNormalization statistics run over this axis")
     for i, p in enumerate(node.input[1:3]):
         c.role(p, ("norm_scale", "norm_bias")[i])
         c.producer(y, 1, p, 0) if c.const(p) is not None else c.link(p, 0, y, 1)
@@ -58,6 +63,7 @@ def group_norm(node, c):
 
 @rule("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 def layer_norm(node, c):
+    """Axes before `axis` pass through; the normalised axes are frozen (their statistics would change)."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     axis = c.attr("axis", -1) % r
@@ -85,6 +91,7 @@ def layer_norm(node, c):
 
 @rule("LpNormalization", "MeanVarianceNormalization", "LRN")
 def other_norm(node, c):
+    """The normalised axis (LpNorm axis, LRN channels, MVN axes) is frozen; the rest pass through."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     if node.op_type == "LpNormalization":

@@ -9,6 +9,7 @@ POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool
 
 @rule(*POOLS)
 def pool(node, c):
+    """Batch and channels pass through; spatial axes are not channels; MaxPool indices output freezes."""
     x, y = node.input[0], node.output[0]
     if len(node.output) > 1 and node.output[1]:
         c.freeze_all("MaxPool indices encode channel positions")
@@ -44,6 +45,7 @@ def reduced_axes(node, c):
 
 @rule(*REDUCES)
 def reduce(node, c):
+    """Kept axes pass through; a reduced axis stays free for sum-like reductions, frozen for mean/max/min/prod."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     axes = reduced_axes(node, c)
@@ -70,6 +72,7 @@ def reduce(node, c):
 
 @rule("Softmax", "LogSoftmax", "Hardmax")
 def softmax(node, c):
+    """The normalised axis (all axes from `axis` before opset 13) is frozen; the rest pass through."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     axis = c.attr("axis", -1 if c.opset >= 13 else 1) % r
@@ -85,6 +88,7 @@ def softmax(node, c):
 
 @rule("ArgMax", "ArgMin")
 def argmax(node, c):
+    """The searched axis is frozen (positions are returned); the rest pass through."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     axis = c.attr("axis", 0) % r
@@ -103,6 +107,7 @@ def argmax(node, c):
 
 @rule("TopK")
 def topk(node, c):
+    """The selection axis is frozen; the rest pass through."""
     x = node.input[0]
     r = c.rank(x)
     axis = c.attr("axis", -1) % r

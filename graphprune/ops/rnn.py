@@ -11,6 +11,7 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 @rule("LSTM", "GRU", "RNN")
 def recurrent(node, c):
+    """Hidden unit h owns its gate rows in W/R/B/P, column h of R, and slot h of Y, Y_h, Y_c and initial states; hidden_size is rewritten."""
     gates = GATES[node.op_type]
     hidden = c.attr("hidden_size")
     layout = c.attr("layout", 0)

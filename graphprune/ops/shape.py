@@ -211,6 +211,7 @@ def map_reshape(c, x, y, entries=None):
 
 @rule("Reshape")
 def reshape(node, c):
+    """Exact mixed-radix index algebra: split/merged axes couple through one factor; the target constant is rewritten."""
     x, y = node.input[0], node.output[0]
     if c.shape(x) is None or c.shape(y) is None:
         c.freeze_all("shapes unknown")
@@ -232,6 +233,7 @@ def reshape(node, c):
 
 @rule("Flatten")
 def flatten(node, c):
+    """Exact mixed-radix map like Reshape (channel c owns a block of the flattened axis)."""
     x, y = node.input[0], node.output[0]
     if c.shape(x) is None or c.shape(y) is None:
         c.freeze_all("shapes unknown")
@@ -252,6 +254,7 @@ def _axes_arg(node, c, default=None):
 
 @rule("Squeeze")
 def squeeze(node, c):
+    """Remaining axes pass through; squeezed size-1 axes are not channels."""
     x, y = node.input[0], node.output[0]
     xs = c.shape(x)
     if len(node.input) > 1 and node.input[1] and c.const(node.input[1]) is None:
@@ -281,6 +284,7 @@ def squeeze(node, c):
 
 @rule("Unsqueeze")
 def unsqueeze(node, c):
+    """Existing axes pass through; inserted size-1 axes are not channels."""
     x, y = node.input[0], node.output[0]
     ry = c.rank(y)
     axes = _axes_arg(node, c)
@@ -296,6 +300,7 @@ def unsqueeze(node, c):
 
 @rule("Transpose")
 def transpose(node, c):
+    """Axis perm[i] of the input is axis i of the output."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     perm = c.attr("perm", list(range(r))[::-1])
@@ -306,6 +311,7 @@ def transpose(node, c):
 # ---- Concat / Split / Slice / Gather ------------------------------------------------------------------------------
 @rule("Concat")
 def concat(node, c):
+    """Input i's elements map to the output at its offset on the concat axis; other axes pass through."""
     y = node.output[0]
     r = c.rank(y)
     axis = c.attr("axis") % r
@@ -339,6 +345,7 @@ def _split_sizes(node, c, x, axis):
 
 @rule("Split")
 def split(node, c):
+    """Output i maps to its offset range of the input; split sizes are rewritten."""
     x = node.input[0]
     r = c.rank(x)
     axis = c.attr("axis", 0) % r
@@ -399,6 +406,7 @@ def _slice_params(node, c, r):
 
 @rule("Slice")
 def slice_(node, c):
+    """Step ±1: selected elements map to the output, the rest are free; bounds are rewritten. Strided: frozen."""
     x, y = node.input[0], node.output[0]
     xs = c.shape(x)
     r = len(xs)
@@ -457,6 +465,7 @@ def slice_(node, c):
 
 @rule("Gather")
 def gather(node, c):
+    """Constant indices map output to input elements (indices rewritten); a lookup table's rows are not channels."""
     data, indices, y = node.input[0], node.input[1], node.output[0]
     r = c.rank(data)
     axis = c.attr("axis", 0) % r
@@ -509,6 +518,7 @@ def gather(node, c):
 # ---- repeats: Expand / Tile ---------------------------------------------------------------------------------------
 @rule("Expand")
 def expand(node, c):
+    """Equal axes pass through; broadcast copies can go alone when the target size is a constant to rewrite."""
     x, y = node.input[0], node.output[0]
     xs, ys = c.shape(x), c.shape(y)
     entries = shape_entries(c, node.input[1])
@@ -548,6 +558,7 @@ def expand(node, c):
 
 @rule("Tile")
 def tile(node, c):
+    """Every repeat of an element goes with it (repeat map); repeats unchanged."""
     x, y = node.input[0], node.output[0]
     reps = c.const(node.input[1])
     c.not_channel(node.input[1])
@@ -568,6 +579,7 @@ def tile(node, c):
 # ---- Pad / Resize ---------------------------------------------------------------------------------------------------
 @rule("Pad")
 def pad(node, c):
+    """Unpadded axes pass through; zero-padded axes map with an offset; pad elements stay."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     pads = c.attr("pads") if c.opset < 11 else c.const(node.input[1]) if len(node.input) > 1 else None
@@ -608,6 +620,7 @@ def pad(node, c):
 
 @rule("Resize", "Upsample")
 def resize(node, c):
+    """Unchanged axes pass through; resampled spatial axes are not channels; a sizes input is rewritten."""
     x, y = node.input[0], node.output[0]
     xs, ys = c.shape(x), c.shape(y)
     for extra in node.input[1:]:
@@ -648,6 +661,7 @@ def resize(node, c):
 # ---- channel blocks: DepthToSpace / SpaceToDepth ---------------------------------------------------------------------
 @rule("DepthToSpace")
 def depth_to_space(node, c):
+    """Output channel c gathers its blocksize² input channels (DCR: strided, CRD: contiguous)."""
     x, y = node.input[0], node.output[0]
     b = c.attr("blocksize")
     mode = c.attr("mode", "DCR")
@@ -665,6 +679,7 @@ def depth_to_space(node, c):
 
 @rule("SpaceToDepth")
 def space_to_depth(node, c):
+    """Input channel c owns the blocksize² output channels made from it."""
     x, y = node.input[0], node.output[0]
     b = c.attr("blocksize")
     c.link(x, 0, y, 0)
@@ -707,12 +722,14 @@ def shape(node, c):
 
 @rule("Size")
 def size(node, c):
+    """Reads the element count: the input stays whole."""
     c.freeze(node.input[0], reason="its size is read by a Size op")
     c.not_channel(node.output[0])
 
 
 @rule("ConstantOfShape", "Range", "RandomNormalLike", "RandomUniformLike", "EyeLike", "NonZero")
 def new_tensor(node, c):
+    """The output is a new tensor whose size comes from values: frozen."""
     for name in node.input:
         c.not_channel(name) if node.op_type in ("ConstantOfShape", "Range") else c.freeze(name, reason="shape read")
     for name in node.output:
