@@ -70,11 +70,13 @@ def _default_output(model: Path) -> Path:
               help="Replay a saved plan instead of scoring.")
 @click.option("--no-verify", is_flag=True, help="Skip the equivalence check against the masked original.")
 @click.option("--verify-samples", type=int, default=2, show_default=True, help="Random inputs for the check.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
+              help="Value of a dynamic input dim for verification (repeatable), e.g. --dim batch=4 --dim seq=128.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if any channel group is frozen by a missing or failing rule.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-layer MACs, pass timings.")
 def prune(model, ratio, output, importance, round_to, min_channels, exclude, whole_heads, dry_run, plan_out, plan_in,
-          no_verify, verify_samples, seed, strict, verbose):
+          no_verify, verify_samples, dims, seed, strict, verbose):
     """Prune MODEL and write a smaller, verified ONNX file."""
     from .api import prune as run_prune, save
     from .plan import RewritePlan
@@ -89,6 +91,12 @@ def prune(model, ratio, output, importance, round_to, min_channels, exclude, who
             _fail("output would overwrite the input model; choose another -o")
         if not output.parent.exists():
             _fail(f"output folder does not exist: {output.parent}")
+    input_dims = {}
+    for item in dims:
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            _fail(f"--dim expects NAME=VALUE with a positive integer, got {item!r}")
+        input_dims[name] = int(value)
     plan = None
     if plan_in:
         try:
@@ -110,6 +118,7 @@ def prune(model, ratio, output, importance, round_to, min_channels, exclude, who
             pruned, report = run_prune(str(model), ratio=ratio, importance=importance, round_to=round_to,
                                        min_channels=min_channels, exclude=list(exclude), plan=plan,
                                        verify=not no_verify, verify_samples=verify_samples, seed=seed,
+                                       input_dims=input_dims,
                                        progress=step, dry_run=dry_run, whole_heads=whole_heads)
         if strict:
             bad = {r: n for r, n in report.frozen_reasons.items() if "no channel rule" in r or "rule failed" in r}

@@ -119,7 +119,7 @@ def random_feeds(graph: Graph, n: int, seed: int = 0, dims: dict | None = None) 
                 if d.HasField("dim_value"):
                     shape.append(d.dim_value)
                 else:
-                    shape.append(dims.get(d.dim_param, 1 if k == 0 else 16))
+                    shape.append(dims.get(d.dim_param, 1 if k == 0 else 32))
             dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
             if dtype.kind == "f":
                 feed[vi.name] = rng.standard_normal(shape).astype(dtype)

@@ -57,7 +57,7 @@ def untie_small_shared(graph: Graph, limit: int = UNTIE_LIMIT) -> int:
     return n
 
 
-def probe_shapes(graph: Graph, dims=(1, 16), alt_dims=(2, 24)) -> int:
+def probe_shapes(graph: Graph, dims=(1, 32), alt_dims=(2, 48)) -> int:
     """Where static inference leaves float tensors without a full shape (exporter idioms onnx cannot follow),
     run the model twice in onnxruntime with different values for every dynamic input dim: a dim that is equal
     in both runs is static, the others stay dynamic. Returns the number of tensors refined."""

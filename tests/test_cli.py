@@ -122,3 +122,10 @@ def test_external_data_round_trip_and_escape_refused(tmp_path):
     onnx.save_model(evil, str(ext / "evil.onnx"))
     result = run(ext / "evil.onnx")
     assert result.exit_code == 2 and "outside the model's folder" in result.output
+
+
+def test_dynamic_dims_option(model, tmp_path):
+    result = run(model, "--dim", "batch=3", "-o", tmp_path / "d.onnx")
+    assert result.exit_code == 0, result.output
+    result = run(model, "--dim", "batch=x", "-o", tmp_path / "e.onnx")
+    assert result.exit_code == 2 and "--dim" in result.output
