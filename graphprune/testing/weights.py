@@ -11,7 +11,19 @@ they are chosen by how the tensor is consumed so that deep networks neither expl
 * weights with two or more dims: ``normal * gain / sqrt(fan_in)`` where ``fan_in`` is the contracted size
   (conv: ``prod(dims[1:])``; ConvTranspose: ``dims[0] * prod(kernel) / prod(strides)``; Gemm ``B``:
   ``dims[1]`` with ``transB=1`` else ``dims[0]``; MatMul second input: ``dims[-2]``, first input:
-  ``dims[-1]``; LSTM/GRU/RNN ``W``/``R``: ``dims[-1]``; embedding tables read by ``Gather``: unit normal);
+  ``dims[-1]``; LSTM/GRU/RNN ``W``/``R``: ``dims[-1]``; embedding tables read only by ``Gather``: unit
+  normal).  ``gain`` is the caller's ``gain`` (default 1) times
+
+  - an activation gain for the op's data input, found by walking up through layout/pooling ops: ReLU and
+    ReLU6 ``sqrt(2)``, LeakyReLU ``sqrt(2/(1+a^2))``, SiLU/HardSwish/GELU (fused or decomposed) ``1.7``,
+    a sigmoid gate ``x * sigmoid(s)`` (SE, GLU) twice the gain of ``x``; otherwise 1;
+  - a residual damping ``1/n`` when the op's output (through bias adds, BN, activations, layout ops, each
+    read once) is one of ``n`` computed terms of a sum: residual branches get 0.5, RepVGG/MobileOne-style
+    multi-branch sums 1/3 .. 1/6.  Without it the stream's variance doubles at every residual block.
+
+  Random-init exports have no information about activation scales (the dynamo exporter even drops the
+  zero conv biases a BN fold produces), so these rules are what keeps 100-layer graphs near unit scale;
+  on the corpus the refilled outputs have standard deviations between ~0.01 and ~30;
 * 1-D tensors: BatchNormalization variance -> ``uniform(0.5, 1.5)``; scale of BatchNormalization,
   LayerNormalization, GroupNormalization, InstanceNormalization, RMS/SimplifiedLayerNormalization, and
   1-D tensors used only as a ``Mul`` factor (decomposed norms, layer scales) -> ``uniform(0.5, 1.5)``;
@@ -22,7 +34,6 @@ Only numpy and onnx are needed.  The corpus helpers at the end (``load_manifest`
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -68,8 +79,8 @@ def _numel(dims: Iterable[int]) -> int:
     return n
 
 
-def _is_large_float(t: TensorProto) -> bool:
-    return t.data_type in FLOAT_TYPES and _numel(t.dims) >= MIN_ELEMENTS
+def _is_large_float(t: TensorProto, min_elements: int = MIN_ELEMENTS) -> bool:
+    return t.data_type in FLOAT_TYPES and _numel(t.dims) >= min_elements
 
 
 def _has_external(t: TensorProto) -> bool:
@@ -110,7 +121,7 @@ def is_stripped(model: onnx.ModelProto) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- strip
-def _constants_to_initializers(model: onnx.ModelProto) -> None:
+def _constants_to_initializers(model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS) -> None:
     """Turn ``Constant`` nodes holding large float tensors into initializers of the same graph."""
     for graph in list(_graphs(model.graph)):
         graph_outputs = {o.name for o in graph.output}
@@ -122,10 +133,10 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
                     and node.output[0] not in graph_outputs and len(node.attribute) == 1:
                 attr = node.attribute[0]
                 if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR \
-                        and _is_large_float(attr.t) and not _has_external(attr.t):
+                        and _is_large_float(attr.t, min_elements) and not _has_external(attr.t):
                     tensor = TensorProto()
                     tensor.CopyFrom(attr.t)
-                elif attr.name == "value_floats" and len(attr.floats) >= MIN_ELEMENTS:
+                elif attr.name == "value_floats" and len(attr.floats) >= min_elements:
                     tensor = numpy_helper.from_array(np.asarray(attr.floats, dtype=np.float32))
             if tensor is None:
                 keep.append(node)
@@ -151,7 +162,6 @@ def strip_weights(model: onnx.ModelProto | str | os.PathLike, base_dir: str | os
     metadata entry.  Large float ``Constant`` nodes become initializers first.  Everything else (integer
     tensors, small tensors, opset imports, metadata, doc strings) is kept.
     """
-    global MIN_ELEMENTS
     if isinstance(model, (str, os.PathLike)):
         m = onnx.load(os.fspath(model), load_external_data=True)
     else:
@@ -163,20 +173,16 @@ def strip_weights(model: onnx.ModelProto | str | os.PathLike, base_dir: str | os
         from onnx.external_data_helper import load_external_data_for_model
         load_external_data_for_model(m, os.fspath(base_dir))
 
-    saved, MIN_ELEMENTS = MIN_ELEMENTS, min_elements
-    try:
-        _constants_to_initializers(m)
-        names = list(stripped_names(m))  # stripping twice keeps the first list
-        seen = set(names)
-        for graph in _graphs(m.graph):
-            for t in graph.initializer:
-                if _is_large_float(t):
-                    _clear_data(t)
-                    if t.name not in seen:
-                        seen.add(t.name)
-                        names.append(t.name)
-    finally:
-        MIN_ELEMENTS = saved
+    _constants_to_initializers(m, min_elements)
+    names = list(stripped_names(m))  # stripping a stripped model keeps the earlier names
+    seen = set(names)
+    for graph in _graphs(m.graph):
+        for t in graph.initializer:
+            if _is_large_float(t, min_elements):
+                _clear_data(t)
+                if t.name not in seen:
+                    seen.add(t.name)
+                    names.append(t.name)
     _set_meta(m, STRIPPED_KEY, json.dumps(names))
     return m
 
@@ -224,36 +230,162 @@ def _final_uses(name: str, uses, perm: list[int] | None, depth: int = 0):
             yield node, idx, perm
 
 
-def _fan_in(dims: list[int], uses: list) -> tuple[str, float]:
-    """('normal', std) for a weight with two or more dims."""
+def _fan_in(dims: list[int], uses: list):
+    """``(1/sqrt(fan_in), node, data_input_index)`` for a weight read by a contracting op (conv, matmul,
+    ...), where ``data_input_index`` is the node's activation input; ``None`` for any other weight."""
     nd = len(dims)
-    default = max(1, _numel(dims[1:]))
+    # Contracting uses first: a tied embedding is both a Gather table and the LM head's MatMul weight.
+    uses = sorted(uses, key=lambda u: u[0].op_type == "Gather")
     for node, idx, perm in uses:
         op = node.op_type
         if perm is None:
             perm = list(range(nd))
 
         def d(i):  # size of dim i of the consumed (possibly transposed) tensor
-            return dims[perm[i]] if -len(perm) <= i < len(perm) else default
+            return dims[perm[i]] if -len(perm) <= i < len(perm) else 1
 
         if op in ("Conv", "QLinearConv", "ConvInteger") and idx == (3 if op == "QLinearConv" else 1):
-            return "normal", 1.0 / np.sqrt(max(1, _numel(d(i) for i in range(1, len(perm)))))
+            return 1.0 / np.sqrt(max(1, _numel(d(i) for i in range(1, len(perm))))), node, 0
         if op == "ConvTranspose" and idx == 1:
             kernel = _numel(d(i) for i in range(2, len(perm)))
             strides = _attr(node, "strides") or [1] * max(0, len(perm) - 2)
-            return "normal", 1.0 / np.sqrt(max(1.0, d(0) * kernel / max(1, _numel(strides))))
+            return 1.0 / np.sqrt(max(1.0, d(0) * kernel / max(1, _numel(strides)))), node, 0
         if op == "Gemm" and idx in (0, 1) and len(perm) == 2:
             trans = _attr(node, "transB" if idx == 1 else "transA", 0)
             k = (d(1) if trans else d(0)) if idx == 1 else (d(0) if trans else d(1))
-            return "normal", 1.0 / np.sqrt(max(1, k))
+            return 1.0 / np.sqrt(max(1, k)), node, 1 - idx
         if op in ("MatMul", "MatMulInteger", "FusedMatMul") and idx in (0, 1):
             k = d(-2) if (idx == 1 and len(perm) >= 2) else d(-1)
-            return "normal", 1.0 / np.sqrt(max(1, k))
+            return 1.0 / np.sqrt(max(1, k)), node, 1 - idx
         if op in ("LSTM", "GRU", "RNN") and idx in (1, 2):
-            return "normal", 1.0 / np.sqrt(max(1, d(-1)))
+            return 1.0 / np.sqrt(max(1, d(-1))), None, 0
         if op == "Gather" and idx == 0:
-            return "normal", 1.0
-    return "normal", 1.0 / np.sqrt(default)
+            return 1.0, None, 0  # embedding table: unit-variance rows
+    return None
+
+
+_SQRT2 = float(np.sqrt(2.0))
+# Ops that move, pool or select values without changing their distribution much (activation-gain lookup).
+_GAIN_TRANSPARENT = {"Identity", "Cast", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool",
+                     "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "Pad",
+                     "Resize", "Upsample", "Slice", "Split", "Concat", "DepthToSpace", "SpaceToDepth", "Dropout",
+                     "Expand", "Tile", "Gather"}
+# Ops between a weighted op and a residual Add that keep the branch a branch (bias, norm, layout, constant
+# scale or sigmoid gate, activation).
+_BRANCH_TRANSPARENT = {"Identity", "Cast", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
+                       "BatchNormalization", "Dropout", "Add", "Mul", "Slice", "Split", "Concat", "Relu",
+                       "LeakyRelu", "Clip", "HardSwish", "Gelu", "Elu", "Selu", "Mish", "Tanh"}
+
+
+class _Graph:
+    """Producers, consumers and constant names over all (sub)graphs, for the gain rules."""
+
+    def __init__(self, model: onnx.ModelProto, uses):
+        self.uses = uses
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.const: set[str] = set()
+        for g in _graphs(model.graph):
+            self.const.update(t.name for t in g.initializer)
+            for n in g.node:
+                for o in n.output:
+                    self.producer[o] = n
+                if n.op_type == "Constant":
+                    self.const.update(n.output)
+
+    def is_const(self, name: str, depth: int = 0) -> bool:
+        if name in self.const:
+            return True
+        n = self.producer.get(name)
+        return (n is not None and depth < 4 and n.op_type in ("Identity", "Cast", "Reshape", "Unsqueeze",
+                                                                "Transpose", "DequantizeLinear")
+                and self.is_const(n.input[0], depth + 1))
+
+    def act_gain(self, name: str, depth: int = 0) -> float:
+        """Kaiming-style gain for a weight whose op reads ``name``: sqrt(1 / E[f(x)^2]) for the
+        activation f that produced ``name`` (ReLU: sqrt(2); SiLU/GELU/HardSwish: 1.7; sigmoid gate: x2)."""
+        n = self.producer.get(name)
+        if n is None or depth > 16:
+            return 1.0
+        op = n.op_type
+        if op == "Relu" or (op == "Clip" and len(n.input) > 1 and n.input[1]):
+            return _SQRT2
+        if op == "LeakyRelu":
+            alpha = _attr(n, "alpha", 0.01)
+            return float(np.sqrt(2.0 / (1.0 + alpha * alpha)))
+        if op in ("HardSwish", "Gelu", "Mish", "FastGelu", "BiasGelu", "QuickGelu"):
+            return 1.7
+        if op == "Mul" and len(n.input) == 2:
+            a, b = n.input
+            if self.is_const(a) or self.is_const(b):  # x * constant: look further up
+                return self.act_gain(b if self.is_const(a) else a, depth + 1)
+            for x, y in ((a, b), (b, a)):
+                py = self.producer.get(y)
+                if py is None:
+                    continue
+                if py.op_type in ("Sigmoid", "HardSigmoid"):
+                    if py.input[0] == x:
+                        return 1.7  # SiLU / Swish
+                    return min(4.0, 2.0 * self.act_gain(x, depth + 1))  # sigmoid gate (SE, GLU)
+                if py.op_type == "Add" and any(self.producer.get(i) is not None
+                                               and self.producer[i].op_type in ("Erf", "Tanh")
+                                               for i in py.input):
+                    return 1.7  # decomposed GELU: x * (1 + erf(x / sqrt(2)))
+            return 1.0
+        if op in _GAIN_TRANSPARENT and n.input:
+            src = next((i for i in n.input if i and not self.is_const(i)), n.input[0])
+            return self.act_gain(src, depth + 1)
+        return 1.0
+
+    def data_uses(self, name: str) -> list:
+        """Consumers of ``name`` that read its values (not just its shape)."""
+        return [u for u in self.uses.get(name, []) if u[0].op_type not in ("Shape", "Size")]
+
+    def _is_gate(self, name: str) -> bool:
+        n = self.producer.get(name)
+        return n is not None and n.op_type in ("Sigmoid", "HardSigmoid")
+
+    def _is_sum(self, node: onnx.NodeProto | None) -> bool:
+        return (node is not None and node.op_type in ("Add", "Sum") and len(node.input) >= 2
+                and sum(1 for i in node.input if i and not self.is_const(i)) >= 2)
+
+    def _terms(self, name: str, depth: int = 0) -> int:
+        """Number of computed terms summed into ``name`` by a tree of single-use Adds."""
+        n = self.producer.get(name)
+        if depth > 32 or not self._is_sum(n) or len(self.data_uses(name)) != 1 and depth > 0:
+            return 1
+        return sum(self._terms(i, depth + 1) for i in n.input if i and not self.is_const(i))
+
+    def residual_terms(self, name: str, depth: int = 0) -> int:
+        """If ``name`` (a weighted op's output) is one term of a residual / multi-branch sum, reached
+        through bias adds, norms, layout ops or constant scales whose results are read only once, the
+        number of computed terms in that sum (climbing chains of single-use Adds); else 1."""
+        uses = self.data_uses(name)
+        if len(uses) == 2:  # SiLU / Swish: x -> Sigmoid -> Mul(x, .) reads x twice but is one path
+            ops = sorted(uses, key=lambda u: u[0].op_type != "Sigmoid")
+            if ops[0][0].op_type in ("Sigmoid", "HardSigmoid") and ops[1][0].op_type == "Mul" \
+                    and ops[0][0].output[0] in ops[1][0].input:
+                uses = [(ops[1][0], ops[1][1])]
+        if depth > 8 or len(uses) != 1:  # a tensor read twice is a trunk (skip source), not a branch
+            return 1
+        node, idx = uses[0]
+        op = node.op_type
+        if self._is_sum(node):
+            root = node
+            for _ in range(32):  # climb to the top of a chain of single-use Adds
+                up = self.data_uses(root.output[0])
+                if len(up) == 1 and self._is_sum(up[0][0]):
+                    root = up[0][0]
+                else:
+                    break
+            return max(2, self._terms(root.output[0]))
+        if op in _BRANCH_TRANSPARENT and node.output:
+            if op == "Mul" and not any(self.is_const(i) or self._is_gate(i)
+                                       for j, i in enumerate(node.input) if j != idx):
+                return 1
+            if op == "BatchNormalization" and idx != 0:
+                return 1
+            return self.residual_terms(node.output[0], depth + 1)
+        return 1
 
 
 def _one_d_kind(uses: list) -> str:
@@ -277,12 +409,31 @@ def _one_d_kind(uses: list) -> str:
     return "bias"
 
 
-def _values(t: TensorProto, uses: list, seed: int, gain: float) -> np.ndarray:
+def residual_damping(terms: int) -> float:
+    """Extra factor ``1/terms`` for a weight whose output is one of ``terms`` computed tensors summed
+    together: a residual branch (2 terms) gets 0.5, so a block grows the stream's variance by ~1.25x instead
+    of 2x; RepVGG/MobileOne-style multi-branch sums (3-6 terms) stay near unit gain."""
+    return 1.0 if terms <= 1 else 1.0 / terms
+
+
+def _values(t: TensorProto, uses: list, seed: int, gain: float, graph: _Graph) -> np.ndarray:
     dims = [int(x) for x in t.dims]
     rng = _rng(seed, t.name)
-    if len(dims) >= 2 and sum(1 for x in dims if x > 1) >= 2:
-        _, std = _fan_in(dims, uses)
-        vals = rng.standard_normal(dims) * (gain * std)
+    std = None
+    if len(dims) >= 2:
+        found = _fan_in(dims, uses)
+        if found is not None:
+            std, node, data_idx = found
+            if node is not None:
+                if data_idx < len(node.input) and node.input[data_idx]:
+                    std *= graph.act_gain(node.input[data_idx])
+                if node.output:
+                    std *= residual_damping(graph.residual_terms(node.output[0]))
+    if std is None and sum(1 for x in dims if x > 1) >= 2:  # other N-D tensor: torch's [out, in, ...]
+        std = 1.0 / np.sqrt(max(1, _numel(dims[1:])))
+    if std is not None:
+        gen = np.float64 if t.data_type == TensorProto.DOUBLE else np.float32
+        vals = rng.standard_normal(dims, dtype=gen) * gen(gain * std)
     else:  # 1-D, or N-D with a single non-trivial dim (e.g. a per-channel scale stored as 1 x C x 1 x 1)
         kind = _one_d_kind(uses)
         if kind in ("var", "scale"):
@@ -306,13 +457,14 @@ def refill_weights(model: onnx.ModelProto, seed: int = 0, rerandomize: bool = Fa
     if not targets and not rerandomize:
         return m
     uses = _consumer_map(m)
+    info = _Graph(m, uses)
     for graph in _graphs(m.graph):
         for t in graph.initializer:
             if t.data_type not in FLOAT_TYPES:
                 continue
             if t.name in targets or (rerandomize and _numel(t.dims) >= MIN_ELEMENTS):
                 users = list(_final_uses(t.name, uses, list(range(len(t.dims)))))
-                arr = _values(t, users, seed, gain)
+                arr = _values(t, users, seed, gain, info)
                 _clear_data(t)
                 t.raw_data = arr.tobytes()
     _set_meta(m, STRIPPED_KEY, None)
@@ -355,8 +507,12 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float6
 
 
 def make_inputs(entry: dict, seed: int = 0, dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Random feeds for a manifest entry; symbolic dims take their value from ``dims`` (default: the
-    ``"example"`` size recorded in the manifest, else 1 for batch-like names and 8 otherwise)."""
+    """Random feeds for a manifest entry.
+
+    Integer inputs are drawn from ``[low, high]`` (inclusive), float inputs from ``[low, high)``.  Symbolic
+    dims take their value from ``dims``, else from the entry's ``example_shape`` (the size used at export),
+    else 1 for batch-like names and 8 otherwise.
+    """
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in entry["inputs"]:
@@ -371,8 +527,8 @@ def make_inputs(entry: dict, seed: int = 0, dims: dict[str, int] | None = None) 
         lo, hi = inp.get("low"), inp.get("high")
         if np.issubdtype(dt, np.integer) or dt is np.bool_:
             lo = 0 if lo is None else lo
-            hi = 2 if hi is None else hi
-            feeds[inp["name"]] = rng.integers(lo, hi, size=shape).astype(dt)  # high is exclusive
+            hi = 1 if hi is None else hi
+            feeds[inp["name"]] = rng.integers(lo, hi, size=shape, endpoint=True).astype(dt)  # inclusive
         else:
             lo = -1.0 if lo is None else lo
             hi = 1.0 if hi is None else hi
