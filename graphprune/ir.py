@@ -166,6 +166,7 @@ class Graph:
         self.outputs: list[onnx.ValueInfoProto] = list(g.output)
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, int] = {}
+        self.shape_hints: dict[str, tuple] = {}  # shapes measured or derived where onnx's inference gives up
         self._name_counter = 0
         self._taken = None
         self.reindex()
@@ -185,6 +186,7 @@ class Graph:
         other.outputs = list(self.outputs)
         other.shapes = dict(self.shapes)
         other.dtypes = dict(self.dtypes)
+        other.shape_hints = dict(self.shape_hints)
         other._name_counter = self._name_counter
         other._taken = None
         other.reindex()
@@ -251,8 +253,9 @@ class Graph:
     def infer_shapes(self, hints: dict | None = None) -> None:
         """Clear all value_info and re-infer from scratch, so no stale shape survives a rewrite.
         `hints` ({tensor: dims}) are shapes graphprune derived itself where onnx's inference gives up."""
+        self.shape_hints.update(hints or {})
         model = self._skeleton()
-        for name, dims in (hints or {}).items():
+        for name, dims in self.shape_hints.items():
             if name in self.dtypes:
                 model.graph.value_info.append(helper.make_tensor_value_info(name, self.dtypes[name], list(dims)))
         try:

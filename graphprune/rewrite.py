@@ -75,5 +75,7 @@ def apply_removal(graph: Graph, fixups, removed: dict[tuple[str, int], np.ndarra
                 arr = np.delete(arr, gone, axis=ax)
         graph.set_initializer(name, arr)
     graph.reindex()
+    # hints describe the old widths: carry them over with the removed channels subtracted
+    graph.shape_hints = {name: rw.new_shape(name) for name in graph.shape_hints if name in rw._old_shapes}
     graph.infer_shapes()
     return rw

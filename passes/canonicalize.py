@@ -27,14 +27,28 @@ def canonicalize(graph: Graph) -> dict:
     _name_nodes(graph)
     graph.reindex()
     graph.infer_shapes()
-    stats["folded"] = fold_constants(graph)
-    graph.reindex()
-    graph.infer_shapes()
-    # untie first: its re-inference would drop the shapes refine/probe measured (GPT-2's head reshapes)
+    stats["folded"] = fold_to_fixed_point(graph)
     stats["untied"] = untie_small_shared(graph)
     refine_shapes(graph)
     stats["probed"] = probe_shapes(graph)
+    if stats["probed"]:  # measured shapes make more shape reads static: fold them too
+        stats["folded"] += fold_to_fixed_point(graph)
+        refine_shapes(graph)
     return stats
+
+
+def fold_to_fixed_point(graph: Graph, hints: dict | None = None, rounds: int = 32) -> int:
+    """Fold, re-infer, repeat: a folded shape computation gives static shapes further down (TF-style 'same'
+    padding computes every Pad from the Shape of the previous Pad's output)."""
+    total = 0
+    for _ in range(rounds):
+        n = fold_constants(graph)
+        graph.reindex()
+        graph.infer_shapes(hints)
+        total += n
+        if not n:
+            break
+    return total
 
 
 def untie_small_shared(graph: Graph, limit: int = UNTIE_LIMIT) -> int:
@@ -57,10 +71,11 @@ def untie_small_shared(graph: Graph, limit: int = UNTIE_LIMIT) -> int:
     return n
 
 
-def probe_shapes(graph: Graph, dims=(1, 32), alt_dims=(2, 48)) -> int:
+def probe_shapes(graph: Graph, bases=(32, 48)) -> int:
     """Where static inference leaves float tensors without a full shape (exporter idioms onnx cannot follow),
     run the model twice in onnxruntime with different values for every dynamic input dim: a dim that is equal
-    in both runs is static, the others stay dynamic. Returns the number of tensors refined."""
+    in both runs is static; the others get a symbolic name, the input's own where the pair of sizes matches
+    one input dim, so equal dynamic dims compare equal downstream. Returns the number of tensors refined."""
     # onnx infers no type at all behind ops whose function body it cannot expand (GroupNormalization,
     # MeanVarianceNormalization without axes, onnxruntime ops in the ONNX domain): guess the type of the
     # node's first input (a wrong guess only makes the session below fail, which skips probing as before)
@@ -82,29 +97,24 @@ def probe_shapes(graph: Graph, dims=(1, 32), alt_dims=(2, 48)) -> int:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4
+    symbols = _symbolic_dims(graph)
     try:
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         runs = []
-        for first, other in (dims, alt_dims):
-            sym = _symbolic_defaults(graph, first, other)
-            feed = random_feeds(graph, 1, seed=0, dims=sym)[0]
-            outs = sess.run(unknown, feed)
-            runs.append([np.shape(o) for o in outs])
+        for r, base in enumerate(bases):
+            values = {name: (1 + r if first else base * (k + 1)) for k, (name, first) in enumerate(symbols)}
+            feed = random_feeds(graph, 1, seed=0, dims=values)[0]
+            runs.append([np.shape(o) for o in sess.run(unknown, feed)])
     except Exception:
         return 0
+    by_pair = {((1, 2) if first else (bases[0] * (k + 1), bases[1] * (k + 1))): name
+               for k, (name, first) in enumerate(symbols)}
     hints = {}
     for name, a, b in zip(unknown, runs[0], runs[1]):
         if len(a) != len(b):
             continue
-        cur = graph.shape(name)
-        dims_ = []
-        for k, (x, y) in enumerate(zip(a, b)):
-            if x == y:
-                dims_.append(int(x))
-            else:
-                sym = cur[k] if cur is not None and k < len(cur) and isinstance(cur[k], str) else None
-                dims_.append(sym)
-        hints[name] = tuple(dims_)
+        hints[name] = tuple(int(x) if x == y else by_pair.get((int(x), int(y)), f"dyn_{x}_{y}")
+                            for x, y in zip(a, b))
     graph.infer_shapes(hints)
     for name, d in hints.items():  # onnx may drop hints it cannot merge; keep what we measured
         cur = graph.shape(name)
@@ -113,20 +123,21 @@ def probe_shapes(graph: Graph, dims=(1, 32), alt_dims=(2, 48)) -> int:
     return len(hints)
 
 
+def _symbolic_dims(graph: Graph) -> list[tuple[str, bool]]:
+    """Dynamic input dims in order of appearance: (name, is it a leading (batch) axis)."""
+    out: dict[str, bool] = {}
+    for vi in graph.inputs:
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value") and d.dim_param:
+                out.setdefault(d.dim_param, k == 0)
+    return list(out.items())
+
+
 def _value_names(graph: Graph):
     for node in graph.nodes:
         for o in node.output:
             if o:
                 yield o
-
-
-def _symbolic_defaults(graph: Graph, first: int, other: int) -> dict:
-    out = {}
-    for vi in graph.inputs:
-        for k, d in enumerate(vi.type.tensor_type.shape.dim):
-            if not d.HasField("dim_value") and d.dim_param:
-                out.setdefault(d.dim_param, first if k == 0 else other)
-    return out
 
 
 def refine_shapes(graph: Graph, rounds: int = 4) -> None:
@@ -149,9 +160,7 @@ def refine_shapes(graph: Graph, rounds: int = 4) -> None:
         if not found:
             return
         graph.infer_shapes(hints)
-        if fold_constants(graph):
-            graph.reindex()
-            graph.infer_shapes(hints)
+        fold_to_fixed_point(graph, hints)
 
 
 def _shape_values(graph: Graph, name: str, depth: int = 0):

@@ -72,7 +72,27 @@ def _is_int(d):
 
 
 def reshape_segments(xs, ys):
-    """Split (xs -> ys) into runs of axes with equal products. Returns (segments, unmapped tail or None)."""
+    """Split (xs -> ys) into runs of axes with equal products, matching from the left and then, past a
+    dynamic run that cannot be matched, from the right ([B, S, 768] -> [-1, 768] keeps 768 mapped).
+    Returns (segments, unmapped middle or None)."""
+    segs, tail = _segments_left(xs, ys)
+    if tail is None:
+        return segs, None
+    ti, tj = tail
+    rx = [xs[k] for k in ti][::-1]
+    ry = [ys[k] for k in tj][::-1]
+    rsegs, rtail = _segments_left(rx, ry)
+    # map reversed positions back to absolute axes
+    for ia, oa in rsegs:
+        segs.append(([ti[len(ti) - 1 - a] for a in ia][::-1], [tj[len(tj) - 1 - a] for a in oa][::-1]))
+    if rtail is None:
+        return segs, None
+    mid_i = sorted(ti[len(ti) - 1 - a] for a in rtail[0])
+    mid_j = sorted(tj[len(tj) - 1 - a] for a in rtail[1])
+    return segs, (mid_i, mid_j)
+
+
+def _segments_left(xs, ys):
     segs = []
     i = j = 0
     nx, ny = len(xs), len(ys)
