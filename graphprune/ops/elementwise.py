@@ -43,7 +43,10 @@ def broadcast(c, inputs, output):
             if xs[ax] == out_shape[ao]:
                 c.link(x, ax, output, ao)
             elif xs[ax] == 1:
-                c.freeze(x, ax, reason="size-1 operand broadcast against a larger axis")
+                if c.const(x) is not None:  # a constant's size-1 axis (layer scale [C,1,1]) is not a channel
+                    c.not_channel(x, [ax])
+                else:
+                    c.freeze(x, ax, reason="size-1 operand broadcast against a larger axis")
             else:
                 c.freeze(x, ax, reason=f"cannot align axis {ax} with output axis {ao}")
                 c.freeze(output, ao, reason=f"cannot align with axis {ax} of '{x}'")
