@@ -59,7 +59,8 @@ def main() -> None:
     lines += ["", "## frozen groups by reason, whole corpus", ""]
     lines += [f"- {n}× {k}" for k, n in reasons_total.most_common(30)]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "corpus.md").write_text("\n".join(lines) + "\n")
+    if not args.only:  # a partial run must not overwrite the committed whole-corpus table
+        (RESULTS / "corpus.md").write_text("\n".join(lines) + "\n")
     print(f"{ok}/{len(rows)} ok")
 
 

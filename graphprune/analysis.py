@@ -184,6 +184,31 @@ class Coupler:
             for ax in (range(r) if axes is None else axes):
                 self.link(first, ax, other, ax)
 
+    def same_except(self, x: str, y: str, axes, reason: str) -> None:
+        """x and y have the same layout; the listed axes are frozen in both (statistics or selections run
+        over them), the others pass through one to one."""
+        axes = set(axes)
+        for ax in range(self.rank(x)):
+            if ax in axes:
+                self.freeze(x, ax, reason=reason)
+                self.freeze(y, ax, reason=reason)
+            else:
+                self.link(x, ax, y, ax)
+
+    def reduce_axes(self, x: str, y: str, axes, keepdims: bool, on_reduced) -> None:
+        """An op that removes (or keeps as size 1) `axes` of x: other axes pass through to y in order;
+        `on_reduced(axis)` declares each reduced input axis."""
+        out_ax = 0
+        for ax in range(self.rank(x)):
+            if ax in axes:
+                on_reduced(ax)
+                if keepdims:
+                    self.not_channel(y, [out_ax])
+                    out_ax += 1
+            else:
+                self.link(x, ax, y, out_ax)
+                out_ax += 1
+
     def freeze(self, name: str, axis: int | None = None, idx=None, reason: str = "") -> None:
         if not name:
             return

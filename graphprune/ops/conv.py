@@ -11,24 +11,33 @@ from ..analysis import rule
 from .elementwise import broadcast
 
 
-@rule("Conv")
-def conv(node, c):
-    """Output channels are weight rows, input channels weight columns; depthwise couples in and out; group conv removes the same local channel from every group."""
+def _conv_common(node, c):
+    """What Conv and ConvTranspose share: batch passes through, spatial axes and kernel taps are not channels.
+    Returns (x, w, b, y, x shape, w shape, group), or None when shapes are unknown (all frozen)."""
     x, w = node.input[0], node.input[1]
     b = node.input[2] if len(node.input) > 2 else ""
     y = node.output[0]
     ws, xs = c.shape(w), c.shape(x)
     if ws is None or xs is None:
         c.freeze_all("weight or input shape unknown")
-        return
-    group = c.attr("group", 1)
-    c_in, c_out, per_group_in = xs[1], ws[0], ws[1]
+        return None
     c.not_channel(x, range(2, len(xs)))
     c.not_channel(y, range(2, len(xs)))
     c.not_channel(w, range(2, len(ws)))
     c.link(x, 0, y, 0)
     c.role(w, "weight")
     c.role(b, "bias")
+    return x, w, b, y, xs, ws, c.attr("group", 1)
+
+
+@rule("Conv")
+def conv(node, c):
+    """Output channels are weight rows, input channels weight columns; depthwise couples in and out; group conv removes the same local channel from every group."""
+    layout = _conv_common(node, c)
+    if layout is None:
+        return
+    x, w, b, y, xs, ws, group = layout
+    c_in, c_out, per_group_in = xs[1], ws[0], ws[1]
     c.producer(y, 1, w, 0)
     if b:
         c.producer(y, 1, b, 0)
@@ -60,20 +69,10 @@ def _fix_depthwise_group(rw, node):
 @rule("ConvTranspose")
 def conv_transpose(node, c):
     """Input channels are weight rows, output channels weight columns (bias too); depthwise transpose couples in and out."""
-    x, w = node.input[0], node.input[1]
-    b = node.input[2] if len(node.input) > 2 else ""
-    y = node.output[0]
-    ws, xs = c.shape(w), c.shape(x)
-    if ws is None or xs is None:
-        c.freeze_all("weight or input shape unknown")
+    layout = _conv_common(node, c)
+    if layout is None:
         return
-    group = c.attr("group", 1)
-    c.not_channel(x, range(2, len(xs)))
-    c.not_channel(y, range(2, len(xs)))
-    c.not_channel(w, range(2, len(ws)))
-    c.link(x, 0, y, 0)
-    c.role(w, "weight")
-    c.role(b, "bias")
+    x, w, b, y, xs, ws, group = layout
     if b:
         c.producer(y, 1, b, 0)
     if group == 1:

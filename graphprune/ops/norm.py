@@ -25,10 +25,7 @@ def batch_norm(node, c):
 def instance_norm(node, c):
     """Statistics per (sample, channel) over axes 2+: channels are independent, axes 2+ stay whole."""
     x, y = node.input[0], node.output[0]
-    c.same(x, y, axes=[0, 1])
-    for ax in range(2, c.rank(x)):
-        c.freeze(x, ax, reason="InstanceNormalization statistics run over this axis")
-        c.freeze(y, ax, reason="InstanceNormalization statistics run over this axis")
+    c.same_except(x, y, range(2, c.rank(x)), "InstanceNormalization statistics run over this axis")
     for i, p in enumerate(node.input[1:3]):
         c.role(p, ("norm_scale", "norm_bias")[i])
         c.producer(y, 1, p, 0) if c.const(p) is not None else c.link(p, 0, y, 1)
@@ -100,9 +97,4 @@ def other_norm(node, c):
         reduced = {1}
     else:
         reduced = {a % r for a in c.attr("axes", [0, 2, 3])}
-    for ax in range(r):
-        if ax in reduced:
-            c.freeze(x, ax, reason=f"statistics of {node.op_type} run over this axis")
-            c.freeze(y, ax, reason=f"statistics of {node.op_type} run over this axis")
-        else:
-            c.link(x, ax, y, ax)
+    c.same_except(x, y, reduced, f"statistics of {node.op_type} run over this axis")

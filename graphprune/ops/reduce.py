@@ -47,27 +47,18 @@ def reduced_axes(node, c):
 def reduce(node, c):
     """Kept axes pass through; a reduced axis stays free for sum-like reductions, frozen for mean/max/min/prod."""
     x, y = node.input[0], node.output[0]
-    r = c.rank(x)
     axes = reduced_axes(node, c)
     if axes is None:
         c.freeze_all("reduction axes are not constant")
         return
     if len(node.input) > 1 and node.input[1]:
         c.not_channel(node.input[1])
-    keep = c.attr("keepdims", 1)
-    ao = 0
-    for ax in range(r):
-        if ax in axes:
-            if node.op_type in SUM_LIKE:
-                c.touch(x, ax)
-            else:
-                c.freeze(x, ax, reason=f"{node.op_type} over this axis: removing an element changes the result")
-            if keep:
-                c.not_channel(y, [ao])
-                ao += 1
-        else:
-            c.link(x, ax, y, ao)
-            ao += 1
+    if node.op_type in SUM_LIKE:
+        on_reduced = lambda ax: c.touch(x, ax)  # noqa: E731
+    else:
+        reason = f"{node.op_type} over this axis: removing an element changes the result"
+        on_reduced = lambda ax: c.freeze(x, ax, reason=reason)  # noqa: E731
+    c.reduce_axes(x, y, axes, c.attr("keepdims", 1), on_reduced)
 
 
 @rule("Softmax", "LogSoftmax", "Hardmax")
@@ -78,12 +69,7 @@ def softmax(node, c):
     axis = c.attr("axis", -1 if c.opset >= 13 else 1) % r
     # before opset 13 the op flattens every axis from `axis` on into one
     normalised = {axis} if c.opset >= 13 else set(range(axis, r))
-    for ax in range(r):
-        if ax in normalised:
-            c.freeze(x, ax, reason=f"{node.op_type} normalises over this axis")
-            c.freeze(y, ax, reason=f"{node.op_type} normalises over this axis")
-        else:
-            c.link(x, ax, y, ax)
+    c.same_except(x, y, normalised, f"{node.op_type} normalises over this axis")
 
 
 @rule("ArgMax", "ArgMin")
@@ -92,17 +78,8 @@ def argmax(node, c):
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     axis = c.attr("axis", 0) % r
-    keep = c.attr("keepdims", 1)
-    ao = 0
-    for ax in range(r):
-        if ax == axis:
-            c.freeze(x, ax, reason=f"{node.op_type} returns positions along this axis")
-            if keep:
-                c.not_channel(y, [ao])
-                ao += 1
-        else:
-            c.link(x, ax, y, ao)
-            ao += 1
+    reason = f"{node.op_type} returns positions along this axis"
+    c.reduce_axes(x, y, {axis}, c.attr("keepdims", 1), lambda ax: c.freeze(x, ax, reason=reason))
 
 
 @rule("TopK")
