@@ -37,6 +37,10 @@ class PruneReport:
     seconds: float = 0.0
     diagnostics: list = field(default_factory=list)
     plan: RewritePlan | None = None
+    calibration: str = ""              # where the statistics came from (file, or the data-free proxy)
+    compensated: int = 0               # weights rewritten by compensation
+    kept_widths: list = field(default_factory=list)  # (group, width before, width after)
+    fidelity: dict | None = None       # pruned vs dense on held-out calibration samples
 
     @property
     def macs_ratio(self) -> float:
@@ -86,17 +90,33 @@ def _short_reason(reason: str) -> str:
 def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: int = 1, min_channels: int = 1,
           exclude=None, plan: RewritePlan | None = None, verify: bool = True, verify_samples: int = 2,
           seed: int = 0, input_dims: dict | None = None, progress=None, dry_run: bool = False,
-          whole_heads: bool = False):
+          whole_heads: bool = False, target_macs: float | None = None, target_params: float | None = None,
+          scope: str = "uniform", global_norm: str = "mean", max_ratio: float = 0.9, calib=None,
+          calib_samples: int = 256, compensate: str = "auto", holdout: int = 16):
     """Prune `model_or_path` (path or ModelProto). Returns (pruned ModelProto, PruneReport); report.plan is
     the RewritePlan. With dry_run=True nothing is rewritten: the model is None and the plan says what would go.
+
+    ratio: fraction of every group's channels to remove (ignored when a target is given).
+    target_macs / target_params: fraction of the dense MACs / params to keep, reached within 1 %.
+    scope: 'uniform' (same fraction per group) or 'global' (normalised scores ranked across groups).
+    calib: .npz of input feeds or a folder of samples; without it, data-aware criteria and compensation use a
+      synthetic proxy (standard-normal inputs). `holdout` samples are kept aside for the fidelity check.
+    compensate: 'auto' (obs for obspa, else none), 'none', 'obs' / 'lsq' (least-squares refit), 'bias'.
     """
-    from .passes.allocate import uniform_plan
+    from .passes.allocate import fit_target, select, build_plan
     from .passes.canonicalize import canonicalize
     from .passes.importance import get_criterion
     from .verify import compare, masked_reference, random_feeds
 
     if not 0.0 <= ratio < 1.0:
         raise GraphpruneError(f"ratio must be in [0, 1), got {ratio}")
+    for label, t in (("target_macs", target_macs), ("target_params", target_params)):
+        if t is not None and not 0.0 < t <= 1.0:
+            raise GraphpruneError(f"{label} must be in (0, 1], got {t}")
+    if scope not in ("uniform", "global"):
+        raise GraphpruneError(f"scope must be 'uniform' or 'global', got {scope!r}")
+    if compensate not in ("auto", "none", "obs", "lsq", "bias"):
+        raise GraphpruneError(f"compensate must be auto, none, obs, lsq or bias, got {compensate!r}")
     start = time.perf_counter()
     pm = PassManager(progress=progress)
     report = PruneReport()
@@ -110,26 +130,55 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
 
     name = model_or_path if isinstance(model_or_path, (str, Path)) else (model.graph.name or "model")
     settings = {"ratio": ratio, "importance": importance, "round_to": round_to, "min_channels": min_channels,
-                "exclude": list(exclude or []), "seed": seed, "whole_heads": whole_heads}
+                "exclude": list(exclude or []), "seed": seed, "whole_heads": whole_heads, "scope": scope,
+                "target_macs": target_macs, "target_params": target_params, "compensate": compensate,
+                "calib": str(calib) if calib is not None else None}
+    criterion = get_criterion(importance, seed=seed) if plan is None else None
+    method = ("obs" if importance == "obspa" else "none") if compensate == "auto" else compensate
+    method = "obs" if method == "lsq" else method
+    stats, heldout = None, {}
+    if (criterion is not None and criterion.needs_data) or method != "none":
+        stats, heldout = pm.run("calibrate", _calibrate, graph, analysis, criterion, method, calib, calib_samples,
+                                holdout, seed, input_dims, progress)
+        report.calibration = stats.source
     if plan is None:
-        criterion = get_criterion(importance, seed=seed)
+        criterion.stats = stats
         scores = pm.run("score", lambda: {g.id: criterion.scores(g, analysis) for g in analysis.groups})
-        plan = pm.run("plan", uniform_plan, analysis, scores, ratio, round_to, min_channels, str(name), settings)
+        report.diagnostics += criterion.notes
+        target = target_macs if target_macs is not None else target_params
+        if target is not None:
+            metric = "macs" if target_macs is not None else "params"
+            plan, achieved = pm.run("plan", fit_target, analysis, scores, target, metric, scope, round_to,
+                                    min_channels, max_ratio, global_norm, str(name), settings)
+        else:
+            drops = select(analysis, scores, ratio, scope, round_to, min_channels,
+                           max_ratio=1.0 if scope == "uniform" else max_ratio, norm=global_norm)
+            plan = pm.run("plan", build_plan, analysis, drops, str(name), settings)
     else:
         pm.run("check plan", check_plan, plan, analysis)
+    removed = plan.removed_elements()
+    updates = {}
+    if method != "none" and stats is not None:
+        from .passes.compensate import bias_updates, obs_updates
+        fn = obs_updates if method == "obs" else bias_updates
+        updates, notes = pm.run("compensate", fn, analysis, removed, stats)
+        report.diagnostics += notes
+        report.compensated = len(updates)
     report.groups_pruned = sum(1 for g in plan.groups if g.removed_units)
     report.channels_removed = plan.removed_channels
     report.params_before, report.macs_before = before["params"], before["macs"]
+    report.kept_widths = [(g.group, g.channels, g.kept_channels) for g in plan.groups]
     if dry_run:
-        report.params_after, report.macs_after = report.params_before, report.macs_before
+        from .metrics import count_after
+        after = count_after(graph, removed)
+        report.params_after, report.macs_after = after["params"], after["macs"]
         report.timings = pm.timings()
         report.seconds = time.perf_counter() - start
         report.plan = plan
         return None, report
 
-    removed = plan.removed_elements()
-    original = graph.clone() if verify else None
-    pm.run("rewrite", apply_removal, graph, analysis.fixups, removed)
+    original = graph.clone() if (verify or heldout) else None
+    pm.run("rewrite", apply_removal, graph, analysis.fixups, removed, updates)
     pruned = graph.to_model(with_value_info=True)
     pm.run("check", _check, pruned)
     after = count(graph)
@@ -138,14 +187,40 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
                         for n in before["per_node"] if before["per_node"][n]]
     if verify:
         def run_verify():
-            reference = masked_reference(original, removed, analysis.coupler.oracle_masks)
+            reference = masked_reference(original, removed, analysis.coupler.oracle_masks, updates)
             feeds = random_feeds(original, verify_samples, seed=seed, dims=input_dims)
             return compare(reference, pruned, feeds)
         report.verification = pm.run("verify", run_verify)
+    if heldout:
+        from .verify import fidelity
+        report.fidelity = pm.run("fidelity", fidelity, original.to_model(with_value_info=False), pruned, heldout)
     report.timings = pm.timings()
     report.seconds = time.perf_counter() - start
     report.plan = plan
     return pruned, report
+
+
+def _calibrate(graph, analysis, criterion, method, calib, samples, holdout, seed, input_dims, progress):
+    """Statistics for the criterion and the compensation, from calibration data or a synthetic proxy.
+    Returns (Statistics, held-out feeds for the fidelity check)."""
+    from .calibration import collect, load_feeds, split, synthetic_feeds
+    from .passes.importance.data import group_consumers
+    if calib is not None:
+        feeds = load_feeds(calib, graph, samples + holdout)
+        feeds, heldout = split(feeds, holdout)
+        source = f"{calib} ({len(next(iter(feeds.values())))} samples, {len(next(iter(heldout.values()), []))} held out)"
+    else:
+        feeds = synthetic_feeds(graph, min(samples, 64), seed=seed, dims=input_dims)
+        heldout = {}
+        source = "synthetic proxy: 64 standard-normal input samples (data-free)"
+    wanted = dict(criterion.wanted(analysis)) if criterion is not None else {}
+    if method != "none":
+        for g in analysis.groups:
+            for cons in group_consumers(g, analysis):
+                key = (cons.x, cons.x_axis)
+                wanted[key] = wanted.get(key, False) or method == "obs"
+    stats = collect(graph, wanted, feeds, progress=progress, source=source)
+    return stats, heldout
 
 
 def _check(model: onnx.ModelProto) -> None:

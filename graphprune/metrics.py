@@ -10,32 +10,33 @@ def _prod(dims) -> int:
     return int(np.prod([d if isinstance(d, int) else 1 for d in dims], dtype=np.int64)) if dims else 1
 
 
-def node_macs(graph: Graph, node) -> int:
+def node_macs(graph: Graph, node, shape=None) -> int:
+    shape = shape or graph.shape
     op = node.op_type
-    out = graph.shape(node.output[0]) if node.output else None
+    out = shape(node.output[0]) if node.output else None
     if out is None:
         return 0
     if op == "Conv":
-        w = graph.shape(node.input[1])
+        w = shape(node.input[1])
         return _prod(out) * _prod(w[1:]) if w else 0
     if op == "ConvTranspose":
-        w = graph.shape(node.input[1])
-        x = graph.shape(node.input[0])
+        w = shape(node.input[1])
+        x = shape(node.input[0])
         return _prod(x) * _prod(w[1:]) if w and x else 0
     if op == "Gemm":
-        a = graph.shape(node.input[0])
+        a = shape(node.input[0])
         if not a:
             return 0
         k = a[0] if attr(node, "transA", 0) else a[1]
         return _prod(out) * (k if isinstance(k, int) else 1)
     if op == "MatMul":
-        a = graph.shape(node.input[0])
+        a = shape(node.input[0])
         if not a:
             return 0
         k = a[-1]
         return _prod(out) * (k if isinstance(k, int) else 1)
     if op in ("LSTM", "GRU", "RNN"):
-        w, r, x = (graph.shape(node.input[i]) for i in (1, 2, 0))
+        w, r, x = (shape(node.input[i]) for i in (1, 2, 0))
         if not (w and r and x):
             return 0
         steps = x[0] if attr(node, "layout", 0) == 0 else x[1]
@@ -49,3 +50,22 @@ def count(graph: Graph) -> dict:
     params = int(sum(a.size for a in graph.initializers.values() if a.dtype.kind in "fiu" and a.size > 1))
     per_node = {node.name: node_macs(graph, node) for node in graph.nodes}
     return {"params": params, "macs": int(sum(per_node.values())), "per_node": per_node}
+
+
+def count_after(graph: Graph, removed: dict) -> dict:
+    """MACs and params once `removed` ((tensor, axis) -> indices) is gone, from shapes alone (no rewrite)."""
+    cut: dict[str, dict[int, int]] = {}
+    for (name, axis), idx in removed.items():
+        cut.setdefault(name, {})[axis] = len(idx)
+
+    def shape(name):
+        dims = graph.shape(name)
+        if dims is None or name not in cut:
+            return dims
+        return tuple(d - cut[name].get(ax, 0) if isinstance(d, int) else d for ax, d in enumerate(dims))
+
+    params = 0
+    for name, arr in graph.initializers.items():
+        if arr.dtype.kind in "fiu" and arr.size > 1:
+            params += _prod(shape(name))
+    return {"params": int(params), "macs": int(sum(node_macs(graph, n, shape) for n in graph.nodes))}

@@ -183,3 +183,26 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, feeds, rtol: fl
                     f"output '{name}' differs from the masked original: max abs diff {m:.3g} "
                     f"(tolerance atol {atol:g} x {scale:.3g}, rtol {rtol:g})", name, m)
     return worst
+
+
+def fidelity(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict) -> dict:
+    """How close the pruned model stays to the dense one on held-out samples: per float output, the mean
+    cosine similarity of per-sample outputs, the relative error, and top-1 agreement of the last axis."""
+    a_sess, b_sess = session(dense, optimize=True), session(pruned, optimize=True)
+    names = [o.name for o in a_sess.get_outputs()]
+    a_out = a_sess.run(names, feeds)
+    b_out = b_sess.run(names, feeds)
+    result = {"samples": len(next(iter(feeds.values()))), "outputs": {}}
+    for name, a, b in zip(names, a_out, b_out):
+        a = np.asarray(a, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+        if a.dtype.kind != "f" or a.ndim == 0:
+            continue
+        fa, fb = a.reshape(len(a), -1), b.reshape(len(b), -1)
+        cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1) + 1e-12)
+        entry = {"cosine": float(cos.mean()),
+                 "rel_error": float(np.linalg.norm(fa - fb) / (np.linalg.norm(fa) + 1e-12))}
+        if a.shape[-1] > 1:
+            entry["top1_agreement"] = float((a.argmax(-1) == b.argmax(-1)).mean())
+        result["outputs"][name] = entry
+    return result

@@ -1,17 +1,26 @@
-"""Allocation: turn per-unit scores into a plan (uniform ratio per group in this version)."""
+"""Allocation: turn per-unit scores into a plan.
+
+scope 'uniform': every group loses the same fraction of its units. scope 'global': units of all groups are
+ranked together after per-group normalisation (mean, max or LAMP-style), so weak layers lose more.
+A MACs or params target is met by bisection on that fraction, measuring the exact counts of the pruned shapes
+(no rewrite needed). Guards: at least `min_channels` per group, at most `max_ratio` of a group's units,
+`round_to` multiples.
+"""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
+from graphprune.metrics import count_after
 from graphprune.plan import GroupPlan, RewritePlan, member_key
 
 
-def units_to_keep(n_units: int, channels_per_unit: float, ratio: float, round_to: int, min_channels: int) -> int:
-    keep = n_units - int(math.floor(ratio * n_units + 0.5))
+def units_to_keep(n_units: int, channels_per_unit: float, ratio: float, round_to: int, min_channels: int,
+                  max_ratio: float = 1.0) -> int:
+    keep = n_units - int(math.floor(min(ratio, max_ratio) * n_units + 0.5))
     e = max(1, int(round(channels_per_unit)))
-    floor_units = max(1, math.ceil(min_channels / e))
+    floor_units = max(1, math.ceil(min_channels / e), n_units - int(math.floor(max_ratio * n_units)))
     if round_to > 1:
         q = round_to // math.gcd(round_to, e)
         if n_units >= q:
@@ -21,22 +30,94 @@ def units_to_keep(n_units: int, channels_per_unit: float, ratio: float, round_to
     return min(keep, n_units)
 
 
-def uniform_plan(analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1,
-                 min_channels: int = 1, model_name: str = "", settings: dict | None = None) -> RewritePlan:
+def _normalise(s: np.ndarray, how: str) -> np.ndarray:
+    s = np.asarray(s, dtype=np.float64)
+    if how == "max":
+        d = s.max()
+    elif how == "lamp":  # score / sum of scores at least as large: the top unit of every group gets 1
+        order = np.argsort(s)
+        tail = np.cumsum(s[order][::-1])[::-1]
+        out = np.empty_like(s)
+        out[order] = s[order] / np.where(tail > 0, tail, 1)
+        return out
+    else:
+        d = s.mean()
+    return s / d if d > 0 else s
+
+
+def select(analysis, scores, fraction: float, scope: str = "uniform", round_to: int = 1, min_channels: int = 1,
+           max_ratio: float = 0.9, norm: str = "mean") -> dict[int, list[int]]:
+    """Units to drop per group id."""
+    drops: dict[int, list[int]] = {}
+    if scope == "uniform":
+        for g in analysis.groups:
+            n = len(g.units)
+            keep = units_to_keep(n, g.channels / n, fraction, round_to, min_channels, max(max_ratio, fraction))
+            order = np.argsort(scores[g.id], kind="stable")
+            drops[g.id] = sorted(order[: n - keep].tolist())
+        return drops
+    # global: one threshold over normalised scores, then the per-group guards
+    pooled = [(v, g.id, k) for g in analysis.groups for k, v in enumerate(_normalise(scores[g.id], norm))]
+    pooled.sort(key=lambda t: t[0])
+    total = len(pooled)
+    wanted = {g.id: 0 for g in analysis.groups}
+    for _, gid, _k in pooled[: int(math.floor(fraction * total + 0.5))]:
+        wanted[gid] += 1
+    for g in analysis.groups:
+        n = len(g.units)
+        keep = units_to_keep(n, g.channels / n, wanted[g.id] / n, round_to, min_channels, max_ratio)
+        order = np.argsort(scores[g.id], kind="stable")
+        drops[g.id] = sorted(order[: n - keep].tolist())
+    return drops
+
+
+def build_plan(analysis, drops, model_name: str = "", settings: dict | None = None) -> RewritePlan:
     plan = RewritePlan(model=model_name, settings=dict(settings or {}))
     for group in analysis.groups:
-        n = len(group.units)
-        width = group.channels
-        keep = units_to_keep(n, width / n, ratio, round_to, min_channels)
-        s = scores[group.id]
-        order = np.argsort(s, kind="stable")  # lowest score first
-        drop = sorted(order[: n - keep].tolist())
+        drop = drops.get(group.id, [])
         removed: dict[str, list[int]] = {}
         for k in drop:
             for member, idx in group.units[k].elements.items():
                 removed.setdefault(member_key(member), []).extend(int(i) for i in idx)
         gone = sum(group.units[k].size(group.main) for k in drop)
-        plan.groups.append(GroupPlan(group=group.name, channels=width, units=n, removed_units=len(drop),
-                                     removed={k: sorted(v) for k, v in removed.items()},
-                                     kept_channels=width - gone))
+        plan.groups.append(GroupPlan(group=group.name, channels=group.channels, units=len(group.units),
+                                     removed_units=len(drop), removed={k: sorted(v) for k, v in removed.items()},
+                                     kept_channels=group.channels - gone))
     return plan
+
+
+def uniform_plan(analysis, scores, ratio: float, round_to: int = 1, min_channels: int = 1,
+                 model_name: str = "", settings: dict | None = None) -> RewritePlan:
+    drops = select(analysis, scores, ratio, "uniform", round_to, min_channels, max_ratio=1.0)
+    return build_plan(analysis, drops, model_name, settings)
+
+
+def fit_target(analysis, scores, target: float, metric: str = "macs", scope: str = "uniform",
+               round_to: int = 1, min_channels: int = 1, max_ratio: float = 0.9, norm: str = "mean",
+               model_name: str = "", settings: dict | None = None, tolerance: float = 0.01):
+    """Bisection on the removed fraction until MACs (or params) after / before reaches `target` (within
+    `tolerance`, or as close as the guards allow). Returns (plan, achieved ratio)."""
+    graph = analysis.graph
+    before = count_after(graph, {})[metric]
+
+    def measure(fraction):
+        drops = select(analysis, scores, fraction, scope, round_to, min_channels, max_ratio, norm)
+        plan = build_plan(analysis, drops, model_name, settings)
+        return plan, count_after(graph, plan.removed_elements())[metric] / before
+
+    lo, hi = 0.0, 1.0
+    best = measure(0.0)
+    if best[1] <= target:
+        return best
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        plan, achieved = measure(mid)
+        if abs(achieved - target) < abs(best[1] - target):
+            best = (plan, achieved)
+        if abs(achieved - target) <= tolerance * target:
+            return plan, achieved
+        if achieved > target:
+            lo = mid
+        else:
+            hi = mid
+    return best
