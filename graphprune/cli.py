@@ -57,7 +57,21 @@ def _default_output(model: Path) -> Path:
               help="Fraction of the channels of every prunable group to remove, in [0, 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (default: MODEL.pruned.onnx next to the input; never the input itself).")
-@click.option("--importance", default="l1", show_default=True, help="Importance criterion: l1, l2, random.")
+@click.option("--importance", default="l1", show_default=True,
+              help="l1, l2, random, bn-scale, lamp, hessian, activation, fluctuation, obspa.")
+@click.option("--target-macs", type=float, help="Keep this fraction of the dense MACs (e.g. 0.5); overrides --ratio.")
+@click.option("--target-params", type=float, help="Keep this fraction of the dense parameters.")
+@click.option("--scope", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
+              help="Same fraction per group, or one ranking across groups.")
+@click.option("--global-norm", type=click.Choice(["mean", "max", "lamp"]), default="mean", show_default=True,
+              help="Per-group score normalisation for --scope global.")
+@click.option("--max-ratio", type=float, default=0.9, show_default=True,
+              help="Never remove more than this fraction of one group (global scope and targets).")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration data: .npz of input feeds (first axis = samples) or a folder of .npy/images.")
+@click.option("--calib-samples", type=int, default=256, show_default=True)
+@click.option("--compensate", type=click.Choice(["auto", "none", "obs", "lsq", "bias"]), default="auto",
+              show_default=True, help="Weight compensation in consumers (auto: obs for obspa).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep a multiple of N channels per group.")
 @click.option("--min-channels", type=int, default=1, show_default=True, help="Keep at least N channels per group.")
 @click.option("--exclude", multiple=True, help="Node-name glob pattern whose channels stay (repeatable).")
@@ -75,7 +89,8 @@ def _default_output(model: Path) -> Path:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if any channel group is frozen by a missing or failing rule.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-layer MACs, pass timings.")
-def prune(model, ratio, output, importance, round_to, min_channels, exclude, whole_heads, dry_run, plan_out, plan_in,
+def prune(model, ratio, output, importance, target_macs, target_params, scope, global_norm, max_ratio, calib,
+          calib_samples, compensate, round_to, min_channels, exclude, whole_heads, dry_run, plan_out, plan_in,
           no_verify, verify_samples, dims, seed, strict, verbose):
     """Prune MODEL and write a smaller, verified ONNX file."""
     from .api import prune as run_prune, save
@@ -119,7 +134,10 @@ def prune(model, ratio, output, importance, round_to, min_channels, exclude, who
                                        min_channels=min_channels, exclude=list(exclude), plan=plan,
                                        verify=not no_verify, verify_samples=verify_samples, seed=seed,
                                        input_dims=input_dims,
-                                       progress=step, dry_run=dry_run, whole_heads=whole_heads)
+                                       progress=step, dry_run=dry_run, whole_heads=whole_heads,
+                                       target_macs=target_macs, target_params=target_params, scope=scope,
+                                       global_norm=global_norm, max_ratio=max_ratio, calib=calib,
+                                       calib_samples=calib_samples, compensate=compensate)
         if strict:
             bad = {r: n for r, n in report.frozen_reasons.items() if "no channel rule" in r or "rule failed" in r}
             if bad:
@@ -168,6 +186,24 @@ def _print_summary(report, output, verbose: bool) -> None:
         out.print("frozen groups by reason:")
         for reason, n in list(report.frozen_reasons.items())[: 12 if not verbose else None]:
             out.print(f"  {n:4d}  {reason}")
+    if report.calibration:
+        out.print(f"statistics: {report.calibration}" + (f"; compensated {report.compensated} weights"
+                                                          if report.compensated else ""))
+    for note in report.diagnostics[: 6 if not verbose else None]:
+        out.print(f"[yellow]note:[/] {note}")
+    if report.fidelity:
+        for name, f in report.fidelity["outputs"].items():
+            agree = f" top-1 agreement {f['top1_agreement']:.1%}," if "top1_agreement" in f else ""
+            out.print(f"fidelity on {report.fidelity['samples']} held-out calibration samples, output '{name}':"
+                      f"{agree} cosine {f['cosine']:.4f}, relative error {f['rel_error']:.3f}")
+    if verbose and report.kept_widths:
+        t = Table(title="kept widths")
+        t.add_column("group")
+        t.add_column("before", justify="right")
+        t.add_column("after", justify="right")
+        for g, b, a in report.kept_widths:
+            t.add_row(g, str(b), str(a))
+        out.print(t)
     if report.verification:
         v = report.verification
         out.print(f"verified: pruned == masked original on {v['samples']} random inputs "

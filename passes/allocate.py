@@ -106,18 +106,59 @@ def fit_target(analysis, scores, target: float, metric: str = "macs", scope: str
         return plan, count_after(graph, plan.removed_elements())[metric] / before
 
     lo, hi = 0.0, 1.0
-    best = measure(0.0)
-    if best[1] <= target:
-        return best
+    if measure(0.0)[1] <= target:
+        return measure(0.0)
+    best_fraction, best_gap = 0.0, float("inf")
     for _ in range(40):
         mid = (lo + hi) / 2
-        plan, achieved = measure(mid)
-        if abs(achieved - target) < abs(best[1] - target):
-            best = (plan, achieved)
-        if abs(achieved - target) <= tolerance * target:
-            return plan, achieved
-        if achieved > target:
-            lo = mid
-        else:
-            hi = mid
-    return best
+        _, achieved = measure(mid)
+        if abs(achieved - target) < best_gap:
+            best_fraction, best_gap = mid, abs(achieved - target)
+        if best_gap <= tolerance * target / 2:
+            break
+        lo, hi = (mid, hi) if achieved > target else (lo, mid)
+    drops = select(analysis, scores, best_fraction, scope, round_to, min_channels, max_ratio, norm)
+    if round_to <= 1:  # a uniform fraction moves in coarse steps: trade single units to land on the target
+        drops = _fine_tune(analysis, scores, drops, target, metric, before, tolerance, min_channels, max_ratio)
+    plan = build_plan(analysis, drops, model_name, settings)
+    return plan, count_after(graph, plan.removed_elements())[metric] / before
+
+
+def _fine_tune(analysis, scores, drops, target, metric, before, tolerance, min_channels, max_ratio,
+               steps: int = 400):
+    """Add back (or take out) one unit at a time, best-scored first (worst first), until within tolerance."""
+    graph = analysis.graph
+    groups = {g.id: g for g in analysis.groups}
+
+    def achieved(d):
+        return count_after(graph, build_plan(analysis, d).removed_elements())[metric] / before
+
+    drops = {k: list(v) for k, v in drops.items()}
+    current = achieved(drops)
+    norm = {gid: _normalise(scores[gid], "mean") for gid in groups}
+    for _ in range(steps):
+        if abs(current - target) <= tolerance * target * 0.9:
+            break
+        # one candidate per group: its best dropped unit (to restore) or its worst kept unit (to drop)
+        trials = []
+        for gid, g in groups.items():
+            d = set(drops[gid])
+            if current < target and d:
+                k = max(d, key=lambda j: norm[gid][j])
+                trial = {**drops, gid: sorted(d - {k})}
+            elif current > target:
+                n = len(g.units)
+                if n - len(d) - 1 < max(1, n - int(max_ratio * n)):
+                    continue
+                k = min((j for j in range(n) if j not in d), key=lambda j: norm[gid][j])
+                trial = {**drops, gid: sorted(d | {k})}
+            else:
+                continue
+            trials.append((abs(achieved(trial) - target), trial))
+        if not trials:
+            break
+        gap, trial = min(trials, key=lambda t: t[0])
+        if gap >= abs(current - target):
+            break  # no single unit brings us closer
+        drops, current = trial, achieved(trial)
+    return drops

@@ -1,0 +1,147 @@
+"""Importance criteria, calibration, compensation and budget allocation on hand-computable cases."""
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import graphprune
+from graphprune.calibration import CalibrationError, ChannelStats, load_feeds
+from graphprune.ir import Graph
+from graphprune.passes.importance import CRITERIA, get_criterion
+from graphprune.passes.importance.weights_only import lamp_scores
+from helpers import make_model, prune_checked, rand
+
+MNIST = Path(__file__).resolve().parents[1] / "models" / "mnist_cnn.onnx"
+
+
+def conv_bn_model(gamma):
+    c = len(gamma)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    inits = {"w1": rand(c, 3, 3, 3, seed=1), "g": np.asarray(gamma, np.float32), "b": rand(c, seed=2),
+             "m": rand(c, seed=3), "v": rand(c, seed=4, positive=True), "w2": rand(4, c, 3, 3, seed=5)}
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], inits)
+
+
+def scores_of(model, name, **kw):
+    analysis = graphprune.analyze_model(model)
+    crit = get_criterion(name, **kw)
+    (group,) = analysis.groups
+    return crit.scores(group, analysis), group
+
+
+def test_bn_scale_is_abs_gamma():
+    gamma = np.array([0.5, -2.0, 1.0, -0.1, 3.0, 0.2, -0.7, 1.5], np.float32)
+    s, group = scores_of(conv_bn_model(gamma), "bn-scale")
+    order = [int(u.elements[group.main][0]) for u in group.units]
+    np.testing.assert_allclose(s, np.abs(gamma)[order], rtol=1e-6)
+
+
+def test_bn_scale_without_norm_falls_back_visibly():
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    model = make_model(nodes, [("x", [2, 8])], [("y", [2, 3])], {"w1": rand(8, 6), "w2": rand(6, 3)})
+    analysis = graphprune.analyze_model(model)
+    crit = get_criterion("bn-scale")
+    crit.scores(analysis.groups[0], analysis)
+    assert crit.notes and "no norm scale" in crit.notes[0]
+
+
+def test_lamp_scores_invariant_to_layer_rescaling():
+    w = rand(16, 8, seed=7)
+    np.testing.assert_allclose(lamp_scores(w), lamp_scores(37.5 * w), rtol=1e-5)
+    assert np.isclose(lamp_scores(w).max(), 1.0)
+    model_a = conv_bn_model(np.ones(8))
+    model_b = onnx.ModelProto()
+    model_b.CopyFrom(model_a)
+    for t in model_b.graph.initializer:
+        if t.name == "w2":
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * 100, "w2"))
+    sa, _ = scores_of(model_a, "lamp")
+    sb, _ = scores_of(model_b, "lamp")
+    np.testing.assert_allclose(sa, sb, rtol=1e-5)
+
+
+def test_obs_update_beats_plain_removal_on_correlated_data():
+    from graphprune.passes.compensate import obs_updates
+    rng = np.random.default_rng(0)
+    n, c, o = 2000, 12, 5
+    base = rng.standard_normal((n, 4))
+    x = base @ rng.standard_normal((4, c)) + 0.1 * rng.standard_normal((n, c))  # correlated channels
+    w = rng.standard_normal((c, o))
+    nodes = [helper.make_node("MatMul", ["inp", "w0"], ["x"]), helper.make_node("MatMul", ["x", "w"], ["y"])]
+    model = make_model(nodes, [("inp", [1, c])], [("y", [1, o])],
+                       {"w0": np.eye(c, dtype=np.float32), "w": w.astype(np.float32)})
+    analysis = graphprune.analyze_model(model)
+    st = ChannelStats(want_gram=True)
+    st.add(x, 1)
+
+    class Stats:
+        def get(self, name, axis):
+            return st if (name, axis) == ("x", 1) else None
+
+    removed_idx = np.array([1, 4, 7, 9])
+    updates, _ = obs_updates(analysis, {("x", 1): removed_idx}, Stats())
+    keep = np.setdiff1d(np.arange(c), removed_idx)
+    target = x @ w
+    plain = np.linalg.norm(target - x[:, keep] @ w[keep])
+    refit = np.linalg.norm(target - x[:, keep] @ updates["w"][keep].astype(np.float64))
+    assert refit < 0.5 * plain
+
+
+@pytest.mark.parametrize("name", sorted(CRITERIA))
+def test_every_criterion_prunes_mnist_to_target_and_verifies(name):
+    model = str(MNIST)
+    pruned, report = graphprune.prune(model, importance=name, target_macs=0.5, verify=True, verify_samples=1)
+    assert abs(report.macs_after / report.macs_before - 0.5) <= 0.01 * 0.5
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+@pytest.mark.parametrize("compensate", ["obs", "bias"])
+def test_compensation_is_verified_against_reference_with_same_updates(tmp_path, compensate):
+    feeds = {"input": np.random.default_rng(0).standard_normal((48, 1, 28, 28)).astype(np.float32)}
+    np.savez(tmp_path / "c.npz", **feeds)
+    pruned, report = graphprune.prune(str(MNIST), ratio=0.5, importance="l2", calib=tmp_path / "c.npz",
+                                      compensate=compensate, verify=True, verify_samples=1)
+    assert report.compensated >= 3 and report.verification["max_rel_diff"] < 1e-4
+    assert report.fidelity["samples"] > 0
+
+
+def test_obspa_data_free_uses_synthetic_proxy_and_compensates():
+    pruned, report = graphprune.prune(str(MNIST), importance="obspa", target_macs=0.5, verify=True)
+    assert "synthetic proxy" in report.calibration and report.compensated >= 3
+
+
+def test_global_scope_prunes_layers_unevenly_and_meets_params_target():
+    pruned, report = graphprune.prune(str(MNIST), importance="l2", scope="global", target_params=0.4,
+                                      verify=True, verify_samples=1)
+    assert abs(report.params_after / report.params_before - 0.4) <= 0.01 * 0.4
+    kept = [after / before for _, before, after in report.kept_widths]
+    assert max(kept) - min(kept) > 0.05
+
+
+def test_calibration_loading_errors_and_folder(tmp_path):
+    graph = Graph(onnx.load(str(MNIST)))
+    np.savez(tmp_path / "bad.npz", wrong=np.zeros((4, 1, 28, 28), np.float32))
+    with pytest.raises(CalibrationError, match="no array for model input"):
+        load_feeds(tmp_path / "bad.npz", graph)
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    for k in range(5):
+        np.save(folder / f"{k}.npy", np.full((1, 28, 28), k, np.float32))
+    feeds = load_feeds(folder, graph, samples=3)
+    assert feeds["input"].shape == (3, 1, 28, 28) and feeds["input"].dtype == np.float32
+
+
+def test_cli_target_macs_obspa_calib(tmp_path):
+    from click.testing import CliRunner
+    from graphprune.cli import main
+    np.savez(tmp_path / "feeds.npz", input=np.random.default_rng(1).standard_normal((40, 1, 28, 28)).astype(np.float32))
+    out = tmp_path / "p.onnx"
+    result = CliRunner().invoke(main, [str(MNIST), "--target-macs", "0.5", "--importance", "obspa", "--calib",
+                                       str(tmp_path / "feeds.npz"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "held-out calibration samples" in result.output and "compensated" in result.output
