@@ -96,6 +96,15 @@ def split(feeds: dict, holdout: int):
     return {k: v[: n - holdout] for k, v in feeds.items()}, {k: v[n - holdout:] for k, v in feeds.items()}
 
 
+def static_batch(inputs) -> int | None:
+    """The fixed leading (batch) dim of the model's inputs, if any: feeds must be run in batches of it."""
+    for vi in inputs:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value"):
+            return int(dims[0].dim_value)
+    return None
+
+
 def batches(feeds: dict, batch: int):
     n = len(next(iter(feeds.values())))
     for s in range(0, n, batch):
@@ -142,6 +151,13 @@ class ChannelStats:
         d = float(np.mean(np.diag(h))) or 1.0
         return h + damp * d * np.eye(len(h))
 
+    def hessian_inv(self, damp: float = 0.01) -> np.ndarray:
+        """H⁻¹, computed once (scoring and compensation both need it)."""
+        if getattr(self, "_inv", None) is None or self._inv[0] != damp:
+            inv = np.linalg.inv(self.hessian(damp))
+            self._inv = (damp, inv)
+        return self._inv[1]
+
 
 @dataclass
 class Statistics:
@@ -174,6 +190,7 @@ def collect(graph: Graph, wanted: dict[tuple[str, int], bool], feeds: dict, batc
     for key, gram in wanted.items():
         stats.tensors[key] = ChannelStats(want_gram=gram)
     total = len(next(iter(feeds.values())))
+    batch = static_batch(graph.inputs) or batch
     done = 0
     for feed in batches(feeds, batch):
         values = dict(zip(names, sess.run(names, feed)))

@@ -53,10 +53,10 @@ def count(graph: Graph) -> dict:
 
 
 def count_after(graph: Graph, removed: dict) -> dict:
-    """MACs and params once `removed` ((tensor, axis) -> indices) is gone, from shapes alone (no rewrite)."""
+    """MACs and params once `removed` ((tensor, axis) -> indices, or a count) is gone, from shapes alone."""
     cut: dict[str, dict[int, int]] = {}
     for (name, axis), idx in removed.items():
-        cut.setdefault(name, {})[axis] = len(idx)
+        cut.setdefault(name, {})[axis] = idx if isinstance(idx, (int, np.integer)) else len(idx)
 
     def shape(name):
         dims = graph.shape(name)

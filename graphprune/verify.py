@@ -188,10 +188,16 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, feeds, rtol: fl
 def fidelity(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict) -> dict:
     """How close the pruned model stays to the dense one on held-out samples: per float output, the mean
     cosine similarity of per-sample outputs, the relative error, and top-1 agreement of the last axis."""
+    from .calibration import batches, static_batch
     a_sess, b_sess = session(dense, optimize=True), session(pruned, optimize=True)
     names = [o.name for o in a_sess.get_outputs()]
-    a_out = a_sess.run(names, feeds)
-    b_out = b_sess.run(names, feeds)
+    size = static_batch(dense.graph.input) or 16
+    runs_a, runs_b = [], []
+    for feed in batches(feeds, size):
+        runs_a.append(a_sess.run(names, feed))
+        runs_b.append(b_sess.run(names, feed))
+    a_out = [np.concatenate([r[k] for r in runs_a]) for k in range(len(names))]
+    b_out = [np.concatenate([r[k] for r in runs_b]) for k in range(len(names))]
     result = {"samples": len(next(iter(feeds.values()))), "outputs": {}}
     for name, a, b in zip(names, a_out, b_out):
         a = np.asarray(a, dtype=np.float64)

@@ -92,73 +92,90 @@ def uniform_plan(analysis, scores, ratio: float, round_to: int = 1, min_channels
     return build_plan(analysis, drops, model_name, settings)
 
 
+class _Counter:
+    """Removed-element counts per (tensor, axis) for a drop selection, without building a plan."""
+
+    def __init__(self, analysis):
+        self.groups = analysis.groups
+        self.members = {g.id: list(g.members) for g in analysis.groups}
+        self.sizes = {g.id: np.array([[u.size(m) for m in g.members] for u in g.units]) for g in analysis.groups}
+
+    def cuts(self, drops) -> dict:
+        out: dict = {}
+        for gid, d in drops.items():
+            if not len(d):
+                continue
+            counts = self.sizes[gid][list(d)].sum(axis=0)
+            for m, n in zip(self.members[gid], counts):
+                if n:
+                    out[m] = out.get(m, 0) + int(n)
+        return out
+
+
 def fit_target(analysis, scores, target: float, metric: str = "macs", scope: str = "uniform",
                round_to: int = 1, min_channels: int = 1, max_ratio: float = 0.9, norm: str = "mean",
                model_name: str = "", settings: dict | None = None, tolerance: float = 0.01):
     """Bisection on the removed fraction until MACs (or params) after / before reaches `target` (within
-    `tolerance`, or as close as the guards allow). Returns (plan, achieved ratio)."""
+    `tolerance`, or as close as the guards allow), then single-unit trades to land inside it.
+    Returns (plan, achieved ratio)."""
     graph = analysis.graph
+    counter = _Counter(analysis)
     before = count_after(graph, {})[metric]
 
-    def measure(fraction):
-        drops = select(analysis, scores, fraction, scope, round_to, min_channels, max_ratio, norm)
-        plan = build_plan(analysis, drops, model_name, settings)
-        return plan, count_after(graph, plan.removed_elements())[metric] / before
+    def achieved(drops):
+        return count_after(graph, counter.cuts(drops))[metric] / before
+
+    def at(fraction):
+        return select(analysis, scores, fraction, scope, round_to, min_channels, max_ratio, norm)
 
     lo, hi = 0.0, 1.0
-    if measure(0.0)[1] <= target:
-        return measure(0.0)
-    best_fraction, best_gap = 0.0, float("inf")
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        _, achieved = measure(mid)
-        if abs(achieved - target) < best_gap:
-            best_fraction, best_gap = mid, abs(achieved - target)
-        if best_gap <= tolerance * target / 2:
-            break
-        lo, hi = (mid, hi) if achieved > target else (lo, mid)
-    drops = select(analysis, scores, best_fraction, scope, round_to, min_channels, max_ratio, norm)
+    best_fraction, best_gap = 0.0, abs(achieved(at(0.0)) - target)
+    if achieved(at(0.0)) > target:
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            a = achieved(at(mid))
+            if abs(a - target) < best_gap:
+                best_fraction, best_gap = mid, abs(a - target)
+            if best_gap <= tolerance * target / 2:
+                break
+            lo, hi = (mid, hi) if a > target else (lo, mid)
+    drops = at(best_fraction)
     if round_to <= 1:  # a uniform fraction moves in coarse steps: trade single units to land on the target
-        drops = _fine_tune(analysis, scores, drops, target, metric, before, tolerance, min_channels, max_ratio)
+        drops = _fine_tune(analysis, scores, drops, target, achieved, tolerance, max_ratio)
     plan = build_plan(analysis, drops, model_name, settings)
-    return plan, count_after(graph, plan.removed_elements())[metric] / before
+    return plan, achieved(drops)
 
 
-def _fine_tune(analysis, scores, drops, target, metric, before, tolerance, min_channels, max_ratio,
-               steps: int = 400):
-    """Add back (or take out) one unit at a time, best-scored first (worst first), until within tolerance."""
-    graph = analysis.graph
+def _fine_tune(analysis, scores, drops, target, achieved, tolerance, max_ratio, steps: int = 200,
+               breadth: int = 8):
+    """Restore the best dropped unit (or drop the worst kept one) of whichever of the `breadth` most
+    promising groups lands closest to the target, one unit at a time, while that gets closer."""
     groups = {g.id: g for g in analysis.groups}
-
-    def achieved(d):
-        return count_after(graph, build_plan(analysis, d).removed_elements())[metric] / before
-
+    norm = {gid: _normalise(scores[gid], "mean") for gid in groups}
     drops = {k: list(v) for k, v in drops.items()}
     current = achieved(drops)
-    norm = {gid: _normalise(scores[gid], "mean") for gid in groups}
     for _ in range(steps):
         if abs(current - target) <= tolerance * target * 0.9:
             break
-        # one candidate per group: its best dropped unit (to restore) or its worst kept unit (to drop)
-        trials = []
+        options = []
         for gid, g in groups.items():
             d = set(drops[gid])
             if current < target and d:
                 k = max(d, key=lambda j: norm[gid][j])
-                trial = {**drops, gid: sorted(d - {k})}
+                options.append((-norm[gid][k], gid, sorted(d - {k})))
             elif current > target:
                 n = len(g.units)
                 if n - len(d) - 1 < max(1, n - int(max_ratio * n)):
                     continue
                 k = min((j for j in range(n) if j not in d), key=lambda j: norm[gid][j])
-                trial = {**drops, gid: sorted(d | {k})}
-            else:
-                continue
-            trials.append((abs(achieved(trial) - target), trial))
+                options.append((norm[gid][k], gid, sorted(d | {k})))
+        options.sort(key=lambda t: t[0])
+        trials = [(abs(achieved({**drops, gid: d}) - target), gid, d) for _, gid, d in options[:breadth]]
         if not trials:
             break
-        gap, trial = min(trials, key=lambda t: t[0])
+        gap, gid, d = min(trials, key=lambda t: t[0])
         if gap >= abs(current - target):
             break  # no single unit brings us closer
-        drops, current = trial, achieved(trial)
+        drops[gid] = d
+        current = achieved(drops)
     return drops

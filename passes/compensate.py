@@ -39,7 +39,7 @@ def obs_updates(analysis, removed, stats, updates: dict | None = None) -> tuple[
             continue
         w = updates.get(cons.weight, graph.initializers[cons.weight])
         rows = weight_rows(w, cons.weight_axis)
-        h_inv = np.linalg.inv(st.hessian())
+        h_inv = st.hessian_inv()
         delta = -h_inv[:, idx] @ np.linalg.solve(h_inv[np.ix_(idx, idx)], rows[idx])
         new_rows = rows + delta
         moved_shape = (w.shape[cons.weight_axis],) + tuple(np.delete(w.shape, cons.weight_axis))

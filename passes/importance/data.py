@@ -96,7 +96,7 @@ class OBSPA(ActivationCriterion):
     gram = True
 
     def unit_scores(self, rows, st, units_idx):
-        h_inv = np.linalg.inv(st.hessian())
+        h_inv = st.hessian_inv()
         sq = (rows ** 2).sum(axis=1)
         out = np.empty(len(units_idx))
         for k, idx in enumerate(units_idx):
