@@ -17,6 +17,10 @@ from .errors import GraphpruneError
 from .ir import Graph
 
 
+# Rows (samples x positions) per batch that go into a Gram matrix; moments always use every row.
+GRAM_ROWS = 1024
+
+
 class CalibrationError(GraphpruneError):
     """Calibration data that does not fit the model."""
 
@@ -121,17 +125,22 @@ class ChannelStats:
     want_gram: bool = False
 
     def add(self, x: np.ndarray, axis: int) -> None:
-        rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
+        # float32 products (sgemm) per batch, float64 running sums: fast and accurate enough for statistics
+        rows = np.ascontiguousarray(np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]), dtype=np.float32)
         if self.sum is None:
             c = rows.shape[1]
             self.sum, self.sumsq = np.zeros(c), np.zeros(c)
             if self.want_gram:
                 self.gram = np.zeros((c, c))
         self.n += rows.shape[0]
-        self.sum += rows.sum(0)
-        self.sumsq += (rows * rows).sum(0)
+        self.sum += rows.sum(0, dtype=np.float64)
+        self.sumsq += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
         if self.want_gram:
-            self.gram += rows.T @ rows
+            if len(rows) > GRAM_ROWS:  # many spatial positions: a seeded subset estimates XXᵀ/n just as well
+                pick = np.random.default_rng(self.n).choice(len(rows), GRAM_ROWS, replace=False)
+                self.gram += (rows[pick].T @ rows[pick]) * (len(rows) / GRAM_ROWS)
+            else:
+                self.gram += rows.T @ rows
 
     @property
     def mean(self):
