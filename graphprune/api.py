@@ -41,6 +41,7 @@ class PruneReport:
     compensated: int = 0               # weights rewritten by compensation
     kept_widths: list = field(default_factory=list)  # (group, width before, width after)
     fidelity: dict | None = None       # pruned vs dense on held-out calibration samples
+    bn_recalibrated: int = 0           # BatchNorms whose running statistics were re-estimated
 
     @property
     def macs_ratio(self) -> float:
@@ -92,7 +93,8 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
           seed: int = 0, input_dims: dict | None = None, progress=None, dry_run: bool = False,
           whole_heads: bool = False, target_macs: float | None = None, target_params: float | None = None,
           scope: str = "uniform", global_norm: str = "mean", max_ratio: float = 0.9, calib=None,
-          calib_samples: int = 256, compensate: str = "auto", holdout: int = 16):
+          calib_samples: int = 256, compensate: str = "auto", holdout: int = 16,
+          bn_recalibrate: bool = False):
     """Prune `model_or_path` (path or ModelProto). Returns (pruned ModelProto, PruneReport); report.plan is
     the RewritePlan. With dry_run=True nothing is rewritten: the model is None and the plan says what would go.
 
@@ -102,6 +104,7 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
     calib: .npz of input feeds or a folder of samples; without it, data-aware criteria and compensation use a
       synthetic proxy (standard-normal inputs). `holdout` samples are kept aside for the fidelity check.
     compensate: 'auto' (obs for obspa, else none), 'none', 'obs' / 'lsq' (least-squares refit), 'bias'.
+    bn_recalibrate: after verification, re-estimate BatchNorm running statistics on the calibration data.
     """
     from .passes.allocate import fit_target, select, build_plan
     from .passes.canonicalize import canonicalize
@@ -113,6 +116,8 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
     for label, t in (("target_macs", target_macs), ("target_params", target_params)):
         if t is not None and not 0.0 < t <= 1.0:
             raise GraphpruneError(f"{label} must be in (0, 1], got {t}")
+    if bn_recalibrate and calib is None:
+        raise GraphpruneError("bn_recalibrate needs calibration data (calib=...)")
     if scope not in ("uniform", "global"):
         raise GraphpruneError(f"scope must be 'uniform' or 'global', got {scope!r}")
     if compensate not in ("auto", "none", "obs", "lsq", "bias"):
@@ -137,7 +142,7 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
     method = ("obs" if importance == "obspa" else "none") if compensate == "auto" else compensate
     method = "obs" if method == "lsq" else method
     stats, heldout = None, {}
-    if (criterion is not None and criterion.needs_data) or method != "none":
+    if (criterion is not None and criterion.needs_data) or method != "none" or bn_recalibrate:
         stats, heldout = pm.run("calibrate", _calibrate, graph, analysis, criterion, method, calib, calib_samples,
                                 holdout, seed, input_dims, progress)
         report.calibration = stats.source
@@ -191,6 +196,12 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
             feeds = random_feeds(original, verify_samples, seed=seed, dims=input_dims)
             return compare(reference, pruned, feeds)
         report.verification = pm.run("verify", run_verify)
+    if bn_recalibrate:
+        from .calibration import load_feeds, split
+        from .passes.bn_recalibrate import recalibrate_batchnorm
+        feeds, _ = split(load_feeds(calib, graph, calib_samples + holdout), holdout)
+        report.bn_recalibrated = pm.run("bn re-estimation", recalibrate_batchnorm, graph, feeds, progress)
+        pruned = graph.to_model(with_value_info=True)
     if heldout:
         from .verify import fidelity
         report.fidelity = pm.run("fidelity", fidelity, original.to_model(with_value_info=False), pruned, heldout)

@@ -70,6 +70,8 @@ def _default_output(model: Path) -> Path:
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data: .npz of input feeds (first axis = samples) or a folder of .npy/images.")
 @click.option("--calib-samples", type=int, default=256, show_default=True)
+@click.option("--bn-recalibrate", is_flag=True,
+              help="After verification, re-estimate BatchNorm running statistics on the --calib data.")
 @click.option("--compensate", type=click.Choice(["auto", "none", "obs", "lsq", "bias"]), default="auto",
               show_default=True, help="Weight compensation in consumers (auto: obs for obspa).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep a multiple of N channels per group.")
@@ -90,7 +92,7 @@ def _default_output(model: Path) -> Path:
 @click.option("--strict", is_flag=True, help="Fail if any channel group is frozen by a missing or failing rule.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-layer MACs, pass timings.")
 def prune(model, ratio, output, importance, target_macs, target_params, scope, global_norm, max_ratio, calib,
-          calib_samples, compensate, round_to, min_channels, exclude, whole_heads, dry_run, plan_out, plan_in,
+          calib_samples, bn_recalibrate, compensate, round_to, min_channels, exclude, whole_heads, dry_run, plan_out, plan_in,
           no_verify, verify_samples, dims, seed, strict, verbose):
     """Prune MODEL and write a smaller, verified ONNX file."""
     from .api import prune as run_prune, save
@@ -137,7 +139,8 @@ def prune(model, ratio, output, importance, target_macs, target_params, scope, g
                                        progress=step, dry_run=dry_run, whole_heads=whole_heads,
                                        target_macs=target_macs, target_params=target_params, scope=scope,
                                        global_norm=global_norm, max_ratio=max_ratio, calib=calib,
-                                       calib_samples=calib_samples, compensate=compensate)
+                                       calib_samples=calib_samples, compensate=compensate,
+                                       bn_recalibrate=bn_recalibrate)
         if strict:
             bad = {r: n for r, n in report.frozen_reasons.items() if "no channel rule" in r or "rule failed" in r}
             if bad:
@@ -191,6 +194,9 @@ def _print_summary(report, output, verbose: bool) -> None:
                                                           if report.compensated else ""))
     for note in report.diagnostics[: 6 if not verbose else None]:
         out.print(f"[yellow]note:[/] {note}")
+    if report.bn_recalibrated:
+        out.print(f"re-estimated the running statistics of {report.bn_recalibrated} BatchNorm layers "
+                  f"(after verification)")
     if report.fidelity:
         for name, f in report.fidelity["outputs"].items():
             agree = f" top-1 agreement {f['top1_agreement']:.1%}," if "top1_agreement" in f else ""

@@ -145,3 +145,25 @@ def test_cli_target_macs_obspa_calib(tmp_path):
                                        str(tmp_path / "feeds.npz"), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "held-out calibration samples" in result.output and "compensated" in result.output
+
+
+def test_bn_recalibration_sets_statistics_of_the_pruned_activations(tmp_path):
+    model = conv_bn_model(np.linspace(0.5, 2.0, 8).astype(np.float32))
+    x = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    pruned, report = graphprune.prune(model, ratio=0.5, calib=tmp_path / "c.npz", bn_recalibrate=True,
+                                      verify=True, verify_samples=1)
+    assert report.bn_recalibrated == 1 and report.verification is not None
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    # the new running mean is the mean of the pruned conv output over the calibration (not held-out) samples
+    from graphprune.verify import session
+    conv_only = onnx.helper.make_model(onnx.helper.make_graph(
+        [n for n in pruned.graph.node if n.op_type == "Conv"][:1], "c", [pruned.graph.input[0]],
+        [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, None)],
+        [t for t in pruned.graph.initializer if t.name == "w1"]), opset_imports=pruned.opset_import)
+    conv_only.ir_version = 8
+    sess = session(conv_only)
+    a = np.concatenate([sess.run(None, {"x": x[k:k + 1]})[0] for k in range(30)])  # 40 - 10 held out
+    np.testing.assert_allclose(inits["m"], a.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(graphprune.GraphpruneError, match="needs calibration"):
+        graphprune.prune(model, ratio=0.5, bn_recalibrate=True)
