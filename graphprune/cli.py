@@ -173,6 +173,16 @@ def _print_plan(plan) -> None:
     out.print(table)
 
 
+def _before_after(title: str, first: str, rows) -> Table:
+    t = Table(title=title)
+    t.add_column(first)
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
 def _print_summary(report, output, verbose: bool) -> None:
     table = Table(show_header=True, header_style="bold")
     table.add_column("")
@@ -203,25 +213,13 @@ def _print_summary(report, output, verbose: bool) -> None:
             out.print(f"fidelity on {report.fidelity['samples']} held-out calibration samples, output '{name}':"
                       f"{agree} cosine {f['cosine']:.4f}, relative error {f['rel_error']:.3f}")
     if verbose and report.kept_widths:
-        t = Table(title="kept widths")
-        t.add_column("group")
-        t.add_column("before", justify="right")
-        t.add_column("after", justify="right")
-        for g, b, a in report.kept_widths:
-            t.add_row(g, str(b), str(a))
-        out.print(t)
+        out.print(_before_after("kept widths", "group", [(g, str(b), str(a)) for g, b, a in report.kept_widths]))
     if report.verification:
         v = report.verification
         out.print(f"verified: pruned == masked original on {v['samples']} random inputs "
                   f"(max abs diff {v['max_abs_diff']:.2e})")
     if verbose and report.per_layer:
-        t = Table(title="per layer MACs")
-        t.add_column("node")
-        t.add_column("before", justify="right")
-        t.add_column("after", justify="right")
-        for node, b, a in report.per_layer:
-            t.add_row(node, _fmt(b), _fmt(a))
-        out.print(t)
+        out.print(_before_after("per layer MACs", "node", [(n, _fmt(b), _fmt(a)) for n, b, a in report.per_layer]))
     if verbose:
         out.print("passes: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
     out.print(f"time: {report.seconds:.2f} s" + (f"; wrote {output}" if output else ""))
