@@ -376,7 +376,8 @@ class Run:
     metrics: dict = field(default_factory=dict)
     prune_s: float = 0.0
     eval_s: float = 0.0
-    notes: int = 0
+    notes: int = 0                  # diagnostics the API reported (e.g. "group X has no norm: scored with l1")
+    note_examples: list = field(default_factory=list)
 
     def __post_init__(self):
         if isinstance(self.calib, bool):
@@ -421,7 +422,7 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
              f"Cells: the pruned model's {labels}, in % of dense. {_cap(info['header'])}. "
              f"Dense: {info.get('dense_macs', 0) / 1e6:.1f} MMACs as graphprune counts them"
              + (" (symbolic batch and sequence dims count as 1, so per token)" if name == "minilm" else "")
-             + ".", ""]
+             + "." + _control_text(info), ""]
     lines.append("| criterion | data | " + " | ".join(f"{s:g}×" for s in speedups) + " |")
     lines.append("|---|---|" + "---|" * len(speedups))
     order = {c: i for i, c in enumerate(CRITERIA)}
@@ -430,6 +431,7 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
     for r in runs:
         rows.setdefault((r.criterion, r.calib), {})[r.speedup] = r
     reasons = {}
+    examples: dict = {}
     merged = set()
     for (crit, calib) in list(rows):
         # a calibrated row whose criterion read no data and got no compensation repeats the data-free row
@@ -445,6 +447,12 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
         label = data_label(any_run) if any_run.status == "ok" else calib
         if crit in merged and calib == "none":
             label = "none (calib: not read, same)"
+        n_notes = max((r.notes for r in cells.values()), default=0)
+        if n_notes:
+            label += f" ‡{n_notes}"
+            for r in cells.values():
+                for ex in r.note_examples:
+                    examples.setdefault(ex.split(":")[0], ex if len(ex) <= 140 else ex[:137] + "...")
         row = []
         for s in speedups:
             r = cells.get(s)
@@ -457,6 +465,12 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
     if reasons:
         lines.append("")
         lines += [f"[{i}] {reason}" for reason, i in reasons.items()]
+    if any(r.notes for r in runs):
+        lines.append("")
+        lines.append("‡N: the API reported N diagnostics for that criterion (per run, at most), typically groups it "
+                     "could not score its own way and scored with l1 instead"
+                     + (" — e.g. " + "; ".join(f"“{e}”" for e in list(examples.values())[:2]) if examples else "")
+                     + ".")
     ok = [r for r in runs if r.status == "ok"]
     if ok:
         lines.append("")
@@ -465,7 +479,10 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
             cand = [r for r in ok if r.speedup == s]
             if cand:
                 b = max(cand, key=lambda r: r.metrics.get(keys[0], -1))
-                best.append(f"{s:g}×: {b.criterion}, {data_label(b)}: {b.metrics[keys[0]]:.1f}")
+                if b.metrics[keys[0]] < 1.0:
+                    best.append(f"{s:g}×: all below 1 %")
+                else:
+                    best.append(f"{s:g}×: {b.criterion}, {data_label(b)}: {b.metrics[keys[0]]:.1f}")
         lines.append("Best " + info["metrics"][0][1] + " per speed-up: " + "; ".join(best) + ".")
         lost = []
         for calib in SETTINGS:
@@ -490,6 +507,29 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
                      f"{_short(info.get('calibration_source', 'n/a'))}.")
     lines.append("")
     return lines
+
+
+def _control_text(info: dict) -> str:
+    ctl = info.get("bn_control")
+    if not ctl:
+        return ""
+    if "error" in ctl:
+        return f" Control, nothing pruned + BN re-estimation: failed ({ctl['error']})."
+    vals = " / ".join(f"{ctl.get(k, float('nan')):.1f}" for k, _ in info["metrics"])
+    return (f" Control: the dense model with BN re-estimation alone (`ratio=0`, `bn_recalibrate=True`, nothing "
+            f"pruned) scores {vals}: what re-estimation does by itself.")
+
+
+def bn_control(ev, calib_samples: int) -> dict:
+    """The dense model with BN statistics re-estimated on the calibration data and nothing pruned."""
+    import graphprune
+    try:
+        kwargs = {"holdout": 0} if "holdout" in api_features(graphprune.prune) else {}
+        model, _ = graphprune.prune(str(ev.paths["onnx"]), ratio=0.0, importance="l1", calib=str(ev.paths["calib"]),
+                                    calib_samples=calib_samples, bn_recalibrate=True, verify=False, **kwargs)
+        return ev.score(model)
+    except Exception as exc:  # noqa: BLE001 - recorded
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _git_rev() -> str:
@@ -551,19 +591,18 @@ def plot(store: dict, path: Path) -> bool:
                              if r["criterion"] == crit and Run(**r).calib == calib and r["status"] == "ok")
                 if not pts:
                     continue
-                xs = [1.0] + [p[0] for p in pts]
+                xs = [0.0] + [100 * (1 - 1 / p[0]) for p in pts]      # share of the MACs removed
                 ys = [100.0] + [p[1] for p in pts]
                 style, marker = SETTING_STYLE[calib]
                 ax.plot(xs, ys, color=colours[crit], linestyle=style, marker=marker, markersize=4, linewidth=1.3,
                         alpha=0.9)
         ax.set_title(f"{name}: {label}", fontsize=10)
-        ax.set_xlabel("MAC reduction (dense MACs / pruned MACs)")
+        ax.set_xlabel("MAC reduction (dense MACs / pruned MACs), axis linear in MACs removed")
         ax.set_ylabel("% of dense")
-        ax.set_xscale("log")
         ticks = sorted({1.0} | {r["speedup"] for r in entry["runs"]})
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{t:g}×" for t in ticks])
-        ax.minorticks_off()
+        ax.set_xticks([100 * (1 - 1 / t) for t in ticks])
+        ax.set_xticklabels([f"{t:g}×" for t in ticks], fontsize=8)
+        ax.set_xlim(-2, 100 * (1 - 1 / max(ticks)) + 3)
         ax.set_ylim(-2, 103)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
@@ -616,6 +655,7 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
                                       bn_recalibrate=calib == "calib+bn")
                 run.status, run.reason, run.macs_ratio, run.method = out.status, out.reason, out.macs_ratio, out.method
                 run.calibration, run.prune_s, run.notes = out.calibration, out.seconds, len(out.notes)
+                run.note_examples = [str(n) for n in out.notes[:2]]
                 if out.status == "n/a" and "unknown importance" in out.reason:
                     unknown[crit] = out.reason
                 if out.status == "ok":
@@ -637,7 +677,11 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
                 log(f"[{name}] {crit:<11} {calib:<8} {s:g}×: {run.status} "
                     f"MACs {run.macs_ratio:.3f} ({run.method or '-'}) prune {run.prune_s:.1f} s eval "
                     f"{run.eval_s:.1f} s  {shown}{'  ' + run.reason if run.reason else ''}")
-    info = {"title": TITLES.get(name, name), "description": meta.get("description", ""), "data": meta.get("data", ""),
+    control = None
+    if has_bn and "calib+bn" in calib_modes:
+        control = bn_control(ev, calib_samples)
+        log(f"[{name}] control: dense + BN re-estimation, nothing pruned: {control}")
+    info = {"bn_control": control, "title": TITLES.get(name, name), "description": meta.get("description", ""), "data": meta.get("data", ""),
             "header": ev.header(), "metrics": [list(m) for m in ev.metrics], "dense_macs": dense_macs,
             "calibration_source": "; ".join(sorted(sources)) or "none read", "quick": quick,
             "when": time.strftime("%Y-%m-%d %H:%M"), "git": _git_rev(), "seconds": time.perf_counter() - t0,
@@ -704,7 +748,10 @@ def main(argv=None) -> int:
         kept = [r for r in kept if (r["criterion"], r["calib"], r["speedup"]) not in done]
         if kept:
             info["seconds_total_runs"] = info["seconds"]
-            info["merged"] = f"{len(kept)} earlier runs kept (run with --fresh to drop them)"
+            prev = store[name]["info"]
+            info["merged"] = (f"{len(kept)} earlier runs kept from {prev.get('merged_from') or prev.get('when', '?')} "
+                              f"at graphprune {prev.get('git', '?')} (--fresh drops them)")
+            info["merged_from"] = prev.get("merged_from") or prev.get("when")
         store[name] = {"info": info, "runs": kept + [asdict(r) for r in runs]}
         store = {k: store[k] for k in fm.MODEL_NAMES if k in store}
         store_path.parent.mkdir(parents=True, exist_ok=True)
