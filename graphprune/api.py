@@ -42,6 +42,8 @@ class PruneReport:
     kept_widths: list = field(default_factory=list)  # (group, width before, width after)
     fidelity: dict | None = None       # pruned vs dense on held-out calibration samples
     bn_recalibrated: int = 0           # BatchNorms whose running statistics were re-estimated
+    sparse_layers: list = field(default_factory=list)  # passes.sparsify.SparseLayerReport per eligible layer
+    sparse: dict | None = None         # sparsify totals: layers sparse/dense, bytes, end-to-end ms, notes
 
     @property
     def macs_ratio(self) -> float:
@@ -88,31 +90,41 @@ def _short_reason(reason: str) -> str:
     return f"{op}: {tail}" if tail else head
 
 
-def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: int = 1, min_channels: int = 1,
+def prune(model_or_path, ratio: float | None = None, importance: str = "l1", round_to: int = 1, min_channels: int = 1,
           exclude=None, plan: RewritePlan | None = None, verify: bool = True, verify_samples: int = 2,
           seed: int = 0, input_dims: dict | None = None, progress=None, dry_run: bool = False,
           whole_heads: bool = False, target_macs: float | None = None, target_params: float | None = None,
           scope: str = "uniform", global_norm: str = "mean", max_ratio: float = 0.9, calib=None,
           calib_samples: int = 256, compensate: str = "auto", holdout: int = 16,
-          bn_recalibrate: bool = False):
+          bn_recalibrate: bool = False, sparsity: float | None = None, sparse_format: str = "auto",
+          sparse_force: bool = False, sparse_threads: int | None = None):
     """Prune `model_or_path` (path or ModelProto). Returns (pruned ModelProto, PruneReport); report.plan is
     the RewritePlan. With dry_run=True nothing is rewritten: the model is None and the plan says what would go.
 
-    ratio: fraction of every group's channels to remove (ignored when a target is given).
+    ratio: fraction of every group's channels to remove (ignored when a target is given); default 0.5, or 0
+      when only `sparsity` is asked for.
     target_macs / target_params: fraction of the dense MACs / params to keep, reached within 1 %.
     scope: 'uniform' (same fraction per group) or 'global' (normalised scores ranked across groups).
     calib: .npz of input feeds or a folder of samples; without it, data-aware criteria and compensation use a
       synthetic proxy (standard-normal inputs). `holdout` samples are kept aside for the fidelity check.
     compensate: 'auto' (obs for obspa, else none), 'none', 'obs' / 'lsq' (least-squares refit), 'bias'.
     bn_recalibrate: after verification, re-estimate BatchNorm running statistics on the calibration data.
+    sparsity: block sparsity for the ai.graphprune sparse ops, applied after channel pruning to every layer
+      where the sparse kernel is measured faster (passes/sparsify.py); sparse_format 'auto' | 'bsr' | 'csr';
+      sparse_force emits every eligible layer regardless; sparse_threads: intra-op threads for the timings.
     """
     from .passes.allocate import fit_target, select, build_plan
     from .passes.canonicalize import canonicalize
     from .passes.importance import get_criterion
     from .verify import compare, masked_reference, random_feeds
 
+    if ratio is None:
+        ratio = 0.0 if sparsity is not None else 0.5
     if not 0.0 <= ratio < 1.0:
         raise GraphpruneError(f"ratio must be in [0, 1), got {ratio}")
+    if sparsity is not None:
+        from .passes.sparsify import check_settings
+        check_settings(sparsity, sparse_format)
     for label, t in (("target_macs", target_macs), ("target_params", target_params)):
         if t is not None and not 0.0 < t <= 1.0:
             raise GraphpruneError(f"{label} must be in (0, 1], got {t}")
@@ -142,7 +154,7 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
     method = ("obs" if importance == "obspa" else "none") if compensate == "auto" else compensate
     method = "obs" if method == "lsq" else method
     stats, heldout = None, {}
-    if (criterion is not None and criterion.needs_data) or method != "none" or bn_recalibrate:
+    if (criterion is not None and criterion.needs_data) or method != "none" or bn_recalibrate or sparsity:
         stats, heldout = pm.run("calibrate", _calibrate, graph, analysis, criterion, method, calib, calib_samples,
                                 holdout, seed, input_dims, progress)
         report.calibration = stats.source
@@ -202,6 +214,11 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
         feeds, _ = split(load_feeds(calib, graph, calib_samples + holdout), holdout)
         report.bn_recalibrated = pm.run("bn re-estimation", recalibrate_batchnorm, graph, feeds, progress)
         pruned = graph.to_model(with_value_info=True)
+    if sparsity is not None:
+        from .passes.sparsify import sparsify_for_prune
+        pruned = pm.run("sparsify", sparsify_for_prune, graph, report, sparsity, sparse_format, sparse_force,
+                        sparse_threads, calib, calib_samples, holdout, seed, input_dims, verify, verify_samples,
+                        progress)
     if heldout:
         from .verify import fidelity
         report.fidelity = pm.run("fidelity", fidelity, original.to_model(with_value_info=False), pruned, heldout)
