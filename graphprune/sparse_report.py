@@ -52,8 +52,9 @@ def print_sparse(console, report, model_path, output, verbose: bool = False) -> 
         console.print(layer_table(layers, verbose))
         if not verbose and len(layers) > MAX_ROWS:
             console.print(f"... {len(layers) - MAX_ROWS} more layers (use -v)")
-        console.print("error c/p: ‖X(W−Ŵ)‖/‖XW‖ of the layer on the calibration statistics, with SparseGPT "
-                      "compensation / with the same blocks just removed", style="dim")
+        console.print("error c/p: the layer's output error against the dense model on the calibration rows, "
+                      "‖S·Ŵ − D·W‖/‖D·W‖ (S: its input with the earlier layers sparse), with SparseGPT "
+                      "compensation / with the same blocks of W just removed", style="dim")
     for note in s.get("notes", [])[: None if verbose else 6]:
         console.print(f"[yellow]note:[/] {note}")
     line = (f"sparsity {s['sparsity']:.0%} ({s['format']}{', forced' if s['forced'] else ''}): "

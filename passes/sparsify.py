@@ -2,9 +2,11 @@
 
     1. find eligible layers and the bias/activation each absorbs            (sparse_layers.py)
     2. time dense vs sparse per layer configuration on this machine          (sparse_cost.py)
-    3. for the layers that win: the layer-input Hessian H = XᵀX/n from calibration data (or the data-free
-       synthetic proxy), then SparseGPT with a block mask: which blocks go, and compensation of the rest
-       (sparsegpt.py); Conv uses the Hessian of its im2col rows, sampled at random output positions
+    3. for the layers that win, in graph order: the Hessian H = XᵀX/n of the layer's input rows from
+       calibration data (or the data-free synthetic proxy), taken on the model whose earlier layers are already
+       sparse, and the weight that best reproduces the dense model's output from them (sparse_stats.py); then
+       SparseGPT with a block mask: which blocks go, and compensation of the rest (sparsegpt.py). Conv rows
+       are its im2col patches, sampled at random output positions (its exact Hessian, no kron approximation)
     4. emit the sparse nodes with their function bodies (the model runs without the native library too)
     5. verify: every emitted node's output and every graph output equal the dense model whose sparsified
        layers carry the same compensated, masked weights — in onnxruntime with the native library and
@@ -19,16 +21,16 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphprune.calibration import GRAM_ROWS, ChannelStats, batches, static_batch
+from graphprune.calibration import static_batch
 from graphprune.errors import GraphpruneError, VerificationError
 from graphprune.ir import Graph
 
 from .sparse_cost import CostModel, candidate_formats, choose, session_options, time_interleaved
 from .sparse_layers import Layer, block_width, find_layers, sparse_node, sparse_op_type
+from .sparse_stats import DAMP, collect as collect_stats, probe_shapes, stats_key
 from .sparsegpt import apply_block_mask, sparsegpt
 
 FORMATS = ("auto", "bsr", "csr")
-DAMP = 0.01                       # H + 1 % of its mean diagonal, as SparseGPT
 GRAM_BUDGET = 1 << 30             # bytes of float64 Gram matrices held in one calibration run
 
 
@@ -47,8 +49,8 @@ class SparseLayerReport:
     decision: str = ""            # e.g. 'bsr (2.10× faster)', 'dense (sparse 0.87× of dense)'
     dense_us: float | None = None
     sparse_us: float | None = None
-    rel_error: float | None = None        # ‖X(W−Ŵ)‖/‖XW‖ on the calibration Hessian, with compensation
-    rel_error_plain: float | None = None  # same mask, blocks just removed
+    rel_error: float | None = None        # ‖S·Ŵ − D·W‖/‖D·W‖ on the calibration rows (sparse_stats.py)
+    rel_error_plain: float | None = None  # the same with the same blocks of W just removed
 
     @property
     def emitted(self) -> bool:
@@ -91,18 +93,22 @@ def sparsify_for_prune(graph: Graph, report, sparsity, fmt, force, threads, cali
 def sparsify(graph: Graph, sparsity: float, feeds: dict, source: str = "", fmt: str = "auto",
              force: bool = False, threads: int | None = None, verify: bool = True, verify_samples: int = 2,
              seed: int = 0, input_dims: dict | None = None, measure=None, end_to_end: bool = True,
-             progress=None) -> SparsifyResult:
+             sequential: bool = True, progress=None) -> SparsifyResult:
     """Sparsify every eligible layer of `graph` (left untouched) at block sparsity `sparsity`.
     feeds: calibration samples {input: array, first axis = samples}; `source` says where they came from.
     fmt: 'auto' (BSR; CSR at ≥ 85 % where measured faster than BSR), 'bsr' or 'csr' (Conv is always BSR).
     force: emit every eligible layer whatever the timing says (also without the native library).
-    measure: replaces the timing function of the cost model (tests)."""
+    measure: replaces the timing function of the cost model (tests).
+    sequential: layer by layer, each fitted on the rows of the model with the earlier layers already sparse to
+      the dense output (two calibration runs per distinct layer input, each on the part of the model that
+      computes it); False: one run on the dense model for all layers (faster, errors compound)."""
     from graphprune import kernels
     check_settings(sparsity, fmt)
     say = progress or (lambda msg: None)
     graph = graph.clone()
     native = kernels.available()
     summary = {"sparsity": sparsity, "format": fmt, "forced": force, "calibration": source,
+               "sequential": sequential,
                "native": native, "native_status": kernels.status(), "threads": threads or "onnxruntime default",
                "notes": []}
     layers, notes = find_layers(graph)
@@ -112,7 +118,7 @@ def sparsify(graph: Graph, sparsity: float, feeds: dict, source: str = "", fmt: 
             f"native sparse-kernel library not available ({kernels.status()}): "
             + ("emitting anyway (--sparse-force); the model runs through the function fallback at dense speed"
                if force else "no layer can be faster, every layer stays dense (--sparse-force emits anyway)"))
-    x_shapes = _probe_input_shapes(graph, layers, feeds, input_dims)
+    x_shapes = probe_shapes(graph, layers, feeds)
     cost = CostModel(graph, threads=threads, measure=measure) if (native or measure) else None
 
     plans, reports = [], []
@@ -143,8 +149,8 @@ def sparsify(graph: Graph, sparsity: float, feeds: dict, source: str = "", fmt: 
 
     before = graph.to_model(with_value_info=False)
     summary["bytes_before"] = before.ByteSize()
-    weights = _sparse_weights(graph, plans, feeds, sparsity, reports, say)
-    reference = _masked_reference(graph, plans, weights)
+    weights, reference = _sparse_weights(graph, plans, feeds, sparsity, reports, say, sequential)
+    reference = reference.to_model(with_value_info=False)
     model = _emit(graph, plans, weights)
     say("sparsify: checking the model")
     _check(model)
@@ -160,134 +166,56 @@ def sparsify(graph: Graph, sparsity: float, feeds: dict, source: str = "", fmt: 
     return SparsifyResult(model, reports, summary)
 
 
-# ---- shapes and statistics -----------------------------------------------------------------------------
-def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def _exposing(graph: Graph, names) -> onnx.ModelProto:
-    model = graph.to_model(with_value_info=False)
-    outputs = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in outputs:
-            model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model
-
-
-def _probe_input_shapes(graph: Graph, layers: list[Layer], feeds: dict, input_dims) -> dict:
-    """Each layer input's shape in one run at the model's static batch (or batch 1): the shapes the
-    cost model times and the report shows. Dims the calibration samples fix (sequence length) come from
-    them."""
-    names = sorted({layer.x for layer in layers})
-    if not names:
-        return {}
-    batch = static_batch(graph.inputs) or 1
-    feed = {k: v[:batch] for k, v in feeds.items()}
-    values = _session(_exposing(graph, names)).run(names, feed)
-    return {name: tuple(int(d) for d in v.shape) for name, v in zip(names, values)}
-
-
-def _stats_key(layer: Layer):
-    conv = layer.conv
-    return (layer.x, None if conv is None else (tuple(conv["kernel_shape"]), tuple(conv["strides"]),
-                                               tuple(conv["pads"]), tuple(conv["dilations"])))
-
-
-def im2col_rows(x: np.ndarray, conv: dict, rows: int, rng) -> np.ndarray:
-    """[n, Cin·kh·kw] input patches of a Conv at up to `rows` random output positions; the column order is
-    the tap order t = (ci·kh + r)·kw + s of the block format."""
-    kh, kw = conv["kernel_shape"]
-    sh, sw = conv["strides"]
-    dh, dw = conv["dilations"]
-    top, left, bottom, right = conv["pads"]
-    b, c, h, w = x.shape
-    ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-    total = b * ho * wo
-    pick = rng.choice(total, min(rows, total), replace=False) if total > rows else np.arange(total)
-    bi, rest = np.divmod(pick, ho * wo)
-    oi, oj = np.divmod(rest, wo)
-    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    r = oi[:, None] * sh + np.arange(kh)[None, :] * dh                      # [n, kh]
-    s = oj[:, None] * sw + np.arange(kw)[None, :] * dw                      # [n, kw]
-    patches = xp[bi[:, None, None, None], np.arange(c)[None, :, None, None], r[:, None, :, None],
-                 s[:, None, None, :]]                                        # [n, c, kh, kw]
-    return patches.reshape(len(pick), c * kh * kw)
-
-
-def layer_hessians(graph: Graph, layers: list[Layer], feeds: dict, say) -> dict:
-    """ChannelStats (with Gram) of each layer's input rows: X[..., K] for MatMul/Gemm, im2col rows for Conv.
-    Layers reading the same input share one. Calibration runs are split so no run holds more than
-    GRAM_BUDGET bytes of Gram matrices."""
-    keys = {}
-    for layer in layers:
-        keys.setdefault(_stats_key(layer), layer)
+# ---- SparseGPT per layer --------------------------------------------------------------------------------
+def _memory_groups(layers: list[Layer]) -> list[list[Layer]]:
+    """Split layers so that no calibration run holds more than GRAM_BUDGET bytes of Gram matrices."""
     groups, current, size = [], [], 0
-    for key, layer in keys.items():
+    for layer in layers:
         need = 8 * layer.rows ** 2
         if current and size + need > GRAM_BUDGET:
             groups.append(current)
             current, size = [], 0
-        current.append((key, layer))
+        current.append(layer)
         size += need
-    if current:
-        groups.append(current)
-    stats = {}
-    batch = static_batch(graph.inputs) or 16
-    total = len(next(iter(feeds.values())))
-    for g, group in enumerate(groups):
-        names = sorted({key[0] for key, _ in group})
-        sess = _session(_exposing(graph, names))
-        part = {key: ChannelStats(want_gram=True) for key, _ in group}
-        rng = np.random.default_rng(0)
-        done = 0
-        for feed in batches(feeds, batch):
-            values = dict(zip(names, sess.run(names, feed)))
-            for key, layer in group:
-                x = values[key[0]]
-                if layer.conv is None:
-                    part[key].add(x, x.ndim - 1)
-                else:
-                    part[key].add(im2col_rows(x, layer.conv, GRAM_ROWS, rng), 1)
-            done += len(next(iter(feed.values())))
-            say(f"sparsify: layer statistics {done}/{total} samples"
-                + (f" (run {g + 1}/{len(groups)})" if len(groups) > 1 else ""))
-        stats.update(part)
-    return stats
+    return groups + ([current] if current else [])
 
 
-def _sparse_weights(graph, plans, feeds, sparsity, reports, say) -> list:
-    """(compensated masked weight [rows, outputs], keep mask) per planned layer."""
+def _sparse_weights(graph, plans, feeds, sparsity, reports, say, sequential: bool = True) -> tuple:
+    """(compensated masked weight [rows, outputs] and keep mask per planned layer, the masked dense reference
+    as a Graph). Sequential: layer by layer in graph order, each fitted on the rows of the model whose earlier
+    layers are already sparse, to the dense model's output (sparse_stats.py). Otherwise one calibration run
+    on the dense model serves every layer (faster; errors compound)."""
+    reference = graph.clone()
     if not plans:
-        return []
-    stats = layer_hessians(graph, [layer for layer, _ in plans], feeds, say)
+        return [], reference
     by_name = {r.node: r for r in reports}
-    out = []
-    for i, (layer, fmt) in enumerate(plans):
-        say(f"sparsify: SparseGPT {i + 1}/{len(plans)} {layer.name} ({layer.rows}×{layer.outputs})")
-        st = stats[_stats_key(layer)]
-        width = block_width(layer, fmt)
-        w, keep = sparsegpt(layer.weight, st.hessian(DAMP), sparsity, width)
-        report = by_name[layer.name]
-        report.sparsity = float(1.0 - keep.mean())
-        gram = st.gram / max(st.n, 1)
-        report.rel_error = _relative_error(layer.weight, w, gram)
-        report.rel_error_plain = _relative_error(layer.weight, apply_block_mask(layer.weight, keep, width), gram)
-        out.append((w, keep))
-    return out
-
-
-def _relative_error(w, w_hat, gram) -> float:
-    """‖X(W−Ŵ)‖_F / ‖XW‖_F through the Gram matrix XᵀX/n."""
-    w = w.astype(np.float64)
-    d = w - w_hat.astype(np.float64)
-    num = float(np.sum(d * (gram @ d)))
-    den = float(np.sum(w * (gram @ w)))
-    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+    steps = {}                                     # statistics key -> planned layers reading those rows
+    for item in plans:
+        steps.setdefault(stats_key(item[0]), []).append(item)
+    stats = {}
+    if not sequential:
+        for group in _memory_groups([items[0][0] for items in steps.values()]):
+            stats.update(collect_stats(graph, group, feeds, say=lambda m: say(f"sparsify: {m}")))
+    results = {}
+    for n, (key, items) in enumerate(steps.items()):
+        if sequential:
+            say(f"sparsify: statistics of layer input {n + 1}/{len(steps)} ('{key[0]}')")
+            stats = collect_stats(graph, [items[0][0]], feeds, sparse=reference if results else None)
+        st = stats[key]
+        h = st.hessian(DAMP)
+        for layer, fmt in items:
+            say(f"sparsify: SparseGPT {len(results) + 1}/{len(plans)} {layer.name} ({layer.rows}×{layer.outputs})")
+            width = block_width(layer, fmt)
+            w, keep = sparsegpt(st.target(layer.weight, DAMP), h, sparsity, width)
+            w = w.astype(np.float32)
+            report = by_name[layer.name]
+            report.sparsity = float(1.0 - keep.mean())
+            report.rel_error = st.relative_error(w, layer.weight)
+            report.rel_error_plain = st.relative_error(apply_block_mask(layer.weight, keep, width), layer.weight)
+            results[layer.name] = (w, keep)
+            node = reference.nodes[_node_index(graph, layer.node)]
+            node.input[1] = reference.add_initializer(f"{node.input[1]}__sparse_ref", layer.original_weight(w))
+    return [results[layer.name] for layer, _ in plans], reference
 
 
 # ---- emission -----------------------------------------------------------------------------------------
@@ -319,15 +247,6 @@ def _emit(graph: Graph, plans, weights) -> onnx.ModelProto:
     model.graph.value_info.extend(kept_info)
     ops.attach_functions(model)
     return model
-
-
-def _masked_reference(graph: Graph, plans, weights) -> onnx.ModelProto:
-    """The dense model with each planned layer's weight replaced by its compensated, masked dense weight."""
-    ref = graph.clone()
-    for (layer, _), (w, _keep) in zip(plans, weights):
-        node = ref.nodes[_node_index(graph, layer.node)]
-        node.input[1] = ref.add_initializer(f"{node.input[1]}__sparse_ref", layer.original_weight(w))
-    return ref.to_model(with_value_info=False)
 
 
 def _check(model: onnx.ModelProto) -> None:

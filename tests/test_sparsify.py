@@ -332,3 +332,44 @@ def test_bad_sparse_settings_fail_cleanly():
         graphprune.prune(str(MNIST), sparsity=0.5, sparse_format="2:4")
     result = _cli(MNIST, "--sparsity", "0", "--dry-run")
     assert result.exit_code == 2 and "--sparsity" in result.output
+
+
+# ---- sequential fitting to the dense output ---------------------------------------------------------------
+from graphprune.passes.sparse_stats import LayerStats  # noqa: E402
+
+
+def test_target_fits_the_dense_output_from_damaged_inputs():
+    rng = np.random.default_rng(5)
+    d = _correlated(4000, 48, seed=6).astype(np.float64)
+    distortion = np.eye(48) + 0.3 * rng.standard_normal((48, 48)) / 7      # what upstream pruning does to X
+    s = d @ distortion + 0.05 * rng.standard_normal(d.shape)
+    w = rng.standard_normal((48, 20))
+    st = LayerStats(s.T @ s / len(s), s.T @ d / len(s), d.T @ d / len(d), len(s))
+    w_t = st.target(w)
+    assert np.linalg.norm(s @ w_t - d @ w) < 0.5 * np.linalg.norm(s @ w - d @ w)
+    assert np.isclose(st.relative_error(w_t, w), np.linalg.norm(s @ w_t - d @ w) / np.linalg.norm(d @ w))
+    same = LayerStats(d.T @ d / len(d), d.T @ d / len(d), d.T @ d / len(d), len(d))
+    assert np.array_equal(same.target(w), w)                    # nothing upstream changed: W itself
+
+
+def test_sequential_sparsification_stays_closer_to_the_dense_model():
+    rng = np.random.default_rng(7)
+    mix = rng.standard_normal((32, 32)) / 5
+    nodes, inits, x = [], {}, "x"
+    for i, (k, n) in enumerate([(32, 64), (64, 64), (64, 64), (64, 16)]):
+        inits[f"W{i}"] = rand(k, n, seed=20 + i)
+        nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [f"h{i}"], name=f"mm{i}"))
+        x = f"h{i}"
+        if i < 3:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    model = make_model(nodes, [("x", ["batch", 32])], [(x, ["batch", 16])], inits)
+    g = _graph(model)
+    feeds = {"x": (rng.standard_normal((512, 32)) @ mix).astype(np.float32)}
+    test = {"x": (rng.standard_normal((256, 32)) @ mix).astype(np.float32)}
+    dense = _outputs(model, test)[0]
+    errors = {}
+    for seq in (False, True):
+        res = sparsify(g, 0.75, feeds, "calib", force=True, sequential=seq, end_to_end=False)
+        errors[seq] = np.linalg.norm(_outputs(res.model, test, _no_native())[0] - dense) / np.linalg.norm(dense)
+    assert errors[True] < 0.9 * errors[False], errors
