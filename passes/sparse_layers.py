@@ -59,7 +59,7 @@ class Layer:
 
     def describe(self) -> str:
         """e.g. 'Gemm 1152→256 +bias Relu' or 'Conv 64→128 3×3/s2'."""
-        extra = " +bias" if any(n.op_type == "Add" for n in self.fused) else ""
+        extra = " +bias" if np.any(self.bias) else ""
         extra += f" {self.activation}" if self.activation else ""
         if self.conv:
             kh, kw = self.conv["kernel_shape"]

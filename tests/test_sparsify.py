@@ -373,3 +373,18 @@ def test_sequential_sparsification_stays_closer_to_the_dense_model():
         res = sparsify(g, 0.75, feeds, "calib", force=True, sequential=seq, end_to_end=False)
         errors[seq] = np.linalg.norm(_outputs(res.model, test, _no_native())[0] - dense) / np.linalg.norm(dense)
     assert errors[True] < 0.9 * errors[False], errors
+
+
+def test_without_the_native_library_nothing_is_emitted_unless_forced(monkeypatch):
+    from graphprune import kernels
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    model = _mlp()
+    result = _run_sparsify(model, force=False)
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Relu", "MatMul"]
+    assert [r.decision for r in result.layers] == ["dense (no native library)"] * 2
+    assert [r.dense_us for r in result.layers] == [None, None]                 # nothing was timed
+    said = [n for n in result.summary["notes"] if "native" in n]
+    assert len(said) == 1 and "--sparse-force" in said[0]                      # said once, not per layer
+    forced = _run_sparsify(model, force=True)
+    assert [n.op_type for n in forced.model.graph.node] == ["GpBsrMatMul", "GpBsrMatMul"]
+    assert forced.summary["verification"]["paths"] == ["function fallback"]
