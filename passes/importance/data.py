@@ -95,8 +95,10 @@ class OBSPA(ActivationCriterion):
     name = "obspa"
     gram = True
 
+    intercept = False
+
     def unit_scores(self, rows, st, units_idx):
-        h_inv = st.hessian_inv()
+        h_inv = st.hessian_inv(intercept=self.intercept)
         sq = (rows ** 2).sum(axis=1)
         out = np.empty(len(units_idx))
         for k, idx in enumerate(units_idx):
