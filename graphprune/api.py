@@ -95,7 +95,7 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
           whole_heads: bool = False, target_macs: float | None = None, target_params: float | None = None,
           scope: str = "uniform", global_norm: str = "mean", max_ratio: float = 0.9, calib=None,
           calib_samples: int = 256, compensate: str = "auto", holdout: int = 16,
-          bn_recalibrate: bool = False, sensitivity_samples: int = 32):
+          bn_recalibrate: bool = False, sensitivity_samples: int = 32, proxy: str = "auto"):
     """Prune `model_or_path` (path or ModelProto). Returns (pruned ModelProto, PruneReport); report.plan is
     the RewritePlan. With dry_run=True nothing is rewritten: the model is None and the plan says what would go.
 
@@ -106,6 +106,9 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
       group gets the largest ratio whose output error stays under one threshold; needs a target).
     calib: .npz of input feeds or a folder of samples; without it, data-aware criteria and compensation use a
       synthetic proxy (standard-normal inputs). `holdout` samples are kept aside for the fidelity check.
+    proxy: the data-free statistics without calib: 'auto' (closed form from BatchNorm parameters for consumers
+      a norm feeds, synthetic inputs for the rest), 'synthetic' (synthetic inputs only), 'bn' (closed form only;
+      consumers no norm feeds are scored with l1 and not compensated).
     compensate: 'auto' (obs for obspa, else none), 'none', 'obs' / 'lsq' (least-squares refit), 'bias'.
     bn_recalibrate: after verification, re-estimate BatchNorm running statistics on the calibration data.
     """
@@ -125,6 +128,8 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
         raise GraphpruneError(f"scope must be 'uniform', 'global' or 'sensitivity', got {scope!r}")
     if scope == "sensitivity" and plan is None and target_macs is None and target_params is None:
         raise GraphpruneError("scope 'sensitivity' allocates to a budget: give target_macs or target_params")
+    if proxy not in ("auto", "synthetic", "bn"):
+        raise GraphpruneError(f"proxy must be auto, synthetic or bn, got {proxy!r}")
     if compensate not in ("auto", "none", "obs", "lsq", "bias"):
         raise GraphpruneError(f"compensate must be auto, none, obs, lsq or bias, got {compensate!r}")
     start = time.perf_counter()
@@ -155,7 +160,7 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
     if (criterion is not None and criterion.needs_data) or method != "none" or bn_recalibrate \
             or (scope == "sensitivity" and plan is None):
         stats, heldout, feeds = pm.run("calibrate", _calibrate, graph, analysis, criterion, method, calib, calib_samples,
-                                holdout, seed, input_dims, progress)
+                                holdout, seed, input_dims, progress, proxy)
         report.calibration = stats.source
     if plan is None:
         criterion.stats = stats
@@ -250,7 +255,8 @@ def _mean_rel_error(fid: dict) -> float:
     return float(np.mean(errs)) if errs else 0.0
 
 
-def _calibrate(graph, analysis, criterion, method, calib, samples, holdout, seed, input_dims, progress):
+def _calibrate(graph, analysis, criterion, method, calib, samples, holdout, seed, input_dims, progress,
+               proxy="auto"):
     """Statistics for the criterion and the compensation, from calibration data or a synthetic proxy.
     Returns (Statistics, held-out feeds for the fidelity check, the feeds the statistics came from)."""
     from .calibration import collect, load_feeds, split, synthetic_feeds
@@ -269,7 +275,22 @@ def _calibrate(graph, analysis, criterion, method, calib, samples, holdout, seed
             for cons in group_consumers(g, analysis):
                 key = (cons.x, cons.x_axis)
                 wanted[key] = wanted.get(key, False) or method == "obs"
+    closed = {}
+    if calib is None and proxy != "synthetic":
+        from .bn_proxy import closed_form_stats
+        closed = closed_form_stats(graph, wanted)
+        rest = len(wanted) - len(closed)
+        if proxy == "bn":
+            source = f"BatchNorm closed form for {len(closed)} of {len(wanted)} consumer inputs (data-free)"
+        elif closed:
+            source = (f"BatchNorm closed form for {len(closed)} consumer inputs, synthetic proxy (64 "
+                      f"standard-normal input samples) for the other {rest} (data-free)")
+        if proxy == "bn":
+            wanted = {}
+        else:
+            wanted = {k: v for k, v in wanted.items() if k not in closed}
     stats = collect(graph, wanted, feeds, progress=progress, source=source)
+    stats.tensors.update(closed)
     return stats, heldout, feeds
 
 

@@ -72,6 +72,9 @@ def _default_output(model: Path) -> Path:
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data: .npz of input feeds (first axis = samples) or a folder of .npy/images.")
 @click.option("--calib-samples", type=int, default=256, show_default=True)
+@click.option("--proxy", type=click.Choice(["auto", "synthetic", "bn"]), default="auto", show_default=True,
+              help="Data-free statistics without --calib: BatchNorm closed form where a norm feeds the consumer "
+                   "and synthetic inputs elsewhere (auto), synthetic only, or closed form only.")
 @click.option("--bn-recalibrate", is_flag=True,
               help="After verification, re-estimate BatchNorm running statistics on the --calib data "
                    "(kept only if the held-out fidelity check improves).")
@@ -94,7 +97,7 @@ def _default_output(model: Path) -> Path:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if any channel group is frozen by a missing or failing rule.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-layer MACs, pass timings.")
-def prune(model, ratio, output, importance, target_macs, target_params, scope, global_norm, max_ratio, calib,
+def prune(model, ratio, output, importance, target_macs, target_params, scope, global_norm, max_ratio, calib, proxy,
           calib_samples, bn_recalibrate, compensate, round_to, min_channels, exclude, whole_heads, dry_run, plan_out, plan_in,
           no_verify, verify_samples, dims, seed, strict, verbose):
     """Prune MODEL and write a smaller, verified ONNX file."""
@@ -143,7 +146,7 @@ def prune(model, ratio, output, importance, target_macs, target_params, scope, g
                                        target_macs=target_macs, target_params=target_params, scope=scope,
                                        global_norm=global_norm, max_ratio=max_ratio, calib=calib,
                                        calib_samples=calib_samples, compensate=compensate,
-                                       bn_recalibrate=bn_recalibrate)
+                                       bn_recalibrate=bn_recalibrate, proxy=proxy)
         if strict:
             bad = {r: n for r, n in report.frozen_reasons.items() if "no channel rule" in r or "rule failed" in r}
             if bad:

@@ -275,3 +275,29 @@ def test_sensitivity_scope_meets_macs_target_and_verifies():
     assert report.sensitivity and report.verification["max_rel_diff"] < 1e-4
     with pytest.raises(graphprune.GraphpruneError, match="target"):
         graphprune.prune(str(MNIST), scope="sensitivity", ratio=0.3)
+
+
+def test_clipped_normal_moments_match_sampling():
+    from graphprune.bn_proxy import clipped_normal_moments
+    m, s = np.array([0.5, -1.0, 2.0]), np.array([1.0, 2.0, 0.5])
+    z = m[:, None] + s[:, None] * np.random.default_rng(0).standard_normal((3, 400_000))
+    for lo, hi in ((0.0, np.inf), (0.0, 6.0), (-np.inf, np.inf), (-1.0, 1.0)):
+        first, second = clipped_normal_moments(m, s, lo, hi)
+        c = np.clip(z, lo, hi)
+        np.testing.assert_allclose(first, c.mean(1), atol=0.01)
+        np.testing.assert_allclose(second, (c ** 2).mean(1), rtol=0.01, atol=0.01)
+
+
+def test_data_free_proxy_uses_batchnorm_closed_form_where_a_norm_feeds_the_consumer():
+    from graphprune.bn_proxy import bn_moments
+    model = conv_bn_model(np.linspace(0.5, 2.0, 8).astype(np.float32))
+    analysis = graphprune.analyze_model(model)
+    mean, second = bn_moments(analysis.graph, "r")  # Relu(BN): rectified N(beta, gamma^2)
+    beta = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b"))
+    assert np.all(mean >= np.maximum(beta, 0) - 1e-9) and np.all(second >= mean ** 2)
+    _, report = graphprune.prune(model, importance="obspa", ratio=0.5, verify=True, verify_samples=1)
+    assert report.calibration.startswith("BatchNorm closed form for 1 consumer")
+    _, synthetic = graphprune.prune(model, importance="obspa", ratio=0.5, proxy="synthetic", verify=False)
+    assert synthetic.calibration.startswith("synthetic proxy")
+    with pytest.raises(graphprune.GraphpruneError, match="proxy"):
+        graphprune.prune(model, proxy="nonsense")
