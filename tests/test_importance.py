@@ -301,3 +301,26 @@ def test_data_free_proxy_uses_batchnorm_closed_form_where_a_norm_feeds_the_consu
     assert synthetic.calibration.startswith("synthetic proxy")
     with pytest.raises(graphprune.GraphpruneError, match="proxy"):
         graphprune.prune(model, proxy="nonsense")
+
+
+def test_attention_query_key_dims_are_scored_by_their_share_of_the_product():
+    # Q·Kᵀ contracts two activations: no weight reads those channels, yet data-aware criteria must score them
+    d, h = 8, 6
+    wq, wk = rand(d, h, seed=1), rand(d, h, seed=2)
+    wq[:, 2] *= 20  # channel 2 dominates the product q_c·k_c
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "x"], ["y"])]
+    model = make_model(nodes, [("x", [1, 4, d])], [("y", [1, 4, d])], {"wq": wq, "wk": wk})
+    for name in ("obspa", "hessian", "activation", "fluctuation"):
+        analysis = graphprune.analyze_model(model)
+        crit = get_criterion(name)
+        from graphprune.calibration import collect, synthetic_feeds
+        crit.stats = collect(analysis.graph, crit.wanted(analysis), synthetic_feeds(analysis.graph, 16))
+        qk = next(g for g in analysis.groups if ("q", 2) in g.members)
+        scores = crit.scores(qk, analysis)
+        assert not crit.notes, crit.notes
+        assert int(np.argmax(scores)) == 2
+    pruned, report = graphprune.prune(model, importance="obspa", ratio=0.5, verify=True, verify_samples=1)
+    assert not any("scored with l1" in d for d in report.diagnostics)
