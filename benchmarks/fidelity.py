@@ -394,6 +394,8 @@ def data_label(run: Run) -> str:
         return "calib + sensitivity allocation"
     if run.calib == "calib":
         return "calib" if src else "calib (not read)"
+    if "closed form" in src:
+        return "data-free (BN closed form + synthetic)" if "synthetic" in src else "data-free (BN closed form)"
     return "data-free (synthetic proxy)" if "synthetic" in src else ("data-free (" + run.calibration + ")"
                                                                      if src else "none")
 
@@ -555,9 +557,13 @@ def render(store: dict) -> str:
              "verify=False)` and evaluates it on data disjoint from the calibration set. No fine-tuning. "
              "Values are % of the dense model's metric; `(2.71×)` after a value gives the speed-up actually reached "
              "when it misses the target by more than 1 %. `calib` rows read the model's calibration set; "
-             "`data-free (synthetic proxy)` rows are data-aware criteria run without data, as the API does it; "
+             "`data-free (...)` rows are data-aware criteria run without data, as the API does it (`proxy='auto'`: "
+             "the BatchNorm closed form for consumers a norm feeds, synthetic standard-normal inputs elsewhere; the "
+             "label says which the run used); "
              "`calib + BN re-estimation` rows also re-estimate the BatchNorm running statistics of the pruned model "
-             "on the calibration data (`bn_recalibrate=True`; only for models with BatchNormalization nodes); "
+             "on the calibration data (`bn_recalibrate=True`, `holdout=0` so always kept; only for models with "
+             "BatchNormalization nodes); `calib + sensitivity allocation` rows use `scope='sensitivity'` "
+             "(per-group ratios from measured output sensitivity on 32 calibration samples); "
              "`none` rows read no data; `none (calib: not read, same)` means the run with calibration data gave the "
              "identical result because the criterion reads no data and the API compensates nothing for it.", ""]
     for name, entry in store.items():
