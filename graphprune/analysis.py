@@ -39,6 +39,17 @@ class Consumer:
 
 
 @dataclass
+class Contraction:
+    """Two activations contracted against each other along coupled axes (attention's Q·Kᵀ): no weight to
+    score, but each channel's contribution to the product can be measured from both operands."""
+    node: str
+    a: str
+    a_axis: int
+    b: str
+    b_axis: int
+
+
+@dataclass
 class Producer:
     """Weight rows that create an output channel (Conv/Gemm output rows, their bias, norm parameters)."""
     node: str
@@ -65,6 +76,7 @@ class Coupler:
         self._reason_ids: dict[str, int] = {"not a channel axis": NOT_CHANNEL}
         self.fixups: list[tuple[onnx.NodeProto, Callable]] = []
         self.consumers: list[Consumer] = []
+        self.contractions: list[Contraction] = []
         self.producers: list[Producer] = []
         self.roles: dict[str, str] = {}
         self.oracle_masks: list[tuple[str, int, str, int]] = []  # (initializer, axis, like_tensor, like_axis)
@@ -257,6 +269,12 @@ class Coupler:
                 self.freeze(weight, weight_axis, reason="flattened channel block does not divide the weight")
                 return
             self.link(x, x_axis, weight, weight_axis, np.repeat(np.arange(s[1]), block), np.arange(w[1]))
+
+    def contraction(self, a: str, a_axis: int, b: str, b_axis: int) -> None:
+        """a's and b's axes are summed over together (activation × activation); couples them too."""
+        a_axis, b_axis = self._norm_axis(a, a_axis), self._norm_axis(b, b_axis)
+        self.contractions.append(Contraction(self.node.name, a, a_axis, b, b_axis))
+        self.link(a, a_axis, b, b_axis)
 
     def producer(self, y: str, y_axis: int, weight: str, weight_axis: int) -> None:
         self.producers.append(Producer(self.node.name, y, self._norm_axis(y, y_axis), weight, weight_axis))

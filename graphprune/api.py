@@ -42,6 +42,7 @@ class PruneReport:
     kept_widths: list = field(default_factory=list)  # (group, width before, width after)
     fidelity: dict | None = None       # pruned vs dense on held-out calibration samples
     bn_recalibrated: int = 0           # BatchNorms whose running statistics were re-estimated
+    sensitivity: dict | None = None    # group -> relative output error at passes.sensitivity.LEVELS
     sparse_layers: list = field(default_factory=list)  # passes.sparsify.SparseLayerReport per eligible layer
     sparse: dict | None = None         # sparsify totals: layers sparse/dense, bytes, end-to-end ms, notes
 
@@ -96,17 +97,23 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
           whole_heads: bool = False, target_macs: float | None = None, target_params: float | None = None,
           scope: str = "uniform", global_norm: str = "mean", max_ratio: float = 0.9, calib=None,
           calib_samples: int = 256, compensate: str = "auto", holdout: int = 16,
-          bn_recalibrate: bool = False, sparsity: float | None = None, sparse_format: str = "auto",
-          sparse_force: bool = False, sparse_threads: int | None = None):
+          bn_recalibrate: bool = False, sensitivity_samples: int = 32, proxy: str = "auto",
+          sparsity: float | None = None, sparse_format: str = "auto", sparse_force: bool = False,
+          sparse_threads: int | None = None):
     """Prune `model_or_path` (path or ModelProto). Returns (pruned ModelProto, PruneReport); report.plan is
     the RewritePlan. With dry_run=True nothing is rewritten: the model is None and the plan says what would go.
 
     ratio: fraction of every group's channels to remove (ignored when a target is given); default 0.5, or 0
       when only `sparsity` is asked for.
     target_macs / target_params: fraction of the dense MACs / params to keep, reached within 1 %.
-    scope: 'uniform' (same fraction per group) or 'global' (normalised scores ranked across groups).
+    scope: 'uniform' (same fraction per group), 'global' (normalised scores ranked across groups) or
+      'sensitivity' (each group pruned alone at a few levels on `sensitivity_samples` calibration samples; every
+      group gets the largest ratio whose output error stays under one threshold; needs a target).
     calib: .npz of input feeds or a folder of samples; without it, data-aware criteria and compensation use a
       synthetic proxy (standard-normal inputs). `holdout` samples are kept aside for the fidelity check.
+    proxy: the data-free statistics without calib: 'auto' (closed form from BatchNorm parameters for consumers
+      a norm feeds, synthetic inputs for the rest), 'synthetic' (synthetic inputs only), 'bn' (closed form only;
+      consumers no norm feeds are scored with l1 and not compensated).
     compensate: 'auto' (obs for obspa, else none), 'none', 'obs' / 'lsq' (least-squares refit), 'bias'.
     bn_recalibrate: after verification, re-estimate BatchNorm running statistics on the calibration data.
     sparsity: block sparsity for the ai.graphprune sparse ops, applied after channel pruning to every layer
@@ -130,8 +137,12 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
             raise GraphpruneError(f"{label} must be in (0, 1], got {t}")
     if bn_recalibrate and calib is None:
         raise GraphpruneError("bn_recalibrate needs calibration data (calib=...)")
-    if scope not in ("uniform", "global"):
-        raise GraphpruneError(f"scope must be 'uniform' or 'global', got {scope!r}")
+    if scope not in ("uniform", "global", "sensitivity"):
+        raise GraphpruneError(f"scope must be 'uniform', 'global' or 'sensitivity', got {scope!r}")
+    if scope == "sensitivity" and plan is None and target_macs is None and target_params is None:
+        raise GraphpruneError("scope 'sensitivity' allocates to a budget: give target_macs or target_params")
+    if proxy not in ("auto", "synthetic", "bn"):
+        raise GraphpruneError(f"proxy must be auto, synthetic or bn, got {proxy!r}")
     if compensate not in ("auto", "none", "obs", "lsq", "bias"):
         raise GraphpruneError(f"compensate must be auto, none, obs, lsq or bias, got {compensate!r}")
     start = time.perf_counter()
@@ -140,7 +151,12 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
     model, _external = pm.run("load", load_model, model_or_path)
     graph = Graph(model)
     pm.run("canonicalize", canonicalize, graph)
+    method = ("obs" if importance == "obspa" else "none") if compensate == "auto" else compensate
+    method = "obs" if method == "lsq" else method
     before = count(graph)
+    if method in ("obs", "bias"):
+        from .passes.compensate import ensure_biases
+        pm.run("add biases", ensure_biases, graph)  # an intercept for the refit; zero, so outputs are unchanged
     analysis = pm.run("analyze", analyze, graph, exclude, whole_heads)
     summarize_analysis(analysis, report)
     report.diagnostics = list(analysis.diagnostics)
@@ -151,22 +167,31 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
                 "target_macs": target_macs, "target_params": target_params, "compensate": compensate,
                 "calib": str(calib) if calib is not None else None}
     criterion = get_criterion(importance, seed=seed) if plan is None else None
-    method = ("obs" if importance == "obspa" else "none") if compensate == "auto" else compensate
-    method = "obs" if method == "lsq" else method
-    stats, heldout = None, {}
-    if (criterion is not None and criterion.needs_data) or method != "none" or bn_recalibrate or sparsity:
-        stats, heldout = pm.run("calibrate", _calibrate, graph, analysis, criterion, method, calib, calib_samples,
-                                holdout, seed, input_dims, progress)
+    if criterion is not None:
+        criterion.intercept = method == "obs"  # obspa's ΔL assumes the refit may move the bias too
+    stats, heldout, feeds = None, {}, None
+    if (criterion is not None and criterion.needs_data) or method != "none" or bn_recalibrate \
+            or (scope == "sensitivity" and plan is None) or sparsity is not None:
+        stats, heldout, feeds = pm.run("calibrate", _calibrate, graph, analysis, criterion, method, calib, calib_samples,
+                                holdout, seed, input_dims, progress, proxy)
         report.calibration = stats.source
     if plan is None:
         criterion.stats = stats
         scores = pm.run("score", lambda: {g.id: criterion.scores(g, analysis) for g in analysis.groups})
         report.diagnostics += criterion.notes
         target = target_macs if target_macs is not None else target_params
+        sensitivity = None
+        if scope == "sensitivity":
+            from .passes.sensitivity import SensitivityAllocation, measure
+            sample = {k: v[:sensitivity_samples] for k, v in feeds.items()}
+            curves = pm.run("sensitivity", measure, analysis, scores, sample, progress=progress)
+            sensitivity = SensitivityAllocation(curves)
+            report.sensitivity = {g.name: [round(float(e), 6) for e in curves[g.id]] for g in analysis.groups}
         if target is not None:
             metric = "macs" if target_macs is not None else "params"
             plan, achieved = pm.run("plan", fit_target, analysis, scores, target, metric, scope, round_to,
-                                    min_channels, max_ratio, global_norm, str(name), settings)
+                                    min_channels, max_ratio, global_norm, str(name), settings,
+                                    sensitivity=sensitivity)
         else:
             drops = select(analysis, scores, ratio, scope, round_to, min_channels,
                            max_ratio=1.0 if scope == "uniform" else max_ratio, norm=global_norm)
@@ -208,29 +233,49 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
             feeds = random_feeds(original, verify_samples, seed=seed, dims=input_dims)
             return compare(reference, pruned, feeds)
         report.verification = pm.run("verify", run_verify)
+    dense_model = original.to_model(with_value_info=False) if heldout else None
     if bn_recalibrate:
         from .calibration import load_feeds, split
         from .passes.bn_recalibrate import recalibrate_batchnorm
+        from .verify import fidelity
         feeds, _ = split(load_feeds(calib, graph, calib_samples + holdout), holdout)
+        kept_graph = graph.clone() if heldout else None
         report.bn_recalibrated = pm.run("bn re-estimation", recalibrate_batchnorm, graph, feeds, progress)
-        pruned = graph.to_model(with_value_info=True)
+        candidate = graph.to_model(with_value_info=True)
+        if heldout and report.bn_recalibrated:
+            before_fid = pm.run("fidelity", fidelity, dense_model, pruned, heldout)
+            after_fid = pm.run("fidelity", fidelity, dense_model, candidate, heldout)
+            if _mean_rel_error(after_fid) > _mean_rel_error(before_fid):
+                report.diagnostics.append(
+                    f"bn re-estimation: held-out output error {_mean_rel_error(after_fid):.4f} > "
+                    f"{_mean_rel_error(before_fid):.4f} without it (calibration data unlike the model's?); "
+                    f"running statistics left as they were")
+                report.bn_recalibrated = 0
+                graph = kept_graph
+                candidate = pruned
+        pruned = candidate
     if sparsity is not None:
         from .passes.sparsify import sparsify_for_prune
-        pruned = pm.run("sparsify", sparsify_for_prune, graph, report, sparsity, sparse_format, sparse_force,
-                        sparse_threads, calib, calib_samples, holdout, seed, input_dims, verify, verify_samples,
-                        progress)
+        pruned = pm.run("sparsify", sparsify_for_prune, graph, report, feeds, calib, sparsity, sparse_format,
+                        sparse_force, sparse_threads, seed, input_dims, verify, verify_samples, progress)
     if heldout:
         from .verify import fidelity
-        report.fidelity = pm.run("fidelity", fidelity, original.to_model(with_value_info=False), pruned, heldout)
+        report.fidelity = pm.run("fidelity", fidelity, dense_model, pruned, heldout)
     report.timings = pm.timings()
     report.seconds = time.perf_counter() - start
     report.plan = plan
     return pruned, report
 
 
-def _calibrate(graph, analysis, criterion, method, calib, samples, holdout, seed, input_dims, progress):
+def _mean_rel_error(fid: dict) -> float:
+    errs = [o["rel_error"] for o in fid.get("outputs", {}).values() if "rel_error" in o]
+    return float(np.mean(errs)) if errs else 0.0
+
+
+def _calibrate(graph, analysis, criterion, method, calib, samples, holdout, seed, input_dims, progress,
+               proxy="auto"):
     """Statistics for the criterion and the compensation, from calibration data or a synthetic proxy.
-    Returns (Statistics, held-out feeds for the fidelity check)."""
+    Returns (Statistics, held-out feeds for the fidelity check, the feeds the statistics came from)."""
     from .calibration import collect, load_feeds, split, synthetic_feeds
     from .passes.importance.data import group_consumers
     if calib is not None:
@@ -247,8 +292,23 @@ def _calibrate(graph, analysis, criterion, method, calib, samples, holdout, seed
             for cons in group_consumers(g, analysis):
                 key = (cons.x, cons.x_axis)
                 wanted[key] = wanted.get(key, False) or method == "obs"
+    closed = {}
+    if calib is None and proxy != "synthetic":
+        from .bn_proxy import closed_form_stats
+        closed = closed_form_stats(graph, wanted)
+        rest = len(wanted) - len(closed)
+        if proxy == "bn":
+            source = f"BatchNorm closed form for {len(closed)} of {len(wanted)} consumer inputs (data-free)"
+        elif closed:
+            source = (f"BatchNorm closed form for {len(closed)} consumer inputs, synthetic proxy (64 "
+                      f"standard-normal input samples) for the other {rest} (data-free)")
+        if proxy == "bn":
+            wanted = {}
+        else:
+            wanted = {k: v for k, v in wanted.items() if k not in closed}
     stats = collect(graph, wanted, feeds, progress=progress, source=source)
-    return stats, heldout
+    stats.tensors.update(closed)
+    return stats, heldout, feeds
 
 
 def _check(model: onnx.ModelProto) -> None:

@@ -154,18 +154,28 @@ class ChannelStats:
     def norm(self):
         return np.sqrt(self.sumsq)
 
-    def hessian(self, damp: float = 0.01) -> np.ndarray:
+    def hessian(self, damp: float = 0.1) -> np.ndarray:
         """H = X Xᵀ / n, damped by λ·mean(diag H)·I so it can be inverted."""
         h = self.gram / max(self.n, 1)
         d = float(np.mean(np.diag(h))) or 1.0
         return h + damp * d * np.eye(len(h))
 
-    def hessian_inv(self, damp: float = 0.01) -> np.ndarray:
-        """H⁻¹, computed once (scoring and compensation both need it)."""
-        if getattr(self, "_inv", None) is None or self._inv[0] != damp:
-            inv = np.linalg.inv(self.hessian(damp))
-            self._inv = (damp, inv)
-        return self._inv[1]
+    def hessian_inv(self, damp: float = 0.1, intercept: bool = False) -> np.ndarray:
+        """H⁻¹, computed once per setting (scoring and compensation both need it). With `intercept`, H is
+        augmented by a constant input 1 (last row/column: the channel means, corner 1): the inverse then
+        describes a refit that may also move the layer's bias."""
+        cache = self.__dict__.setdefault("_inv", {})
+        if (damp, intercept) not in cache:
+            h = self.hessian(damp)
+            if intercept:
+                c = len(h)
+                aug = np.empty((c + 1, c + 1))
+                aug[:c, :c] = h
+                aug[:c, c] = aug[c, :c] = self.mean
+                aug[c, c] = 1.0 + damp
+                h = aug
+            cache[(damp, intercept)] = np.linalg.inv(h)
+        return cache[(damp, intercept)]
 
 
 @dataclass

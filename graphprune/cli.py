@@ -62,8 +62,10 @@ def _default_output(model: Path) -> Path:
               help="l1, l2, random, bn-scale, lamp, hessian, activation, fluctuation, obspa.")
 @click.option("--target-macs", type=float, help="Keep this fraction of the dense MACs (e.g. 0.5); overrides --ratio.")
 @click.option("--target-params", type=float, help="Keep this fraction of the dense parameters.")
-@click.option("--scope", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
-              help="Same fraction per group, or one ranking across groups.")
+@click.option("--scope", type=click.Choice(["uniform", "global", "sensitivity"]), default="uniform",
+              show_default=True,
+              help="Same fraction per group; one ranking across groups; or per-group ratios from measured "
+                   "output sensitivity (needs --target-macs/--target-params; reads --calib or a synthetic proxy).")
 @click.option("--global-norm", type=click.Choice(["mean", "max", "lamp"]), default="mean", show_default=True,
               help="Per-group score normalisation for --scope global.")
 @click.option("--max-ratio", type=float, default=0.9, show_default=True,
@@ -71,8 +73,12 @@ def _default_output(model: Path) -> Path:
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data: .npz of input feeds (first axis = samples) or a folder of .npy/images.")
 @click.option("--calib-samples", type=int, default=256, show_default=True)
+@click.option("--proxy", type=click.Choice(["auto", "synthetic", "bn"]), default="auto", show_default=True,
+              help="Data-free statistics without --calib: BatchNorm closed form where a norm feeds the consumer "
+                   "and synthetic inputs elsewhere (auto), synthetic only, or closed form only.")
 @click.option("--bn-recalibrate", is_flag=True,
-              help="After verification, re-estimate BatchNorm running statistics on the --calib data.")
+              help="After verification, re-estimate BatchNorm running statistics on the --calib data "
+                   "(kept only if the held-out fidelity check improves).")
 @click.option("--compensate", type=click.Choice(["auto", "none", "obs", "lsq", "bias"]), default="auto",
               show_default=True, help="Weight compensation in consumers (auto: obs for obspa).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep a multiple of N channels per group.")
@@ -101,7 +107,7 @@ def _default_output(model: Path) -> Path:
 @click.option("--sparse-threads", type=int, help="Intra-op threads for the sparse timings [default: onnxruntime's].")
 @click.option("--strict", is_flag=True, help="Fail if any channel group is frozen by a missing or failing rule.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-layer MACs, pass timings.")
-def prune(model, ratio, output, importance, target_macs, target_params, scope, global_norm, max_ratio, calib,
+def prune(model, ratio, output, importance, target_macs, target_params, scope, global_norm, max_ratio, calib, proxy,
           calib_samples, bn_recalibrate, compensate, round_to, min_channels, exclude, whole_heads, dry_run, plan_out, plan_in,
           no_verify, verify_samples, dims, seed, sparsity, sparse_format, sparse_force, sparse_threads, strict,
           verbose):
@@ -153,7 +159,7 @@ def prune(model, ratio, output, importance, target_macs, target_params, scope, g
                                        target_macs=target_macs, target_params=target_params, scope=scope,
                                        global_norm=global_norm, max_ratio=max_ratio, calib=calib,
                                        calib_samples=calib_samples, compensate=compensate,
-                                       bn_recalibrate=bn_recalibrate, sparsity=sparsity,
+                                       bn_recalibrate=bn_recalibrate, proxy=proxy, sparsity=sparsity,
                                        sparse_format=sparse_format, sparse_force=sparse_force,
                                        sparse_threads=sparse_threads)
         if strict:

@@ -1,7 +1,9 @@
 """Allocation: turn per-unit scores into a plan.
 
 scope 'uniform': every group loses the same fraction of its units. scope 'global': units of all groups are
-ranked together after per-group normalisation (mean, max or LAMP-style), so weak layers lose more.
+ranked together after per-group normalisation (mean, max or LAMP-style), so weak layers lose more. scope
+'sensitivity': each group gets the largest ratio whose measured output error (passes/sensitivity.py) stays
+under a common threshold.
 A MACs or params target is met by bisection on that fraction, measuring the exact counts of the pruned shapes
 (no rewrite needed). Guards: at least `min_channels` per group, at most `max_ratio` of a group's units,
 `round_to` multiples.
@@ -46,9 +48,17 @@ def _normalise(s: np.ndarray, how: str) -> np.ndarray:
 
 
 def select(analysis, scores, fraction: float, scope: str = "uniform", round_to: int = 1, min_channels: int = 1,
-           max_ratio: float = 0.9, norm: str = "mean") -> dict[int, list[int]]:
+           max_ratio: float = 0.9, norm: str = "mean", sensitivity=None) -> dict[int, list[int]]:
     """Units to drop per group id."""
     drops: dict[int, list[int]] = {}
+    if scope == "sensitivity":
+        ratios = sensitivity.ratios(fraction)
+        for g in analysis.groups:
+            n = len(g.units)
+            keep = units_to_keep(n, g.channels / n, ratios[g.id], round_to, min_channels, max_ratio)
+            order = np.argsort(scores[g.id], kind="stable")
+            drops[g.id] = sorted(order[: n - keep].tolist())
+        return drops
     if scope == "uniform":
         for g in analysis.groups:
             n = len(g.units)
@@ -114,7 +124,7 @@ class _Counter:
 
 def fit_target(analysis, scores, target: float, metric: str = "macs", scope: str = "uniform",
                round_to: int = 1, min_channels: int = 1, max_ratio: float = 0.9, norm: str = "mean",
-               model_name: str = "", settings: dict | None = None, tolerance: float = 0.01):
+               model_name: str = "", settings: dict | None = None, tolerance: float = 0.01, sensitivity=None):
     """Bisection on the removed fraction until MACs (or params) after / before reaches `target` (within
     `tolerance`, or as close as the guards allow), then single-unit trades to land inside it.
     Returns (plan, achieved ratio)."""
@@ -126,7 +136,7 @@ def fit_target(analysis, scores, target: float, metric: str = "macs", scope: str
         return count_after(graph, counter.cuts(drops))[metric] / before
 
     def at(fraction):
-        return select(analysis, scores, fraction, scope, round_to, min_channels, max_ratio, norm)
+        return select(analysis, scores, fraction, scope, round_to, min_channels, max_ratio, norm, sensitivity)
 
     lo, hi = 0.0, 1.0
     best_fraction, best_gap = 0.0, abs(achieved(at(0.0)) - target)

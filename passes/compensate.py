@@ -2,6 +2,8 @@
 
 obs (= lsq): W' = W − W_S [(H⁻¹)_SS]⁻¹ (H⁻¹)_{S,:}, the least-squares refit of the kept inputs to reproduce
     the layer's original output on the calibration (or proxy) activations (He et al. ICCV'17; OBS/SparseGPT).
+    With a bias (`ensure_biases` gives every Conv/Gemm one), the refit has an intercept: H is augmented
+    with the constant input 1, so the removed channels' mean moves into the bias along with the rest.
 bias: the removed channels' mean contribution W_S·μ_S moves into the consumer's bias (FLAP-style).
 Updates are whole new arrays in the original shapes; the rewrite slices them like any weight, and the masked
 reference used for verification carries the same updates.
@@ -28,6 +30,35 @@ def _consumers(analysis, removed):
         yield cons, idx
 
 
+def ensure_biases(graph) -> int:
+    """Give every Conv and Gemm with a constant weight a zero bias, so compensation has an intercept to move
+    removed channels' means into (a Conv followed by BatchNorm usually has none). Run before analysis, so
+    the new biases are sliced with their layer's outputs. Returns the number of biases added."""
+    added = 0
+    for node in graph.nodes:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) > 2 and node.input[2]:
+            continue
+        w = graph.initializers.get(node.input[1])
+        if w is None or w.dtype.kind != "f":
+            continue
+        if node.op_type == "Conv":
+            width = w.shape[0]
+        else:
+            attrs = {a.name: a for a in node.attribute}
+            trans_b = attrs["transB"].i if "transB" in attrs else 0
+            if w.ndim != 2:
+                continue
+            width = w.shape[0] if trans_b else w.shape[1]
+        name = graph.add_initializer(f"{node.name or node.output[0]}.bias", np.zeros(width, w.dtype))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+        added += 1
+    if added:
+        graph.reindex()
+    return added
+
+
 def obs_updates(analysis, removed, stats, updates: dict | None = None) -> tuple[dict, list[str]]:
     updates = dict(updates or {})
     notes = []
@@ -39,12 +70,28 @@ def obs_updates(analysis, removed, stats, updates: dict | None = None) -> tuple[
             continue
         w = updates.get(cons.weight, graph.initializers[cons.weight])
         rows = weight_rows(w, cons.weight_axis)
-        h_inv = st.hessian_inv()
+        found = _bias_of(graph, cons.node, cons.weight, cons.weight_axis)
+        h_inv = st.hessian_inv(intercept=found is not None)
         delta = -h_inv[:, idx] @ np.linalg.solve(h_inv[np.ix_(idx, idx)], rows[idx])
+        if found is not None:
+            # last row: the intercept's change per weight column (outputs × taps); taps add up per output
+            _apply_bias_shift(graph, updates, w, cons, found, delta[-1])
+            delta = delta[:-1]
         new_rows = rows + delta
         moved_shape = (w.shape[cons.weight_axis],) + tuple(np.delete(w.shape, cons.weight_axis))
         updates[cons.weight] = np.moveaxis(new_rows.reshape(moved_shape), 0, cons.weight_axis).astype(w.dtype)
     return updates, notes
+
+
+def _apply_bias_shift(graph, updates, w, cons, found, per_column) -> None:
+    """Add a shift given per weight column (the layout of `weight_rows`: all axes but the input axis) to
+    the consumer's bias, summing the kernel taps of each output."""
+    bias, out_axis = found
+    rest = [a for a in range(w.ndim) if a != cons.weight_axis]
+    shaped = per_column.reshape([w.shape[a] for a in rest])
+    shift = np.moveaxis(shaped, rest.index(out_axis), 0).reshape(w.shape[out_axis], -1).sum(axis=1)
+    b = updates.get(bias, graph.initializers[bias])
+    updates[bias] = (b.astype(np.float64) + shift).astype(b.dtype)
 
 
 def _bias_of(graph, node_name, weight, weight_axis):

@@ -71,18 +71,14 @@ def check_settings(sparsity: float, fmt: str) -> None:
         raise SparsifyError(f"sparse format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
-def sparsify_for_prune(graph: Graph, report, sparsity, fmt, force, threads, calib, calib_samples, holdout, seed,
-                       input_dims, verify, verify_samples, progress) -> onnx.ModelProto:
-    """The API's one call: calibration feeds as the channel pruning reads them (the same file and sample count,
-    the same held-out samples left out; or the same data-free proxy), then the pass. Fills
-    report.sparse_layers and report.sparse; returns the sparsified model."""
-    from graphprune.calibration import load_feeds, split, synthetic_feeds
-    if calib is not None:
-        feeds, _ = split(load_feeds(calib, graph, calib_samples + holdout), holdout)
-        source = f"{calib} ({len(next(iter(feeds.values())))} samples)"
-    else:
-        feeds = synthetic_feeds(graph, min(calib_samples, 64), seed=seed, dims=input_dims)
-        source = f"synthetic proxy: {len(next(iter(feeds.values())))} standard-normal input samples (data-free)"
+def sparsify_for_prune(graph: Graph, report, feeds: dict, calib, sparsity, fmt, force, threads, seed, input_dims,
+                       verify, verify_samples, progress) -> onnx.ModelProto:
+    """The API's one call, after channel pruning, with the calibration feeds the channel pruning read (the
+    held-out samples left out) or its data-free synthetic proxy. Fills report.sparse_layers and
+    report.sparse; returns the sparsified model."""
+    n = len(next(iter(feeds.values())))
+    source = (f"{calib} ({n} samples)" if calib is not None
+              else f"synthetic proxy: {n} standard-normal input samples (data-free)")
     result = sparsify(graph, sparsity, feeds, source, fmt=fmt, force=force, threads=threads, verify=verify,
                       verify_samples=verify_samples, seed=seed, input_dims=input_dims, progress=progress)
     report.sparse_layers = result.layers

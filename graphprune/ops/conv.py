@@ -102,7 +102,7 @@ def gemm(node, c):
         c.consumer(a, ka, b, kb)
         c.producer(y, 1, b, 1 - kb)
     else:
-        c.link(a, ka, b, kb)
+        c.contraction(a, ka, b, kb)
         c.link(b, 1 - kb, y, 1)
     if bias:
         c.role(bias, "bias")
@@ -130,7 +130,7 @@ def matmul(node, c):
         c.consumer(a, ka, b, kb)
         c.producer(y, ry - 1, b, 1)
     else:
-        c.link(a, ka, b, kb)
+        c.contraction(a, ka, b, kb)
         if rb >= 2:
             c.link(b, rb - 1, y, ry - 1)
     if ra >= 2:

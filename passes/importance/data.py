@@ -8,6 +8,8 @@ channel statistics (mean, variance, ‖X_c‖, channel Hessian H = XXᵀ/n, damp
   obspa        ½ tr(W_S [(H⁻¹)_SS]⁻¹ W_Sᵀ)               (structured OBS; compensation in passes/compensate.py)
 A conv consumer uses the channel Hessian for every kernel tap (H ≈ H_channels ⊗ I_taps), which keeps memory at
 C² per layer. Each consumer's scores are divided by their mean before summing over consumers.
+A group read by no weight but contracted activation × activation (attention's Q·Kᵀ head_dim) is scored, by
+every data-aware criterion, by its channels' share of the product: Σ_c ‖A_c‖·‖B_c‖ (both operands' norms).
 """
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ def group_consumers(group, analysis):
             and graph.initializers[cons.weight].dtype.kind == "f"]
 
 
+def group_contractions(group, analysis):
+    members = set(group.members)
+    return [ct for ct in analysis.coupler.contractions
+            if (ct.a, ct.a_axis) in members and (ct.b, ct.b_axis) in members]
+
+
 def weight_rows(weight: np.ndarray, axis: int) -> np.ndarray:
     """(channels, everything else): one row per input channel the weight reads."""
     return np.moveaxis(weight.astype(np.float64), axis, 0).reshape(weight.shape[axis], -1)
@@ -35,7 +43,16 @@ class ActivationCriterion(Criterion):
     gram = False
 
     def wanted(self, analysis):
-        return {(cons.x, cons.x_axis): self.gram for g in analysis.groups for cons in group_consumers(g, analysis)}
+        out = {}
+        for g in analysis.groups:
+            consumers = group_consumers(g, analysis)
+            for cons in consumers:
+                out[(cons.x, cons.x_axis)] = self.gram
+            if not consumers:
+                for ct in group_contractions(g, analysis):
+                    out.setdefault((ct.a, ct.a_axis), False)
+                    out.setdefault((ct.b, ct.b_axis), False)
+        return out
 
     def channel_scores(self, rows: np.ndarray, st) -> np.ndarray:
         raise NotImplementedError
@@ -59,9 +76,28 @@ class ActivationCriterion(Criterion):
                 total += s / mean
                 used += 1
         if not used:
+            total, used = self._contraction_scores(group, analysis)
+        if not used:
             self.notes.append(f"{self.name}: group {group.name} has no consumer with statistics; scored with l1")
             return L1(seed=self.seed).scores(group, analysis)
         return total
+
+
+    def _contraction_scores(self, group, analysis):
+        total = np.zeros(len(group.units))
+        used = 0
+        for ct in group_contractions(group, analysis):
+            sa = self.stats.get(ct.a, ct.a_axis) if self.stats is not None else None
+            sb = self.stats.get(ct.b, ct.b_axis) if self.stats is not None else None
+            ka, kb = (ct.a, ct.a_axis), (ct.b, ct.b_axis)
+            if sa is None or sb is None or sa.sum is None or sb.sum is None or \
+                    not all(ka in u.elements and kb in u.elements for u in group.units):
+                continue
+            s = np.array([float(np.sum(sa.norm[u.elements[ka]] * sb.norm[u.elements[kb]])) for u in group.units])
+            if s.mean() > 0:
+                total += s / s.mean()
+                used += 1
+        return total, used
 
 
 @register
@@ -95,8 +131,10 @@ class OBSPA(ActivationCriterion):
     name = "obspa"
     gram = True
 
+    intercept = False
+
     def unit_scores(self, rows, st, units_idx):
-        h_inv = st.hessian_inv()
+        h_inv = st.hessian_inv(intercept=self.intercept)
         sq = (rows ** 2).sum(axis=1)
         out = np.empty(len(units_idx))
         for k, idx in enumerate(units_idx):
