@@ -99,7 +99,12 @@ def sparsify(graph: Graph, sparsity: float, feeds: dict, source: str = "", fmt: 
       the dense output (two calibration runs per distinct layer input, each on the part of the model that
       computes it); False: one run on the dense model for all layers (faster, errors compound)."""
     from graphprune import kernels
+    from graphprune.kernels import ops
     check_settings(sparsity, fmt)
+    opset = graph.opset("")
+    if opset < ops.MIN_OPSET:
+        raise SparsifyError(f"the ai.graphprune ops' function bodies need opset ≥ {ops.MIN_OPSET}; this model "
+                            f"imports opset {opset} (convert it first, e.g. onnx.version_converter)")
     say = progress or (lambda msg: None)
     graph = graph.clone()
     native = kernels.available()

@@ -135,6 +135,17 @@ def _no_native():
     return opts
 
 
+def _native():
+    from graphprune import kernels
+    assert kernels.available(), kernels.status()        # the library is part of the build: its absence fails
+    return kernels.session_options(_no_native())
+
+
+def _both_paths(model, feed):
+    """The model's first output through the function fallback and through the native kernels."""
+    return _outputs(model, feed, _no_native())[0], _outputs(model, feed, _native())[0]
+
+
 def test_matmul_add_relu_on_3d_input_fuses_and_matches_masked_dense():
     w, b = rand(64, 48, seed=1), rand(48, seed=2)
     model = make_model([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
@@ -150,9 +161,9 @@ def test_matmul_add_relu_on_3d_input_fuses_and_matches_masked_dense():
     assert _block_sparsity(w_sp, 16) == 0.75 and result.layers[0].sparsity == 0.75
     feed = {"x": np.random.default_rng(0).standard_normal((2, 7, 64)).astype(np.float32)}
     want = _outputs(_with_weight(model, "mm", w_sp), feed)[0]
-    got = _outputs(result.model, feed, _no_native())[0]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert result.summary["verification"]["paths"][-1] == "function fallback"
+    for got in _both_paths(result.model, feed):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert result.summary["verification"]["paths"] == ["native library", "function fallback"]
     onnx.checker.check_model(result.model, full_check=True)
 
 
@@ -168,7 +179,8 @@ def test_gemm_transb_alpha_beta_folded():
     np.testing.assert_allclose(bias, 2.0 * c, rtol=1e-6)
     feed = {"x": np.random.default_rng(1).standard_normal((3, 96)).astype(np.float32)}
     want = _outputs(_with_weight(model, "gemm", (w_sp / 0.5).T), feed)[0]   # back to Gemm's layout, alpha out
-    np.testing.assert_allclose(_outputs(result.model, feed, _no_native())[0], want, rtol=1e-5, atol=1e-5)
+    for got in _both_paths(result.model, feed):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert abs(_block_sparsity(w_sp, 16) - 0.75) < 1e-9
 
 
@@ -193,9 +205,10 @@ def test_conv_with_clip_0_6_matches_masked_dense(kernel, stride, auto_pad):
     assert abs(_block_sparsity(rows, 4) - round(0.75 * rows.shape[0] * 3) / (rows.shape[0] * 3)) < 1e-9
     feed = {"x": np.random.default_rng(2).standard_normal((1, cin, size, size)).astype(np.float32) * 3}
     want = _outputs(_with_weight(model, "conv", w_sp), feed)[0]
-    got = _outputs(result.model, feed, _no_native())[0]
-    assert got.shape == want.shape and want.max() > 0.5               # the clip range is exercised
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert want.max() == 6.0 and want.min() == 0.0                    # both clip bounds are exercised
+    for got in _both_paths(result.model, feed):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_no_fusion_across_a_shared_or_output_tensor():
@@ -257,6 +270,11 @@ def test_auto_format_picks_csr_only_at_high_sparsity_when_it_beats_bsr():
     w_sp = _dense_weights_of(result.model)["fc1"][0]
     assert (w_sp == 0).sum() == round(0.9 * w_sp.size)                      # unstructured: element sparsity
     assert _block_sparsity(w_sp, 16) < 0.8                                  # ... not a 1×16 block pattern
+    decoded = _dense_weights_of(result.model)
+    reference = _with_weight(_with_weight(_mlp(), "fc1", decoded["fc1"][0]), "fc2", decoded["fc2"][0])
+    feed = {"x": np.random.default_rng(3).standard_normal((1, 64)).astype(np.float32)}
+    for got in _both_paths(result.model, feed):
+        np.testing.assert_allclose(got, _outputs(reference, feed)[0], rtol=1e-5, atol=1e-5)
     measure = _fake_timing(0.5, csr_factor=0.3)
     result = _run_sparsify(_mlp(), sparsity=0.75, force=False, measure=measure)
     assert {n.op_type for n in result.model.graph.node} == {"GpBsrMatMul"}
@@ -323,6 +341,13 @@ def test_api_sparsity_alone_and_after_channel_pruning():
     assert report.channels_removed > 0 and report.sparse["layers_sparse"] == 5
     conv = next(n for n in model.graph.node if n.op_type == "GpBsrConv")
     assert helper.get_attribute_value(next(a for a in conv.attribute if a.name == "out_channels")) == 24
+
+
+def test_old_opset_is_refused_with_the_reason():
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [("x", [1, 8])], [("y", [1, 16])],
+                       {"W": rand(8, 16)}, opset=11)
+    with pytest.raises(graphprune.GraphpruneError, match="need opset ≥ 12; this model imports opset 11"):
+        _run_sparsify(model)
 
 
 def test_bad_sparse_settings_fail_cleanly():
