@@ -43,6 +43,8 @@ class PruneReport:
     fidelity: dict | None = None       # pruned vs dense on held-out calibration samples
     bn_recalibrated: int = 0           # BatchNorms whose running statistics were re-estimated
     sensitivity: dict | None = None    # group -> relative output error at passes.sensitivity.LEVELS
+    sparse_layers: list = field(default_factory=list)  # passes.sparsify.SparseLayerReport per eligible layer
+    sparse: dict | None = None         # sparsify totals: layers sparse/dense, bytes, end-to-end ms, notes
 
     @property
     def macs_ratio(self) -> float:
@@ -89,17 +91,20 @@ def _short_reason(reason: str) -> str:
     return f"{op}: {tail}" if tail else head
 
 
-def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: int = 1, min_channels: int = 1,
+def prune(model_or_path, ratio: float | None = None, importance: str = "l1", round_to: int = 1, min_channels: int = 1,
           exclude=None, plan: RewritePlan | None = None, verify: bool = True, verify_samples: int = 2,
           seed: int = 0, input_dims: dict | None = None, progress=None, dry_run: bool = False,
           whole_heads: bool = False, target_macs: float | None = None, target_params: float | None = None,
           scope: str = "uniform", global_norm: str = "mean", max_ratio: float = 0.9, calib=None,
           calib_samples: int = 256, compensate: str = "auto", holdout: int = 16,
-          bn_recalibrate: bool = False, sensitivity_samples: int = 32, proxy: str = "auto"):
+          bn_recalibrate: bool = False, sensitivity_samples: int = 32, proxy: str = "auto",
+          sparsity: float | None = None, sparse_format: str = "auto", sparse_force: bool = False,
+          sparse_threads: int | None = None):
     """Prune `model_or_path` (path or ModelProto). Returns (pruned ModelProto, PruneReport); report.plan is
     the RewritePlan. With dry_run=True nothing is rewritten: the model is None and the plan says what would go.
 
-    ratio: fraction of every group's channels to remove (ignored when a target is given).
+    ratio: fraction of every group's channels to remove (ignored when a target is given); default 0.5, or 0
+      when only `sparsity` is asked for.
     target_macs / target_params: fraction of the dense MACs / params to keep, reached within 1 %.
     scope: 'uniform' (same fraction per group), 'global' (normalised scores ranked across groups) or
       'sensitivity' (each group pruned alone at a few levels on `sensitivity_samples` calibration samples; every
@@ -111,14 +116,22 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
       consumers no norm feeds are scored with l1 and not compensated).
     compensate: 'auto' (obs for obspa, else none), 'none', 'obs' / 'lsq' (least-squares refit), 'bias'.
     bn_recalibrate: after verification, re-estimate BatchNorm running statistics on the calibration data.
+    sparsity: block sparsity for the ai.graphprune sparse ops, applied after channel pruning to every layer
+      where the sparse kernel is measured faster (passes/sparsify.py); sparse_format 'auto' | 'bsr' | 'csr';
+      sparse_force emits every eligible layer regardless; sparse_threads: intra-op threads for the timings.
     """
     from .passes.allocate import fit_target, select, build_plan
     from .passes.canonicalize import canonicalize
     from .passes.importance import get_criterion
     from .verify import compare, masked_reference, random_feeds
 
+    if ratio is None:
+        ratio = 0.0 if sparsity is not None else 0.5
     if not 0.0 <= ratio < 1.0:
         raise GraphpruneError(f"ratio must be in [0, 1), got {ratio}")
+    if sparsity is not None:
+        from .passes.sparsify import check_settings
+        check_settings(sparsity, sparse_format)
     for label, t in (("target_macs", target_macs), ("target_params", target_params)):
         if t is not None and not 0.0 < t <= 1.0:
             raise GraphpruneError(f"{label} must be in (0, 1], got {t}")
@@ -158,7 +171,7 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
         criterion.intercept = method == "obs"  # obspa's ΔL assumes the refit may move the bias too
     stats, heldout, feeds = None, {}, None
     if (criterion is not None and criterion.needs_data) or method != "none" or bn_recalibrate \
-            or (scope == "sensitivity" and plan is None):
+            or (scope == "sensitivity" and plan is None) or sparsity is not None:
         stats, heldout, feeds = pm.run("calibrate", _calibrate, graph, analysis, criterion, method, calib, calib_samples,
                                 holdout, seed, input_dims, progress, proxy)
         report.calibration = stats.source
@@ -241,6 +254,10 @@ def prune(model_or_path, ratio: float = 0.5, importance: str = "l1", round_to: i
                 graph = kept_graph
                 candidate = pruned
         pruned = candidate
+    if sparsity is not None:
+        from .passes.sparsify import sparsify_for_prune
+        pruned = pm.run("sparsify", sparsify_for_prune, graph, report, feeds, calib, sparsity, sparse_format,
+                        sparse_force, sparse_threads, seed, input_dims, verify, verify_samples, progress)
     if heldout:
         from .verify import fidelity
         report.fidelity = pm.run("fidelity", fidelity, dense_model, pruned, heldout)

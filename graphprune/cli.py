@@ -53,8 +53,9 @@ def _default_output(model: Path) -> Path:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--ratio", "-r", type=float, default=0.5, show_default=True,
-              help="Fraction of the channels of every prunable group to remove, in [0, 1).")
+@click.option("--ratio", "-r", type=float, default=None,
+              help="Fraction of the channels of every prunable group to remove, in [0, 1) "
+                   "[default: 0.5; 0 with --sparsity].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (default: MODEL.pruned.onnx next to the input; never the input itself).")
 @click.option("--importance", default="l1", show_default=True,
@@ -95,17 +96,29 @@ def _default_output(model: Path) -> Path:
 @click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
               help="Value of a dynamic input dim for verification (repeatable), e.g. --dim batch=4 --dim seq=128.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sparsity", type=float,
+              help="Block sparsity in (0, 1), e.g. 0.75: replace MatMul/Gemm/Conv layers by ai.graphprune "
+                   "sparse ops (after any channel pruning) where they are measured faster on this machine.")
+@click.option("--sparse-format", type=click.Choice(["auto", "bsr", "csr"]), default="auto", show_default=True,
+              help="bsr: 1x16 blocks (Conv: 4 output channels); csr: unstructured (MatMul/Gemm); auto: bsr, "
+                   "csr at >= 85 % where measured faster.")
+@click.option("--sparse-force", is_flag=True,
+              help="Emit every eligible layer sparse, even where slower or without the native kernel library.")
+@click.option("--sparse-threads", type=int, help="Intra-op threads for the sparse timings [default: onnxruntime's].")
 @click.option("--strict", is_flag=True, help="Fail if any channel group is frozen by a missing or failing rule.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-layer MACs, pass timings.")
 def prune(model, ratio, output, importance, target_macs, target_params, scope, global_norm, max_ratio, calib, proxy,
           calib_samples, bn_recalibrate, compensate, round_to, min_channels, exclude, whole_heads, dry_run, plan_out, plan_in,
-          no_verify, verify_samples, dims, seed, strict, verbose):
+          no_verify, verify_samples, dims, seed, sparsity, sparse_format, sparse_force, sparse_threads, strict,
+          verbose):
     """Prune MODEL and write a smaller, verified ONNX file."""
     from .api import prune as run_prune, save
     from .plan import RewritePlan
 
-    if not 0.0 <= ratio < 1.0:
+    if ratio is not None and not 0.0 <= ratio < 1.0:
         _fail(f"--ratio must be in [0, 1), got {ratio}")
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        _fail(f"--sparsity must be in (0, 1), got {sparsity}")
     if not model.exists():
         _fail(f"model file not found: {model}")
     output = output or _default_output(model)
@@ -146,7 +159,9 @@ def prune(model, ratio, output, importance, target_macs, target_params, scope, g
                                        target_macs=target_macs, target_params=target_params, scope=scope,
                                        global_norm=global_norm, max_ratio=max_ratio, calib=calib,
                                        calib_samples=calib_samples, compensate=compensate,
-                                       bn_recalibrate=bn_recalibrate, proxy=proxy)
+                                       bn_recalibrate=bn_recalibrate, proxy=proxy, sparsity=sparsity,
+                                       sparse_format=sparse_format, sparse_force=sparse_force,
+                                       sparse_threads=sparse_threads)
         if strict:
             bad = {r: n for r, n in report.frozen_reasons.items() if "no channel rule" in r or "rule failed" in r}
             if bad:
@@ -162,6 +177,9 @@ def prune(model, ratio, output, importance, target_macs, target_params, scope, g
     except OSError as exc:
         _fail(f"{exc.filename or output}: {exc.strerror or exc}")
     _print_summary(report, None if dry_run else output, verbose)
+    if report.sparse is not None:
+        from .sparse_report import print_sparse
+        print_sparse(out, report, model, None if dry_run else output, verbose)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -1,0 +1,340 @@
+"""The sparsify pass: replace weight layers by ai.graphprune block-sparse ops where that is measured faster.
+
+    1. find eligible layers and the bias/activation each absorbs            (sparse_layers.py)
+    2. time dense vs sparse per layer configuration on this machine          (sparse_cost.py)
+    3. for the layers that win, in graph order: the Hessian H = XᵀX/n of the layer's input rows from
+       calibration data (or the data-free synthetic proxy), taken on the model whose earlier layers are already
+       sparse, and the weight that best reproduces the dense model's output from them (sparse_stats.py); then
+       SparseGPT with a block mask: which blocks go, and compensation of the rest (sparsegpt.py). Conv rows
+       are its im2col patches, sampled at random output positions (its exact Hessian, no kron approximation)
+    4. emit the sparse nodes with their function bodies (the model runs without the native library too)
+    5. verify: every emitted node's output and every graph output equal the dense model whose sparsified
+       layers carry the same compensated, masked weights — in onnxruntime with the native library and
+       without it (function fallback) — and onnx's full checker passes
+A layer that stays dense keeps its original weights: no sparsity, no accuracy loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from graphprune.calibration import static_batch
+from graphprune.errors import GraphpruneError, VerificationError
+from graphprune.ir import Graph
+
+from .sparse_cost import CostModel, candidate_formats, choose, session_options, time_interleaved
+from .sparse_layers import Layer, block_width, find_layers, sparse_node, sparse_op_type
+from .sparse_stats import DAMP, collect as collect_stats, probe_shapes, stats_key
+from .sparsegpt import apply_block_mask, sparsegpt
+
+FORMATS = ("auto", "bsr", "csr")
+GRAM_BUDGET = 1 << 30             # bytes of float64 Gram matrices held in one calibration run
+
+
+class SparsifyError(GraphpruneError):
+    """Bad sparsity settings, or a model the pass cannot process."""
+
+
+@dataclass
+class SparseLayerReport:
+    node: str
+    op: str                       # the original op type
+    shape: str                    # e.g. 'Gemm 1152→256 +bias Relu'
+    x_shape: tuple = ()           # input shape the timings used
+    format: str = "dense"         # 'bsr', 'csr' or 'dense'
+    sparsity: float = 0.0         # block sparsity actually emitted (0 when dense)
+    decision: str = ""            # e.g. 'bsr (2.10× faster)', 'dense (sparse 0.87× of dense)'
+    dense_us: float | None = None
+    sparse_us: float | None = None
+    rel_error: float | None = None        # ‖S·Ŵ − D·W‖/‖D·W‖ on the calibration rows (sparse_stats.py)
+    rel_error_plain: float | None = None  # the same with the same blocks of W just removed
+
+    @property
+    def emitted(self) -> bool:
+        return self.format != "dense"
+
+
+@dataclass
+class SparsifyResult:
+    model: onnx.ModelProto
+    layers: list = field(default_factory=list)        # SparseLayerReport per eligible layer
+    summary: dict = field(default_factory=dict)
+
+
+def check_settings(sparsity: float, fmt: str) -> None:
+    if not 0.0 < sparsity < 1.0:
+        raise SparsifyError(f"sparsity must be in (0, 1), got {sparsity}")
+    if fmt not in FORMATS:
+        raise SparsifyError(f"sparse format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def sparsify_for_prune(graph: Graph, report, feeds: dict, calib, sparsity, fmt, force, threads, seed, input_dims,
+                       verify, verify_samples, progress) -> onnx.ModelProto:
+    """The API's one call, after channel pruning, with the calibration feeds the channel pruning read (the
+    held-out samples left out) or its data-free synthetic proxy. Fills report.sparse_layers and
+    report.sparse; returns the sparsified model."""
+    n = len(next(iter(feeds.values())))
+    source = (f"{calib} ({n} samples)" if calib is not None
+              else f"synthetic proxy: {n} standard-normal input samples (data-free)")
+    result = sparsify(graph, sparsity, feeds, source, fmt=fmt, force=force, threads=threads, verify=verify,
+                      verify_samples=verify_samples, seed=seed, input_dims=input_dims, progress=progress)
+    report.sparse_layers = result.layers
+    report.sparse = result.summary
+    return result.model
+
+
+def sparsify(graph: Graph, sparsity: float, feeds: dict, source: str = "", fmt: str = "auto",
+             force: bool = False, threads: int | None = None, verify: bool = True, verify_samples: int = 2,
+             seed: int = 0, input_dims: dict | None = None, measure=None, end_to_end: bool = True,
+             sequential: bool = True, progress=None) -> SparsifyResult:
+    """Sparsify every eligible layer of `graph` (left untouched) at block sparsity `sparsity`.
+    feeds: calibration samples {input: array, first axis = samples}; `source` says where they came from.
+    fmt: 'auto' (BSR; CSR at ≥ 85 % where measured faster than BSR), 'bsr' or 'csr' (Conv is always BSR).
+    force: emit every eligible layer whatever the timing says (also without the native library).
+    measure: replaces the timing function of the cost model (tests).
+    sequential: layer by layer, each fitted on the rows of the model with the earlier layers already sparse to
+      the dense output (two calibration runs per distinct layer input, each on the part of the model that
+      computes it); False: one run on the dense model for all layers (faster, errors compound)."""
+    from graphprune import kernels
+    from graphprune.kernels import ops
+    check_settings(sparsity, fmt)
+    opset = graph.opset("")
+    if opset < ops.MIN_OPSET:
+        raise SparsifyError(f"the ai.graphprune ops' function bodies need opset ≥ {ops.MIN_OPSET}; this model "
+                            f"imports opset {opset} (convert it first, e.g. onnx.version_converter)")
+    say = progress or (lambda msg: None)
+    graph = graph.clone()
+    native = kernels.available()
+    summary = {"sparsity": sparsity, "format": fmt, "forced": force, "calibration": source,
+               "sequential": sequential,
+               "native": native, "native_status": kernels.status(), "threads": threads or "onnxruntime default",
+               "notes": []}
+    layers, notes = find_layers(graph)
+    summary["notes"] += notes
+    if not native:
+        summary["notes"].append(
+            f"native sparse-kernel library not available ({kernels.status()}): "
+            + ("emitting anyway (--sparse-force); the model runs through the function fallback at dense speed"
+               if force else "no layer can be faster, every layer stays dense (--sparse-force emits anyway)"))
+    x_shapes = probe_shapes(graph, layers, feeds)
+    cost = CostModel(graph, threads=threads, measure=measure) if (native or measure) else None
+
+    plans, reports = [], []
+    for i, layer in enumerate(layers):
+        report = SparseLayerReport(layer.name, layer.op, layer.describe(), x_shapes[layer.x])
+        formats = candidate_formats(layer, sparsity, fmt)
+        m = None
+        if cost is not None:
+            say(f"sparsify: timing layer {i + 1}/{len(layers)} {layer.name} ({layer.describe()})")
+            m = cost.measure(layer, x_shapes[layer.x], sparsity, formats)
+            report.dense_us = m.dense_s * 1e6
+        chosen, why = choose(m, formats, cost.margin if cost else 1.1)
+        if chosen is None and force:
+            chosen = min(formats, key=lambda f: m.sparse_s[f]) if m else formats[0]
+            why = f"forced; {why}" if m else "forced; no native library"
+        elif chosen is None and cost is None:
+            why = "no native library"
+        report.decision = f"{chosen or 'dense'} ({why})"
+        if chosen:
+            report.format = chosen
+            if m:
+                report.sparse_us = m.sparse_s[chosen] * 1e6
+            plans.append((layer, chosen))
+        elif m:
+            best = min(formats, key=lambda f: m.sparse_s[f])
+            report.sparse_us = m.sparse_s[best] * 1e6
+        reports.append(report)
+
+    before = graph.to_model(with_value_info=False)
+    summary["bytes_before"] = before.ByteSize()
+    weights, reference = _sparse_weights(graph, plans, feeds, sparsity, reports, say, sequential)
+    reference = reference.to_model(with_value_info=False)
+    model = _emit(graph, plans, weights)
+    say("sparsify: checking the model")
+    note = _check(model, before)
+    if note:
+        summary["notes"].append(note)
+    if verify and plans:
+        summary["verification"] = verify_sparse(reference, model, plans, graph,
+                                                verify_samples, seed, input_dims, say)
+    summary["bytes_after"] = model.ByteSize()
+    summary["layers_sparse"] = len(plans)
+    summary["layers_dense"] = len(layers) - len(plans)
+    if end_to_end and plans:
+        say("sparsify: timing the whole model, dense vs sparse")
+        summary["end_to_end"] = _end_to_end(before, model, graph, threads, input_dims, native)
+    return SparsifyResult(model, reports, summary)
+
+
+# ---- SparseGPT per layer --------------------------------------------------------------------------------
+def _memory_groups(layers: list[Layer]) -> list[list[Layer]]:
+    """Split layers so that no calibration run holds more than GRAM_BUDGET bytes of Gram matrices."""
+    groups, current, size = [], [], 0
+    for layer in layers:
+        need = 8 * layer.rows ** 2
+        if current and size + need > GRAM_BUDGET:
+            groups.append(current)
+            current, size = [], 0
+        current.append(layer)
+        size += need
+    return groups + ([current] if current else [])
+
+
+def _sparse_weights(graph, plans, feeds, sparsity, reports, say, sequential: bool = True) -> tuple:
+    """(compensated masked weight [rows, outputs] and keep mask per planned layer, the masked dense reference
+    as a Graph). Sequential: layer by layer in graph order, each fitted on the rows of the model whose earlier
+    layers are already sparse, to the dense model's output (sparse_stats.py). Otherwise one calibration run
+    on the dense model serves every layer (faster; errors compound)."""
+    reference = graph.clone()
+    if not plans:
+        return [], reference
+    by_name = {r.node: r for r in reports}
+    steps = {}                                     # statistics key -> planned layers reading those rows
+    for item in plans:
+        steps.setdefault(stats_key(item[0]), []).append(item)
+    stats = {}
+    if not sequential:
+        for group in _memory_groups([items[0][0] for items in steps.values()]):
+            stats.update(collect_stats(graph, group, feeds, say=lambda m: say(f"sparsify: {m}")))
+    results = {}
+    for n, (key, items) in enumerate(steps.items()):
+        if sequential:
+            say(f"sparsify: statistics of layer input {n + 1}/{len(steps)} ('{key[0]}')")
+            stats = collect_stats(graph, [items[0][0]], feeds, sparse=reference if results else None)
+        st = stats[key]
+        h = st.hessian(DAMP)
+        for layer, fmt in items:
+            say(f"sparsify: SparseGPT {len(results) + 1}/{len(plans)} {layer.name} ({layer.rows}×{layer.outputs})")
+            width = block_width(layer, fmt)
+            w, keep = sparsegpt(st.target(layer.weight, DAMP), h, sparsity, width)
+            w = w.astype(np.float32)
+            report = by_name[layer.name]
+            report.sparsity = float(1.0 - keep.mean())
+            report.rel_error = st.relative_error(w, layer.weight)
+            report.rel_error_plain = st.relative_error(apply_block_mask(layer.weight, keep, width), layer.weight)
+            results[layer.name] = (w, keep)
+            node = reference.nodes[_node_index(graph, layer.node)]
+            node.input[1] = reference.add_initializer(f"{node.input[1]}__sparse_ref", layer.original_weight(w))
+    return [results[layer.name] for layer, _ in plans], reference
+
+
+# ---- emission -----------------------------------------------------------------------------------------
+def _node_index(graph: Graph, node) -> int:
+    return next(i for i, n in enumerate(graph.nodes) if n is node)
+
+
+def _emit(graph: Graph, plans, weights) -> onnx.ModelProto:
+    """Replace each planned layer (and the nodes it absorbs) by its sparse node; returns the model."""
+    from graphprune.kernels import ops
+    if not plans:
+        return graph.to_model(with_value_info=True)
+    dropped = set()
+    for (layer, fmt), (w, keep) in zip(plans, weights):
+        node, inits = sparse_node(layer, w, keep, fmt, graph.fresh_name)
+        for name, arr in inits.items():
+            graph.set_initializer(name, arr)
+        graph.nodes[_node_index(graph, layer.node)] = node
+        dropped.update(id(n) for n in layer.fused)
+    graph.nodes = [n for n in graph.nodes if id(n) not in dropped]
+    graph.reindex()
+    if not any(i.domain == ops.DOMAIN for i in graph.model.opset_import):
+        graph.model.opset_import.append(helper.make_opsetid(ops.DOMAIN, 1))
+    graph.model.ir_version = max(graph.model.ir_version, 8)   # model-local functions need IR 8
+    model = graph.to_model(with_value_info=True)
+    produced = {o for n in model.graph.node for o in n.output}
+    kept_info = [v for v in model.graph.value_info if v.name in produced]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept_info)
+    ops.attach_functions(model)
+    return model
+
+
+def _check(model: onnx.ModelProto, before: onnx.ModelProto) -> str | None:
+    """onnx's full check of the output. A failure the input model has as well is the input's, not the
+    pass's: returned as a note instead of raised."""
+    if model.ByteSize() >= (1 << 31) - (1 << 20):
+        return None
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        try:
+            onnx.checker.check_model(before, full_check=True)
+        except onnx.checker.ValidationError as same:
+            return f"onnx's checker rejects the input model already ({str(same).splitlines()[0]}); not re-checked"
+        raise SparsifyError(f"the sparsified model fails onnx's checker: {exc}") from exc
+    return None
+
+
+# ---- verification -------------------------------------------------------------------------------------
+def verify_sparse(reference: onnx.ModelProto, model: onnx.ModelProto, plans: list, graph: Graph,
+                  samples: int = 2, seed: int = 0, input_dims=None, say=None, rtol: float = 1e-4,
+                  atol: float = 1e-4) -> dict:
+    """Every sparse node's output and every graph output equal the masked dense reference, with the native
+    library (when present) and through the function fallback. Raises VerificationError naming the first
+    node that differs."""
+    import onnxruntime as ort
+    from graphprune import kernels
+    from graphprune.verify import random_feeds
+    checked = [(layer.output, (layer, fmt)) for layer, fmt in plans]
+    checked += [(o.name, None) for o in model.graph.output if o.name not in {c for c, _ in checked}]
+    names = [c for c, _ in checked]
+
+    def with_outputs(m):
+        m2 = onnx.ModelProto()
+        m2.CopyFrom(m)
+        have = {o.name for o in m2.graph.output}
+        m2.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                               for n in names if n not in have)
+        return m2.SerializeToString()
+
+    feeds = random_feeds(graph, samples, seed=seed, dims=input_dims)
+    ref = ort.InferenceSession(with_outputs(reference), session_options(None, native=False),
+                               providers=["CPUExecutionProvider"])
+    runs = [("function fallback", session_options(None, native=False))]
+    if kernels.available():
+        runs.insert(0, ("native library", session_options(None, native=True)))
+    want = [ref.run(names, feed) for feed in feeds]
+    result = {"samples": len(feeds), "paths": [], "max_abs_diff": 0.0}
+    for label, opts in runs:
+        if say:
+            say(f"sparsify: verifying against the masked dense model ({label})")
+        sess = ort.InferenceSession(with_outputs(model), opts, providers=["CPUExecutionProvider"])
+        for feed, expected in zip(feeds, want):
+            got = sess.run(names, feed)
+            for (name, plan), a, b in zip(checked, expected, got):
+                diff = _mismatch(np.asarray(a), np.asarray(b), rtol, atol)
+                result["max_abs_diff"] = max(result["max_abs_diff"], diff[1])
+                if diff[0]:
+                    where = (f"sparse node '{plan[0].name}' ({sparse_op_type(*plan)} replacing {plan[0].op})"
+                             if plan else f"graph output '{name}'")
+                    raise VerificationError(
+                        f"{where} differs from the masked dense reference ({label}): {diff[2]}", name, diff[1])
+        result["paths"].append(label)
+    return result
+
+
+def _mismatch(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> tuple[bool, float, str]:
+    if a.shape != b.shape:
+        return True, float("inf"), f"shape {b.shape} instead of {a.shape}"
+    if a.dtype.kind != "f":
+        same = np.array_equal(a, b)
+        return (not same), 0.0 if same else float("inf"), "integer values differ"
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    m = float(d.max()) if d.size else 0.0
+    scale = max(1.0, float(np.abs(a).max())) if a.size else 1.0
+    bad = not np.all(np.isfinite(a) == np.isfinite(b)) or bool(np.any(d > atol * scale + rtol * np.abs(a)))
+    return bad, m, f"max abs diff {m:.3g} (tolerance {atol:g} × {scale:.3g} + {rtol:g} × |ref|)"
+
+
+# ---- whole-model timing -------------------------------------------------------------------------------
+def _end_to_end(dense: onnx.ModelProto, sparse: onnx.ModelProto, graph: Graph, threads, input_dims,
+                native: bool) -> dict:
+    from graphprune.verify import random_feeds
+    feed = random_feeds(graph, 1, seed=0, dims=input_dims)[0]
+    times = time_interleaved({"dense": dense, "sparse": sparse}, feed, threads, native=native)
+    return {"dense_ms": times["dense"] * 1e3, "sparse_ms": times["sparse"] * 1e3,
+            "speedup": times["dense"] / times["sparse"], "native": native,
+            "batch": static_batch(graph.inputs) or 1}
