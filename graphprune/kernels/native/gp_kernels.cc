@@ -20,7 +20,7 @@
 
 // Conv geometry shared by both builds of the kernels.
 struct ConvGeom {
-  int64_t Cin, H, W, Cout, Ho, Wo, kh, kw, sh, sw, pt, pl, dh, dw;
+  int64_t Cin, H, W, Cout, Ho, Wo, kh, kw, sh, sw, pt, pl, dh, dw, Hp, Wp;
 };
 
 namespace gp_generic {
@@ -298,18 +298,34 @@ OrtStatus* compute_conv(Kernel* k, OrtKernelContext* ctx) {
   const double flops = 2.0 * nnz * 4 * HoWo * batch;
   const bool pointwise = k->kh == 1 && k->kw == 1 && k->sh == 1 && k->sw == 1 && k->pt == 0 && k->pl == 0 &&
                          k->pb == 0 && k->pr == 0;
-  const int32_t* tc = k->tap_c.data();
-  const int32_t* tr = k->tap_r.data();
-  const int32_t* ts = k->tap_s.data();
   if (pointwise) {
+    std::vector<int32_t> off(nnz);  // channel rows of the image
+    for (int64_t p = 0; p < nnz; ++p) off[p] = (int32_t)(k->tap_c[p] * HW);
+    const int32_t* offs = off.data();
     return parallel_for(ctx, (size_t)(batch * Cb), flops, [&](size_t t) {
       const int64_t n = (int64_t)t / Cb, j = (int64_t)t % Cb;
-      ks.conv1x1(xp + n * g.Cin * HW, vp, colptr, tc, bp, yp + n * g.Cout * HW, g.Cout, HW, j, lo, hi);
+      ks.conv1x1(xp + n * g.Cin * HW, vp, colptr, offs, bp, yp + n * g.Cout * HW, g.Cout, HW, j, lo, hi);
     });
   }
+  // zero-padded copy of the batch, so the taps read without bounds checks (16 * sw columns of slack)
+  g.Hp = g.H + k->pt + k->pb;
+  g.Wp = g.W + k->pl + k->pr + 16 * k->sw + k->dw * k->kw;
+  const int64_t plane = g.Hp * g.Wp;
+  if (g.Cin * plane > INT32_MAX) return fail(std::string(op) + " '" + k->name + "': image too large");
+  std::vector<float> xpad((size_t)(batch * g.Cin * plane), 0.f);
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t c = 0; c < g.Cin; ++c)
+      for (int64_t h = 0; h < g.H; ++h)
+        std::memcpy(&xpad[(size_t)(((n * g.Cin + c) * g.Hp + h + k->pt) * g.Wp + k->pl)],
+                    xp + ((n * g.Cin + c) * g.H + h) * g.W, sizeof(float) * g.W);
+  std::vector<int32_t> off(nnz);
+  for (int64_t p = 0; p < nnz; ++p)
+    off[p] = (int32_t)(k->tap_c[p] * plane + k->tap_r[p] * k->dh * g.Wp + k->tap_s[p] * k->dw);
+  const int32_t* offs = off.data();
+  const float* xq = xpad.data();
   return parallel_for(ctx, (size_t)(batch * Cb * g.Ho), flops, [&](size_t t) {
     const int64_t oh = (int64_t)t % g.Ho, j = ((int64_t)t / g.Ho) % Cb, n = (int64_t)t / (g.Ho * Cb);
-    ks.conv_row(xp + n * g.Cin * HW, vp, colptr, tc, tr, ts, bp, yp + n * g.Cout * HoWo, g, j, oh, lo, hi);
+    ks.conv_row(xq + n * g.Cin * plane, vp, colptr, offs, bp, yp + n * g.Cout * HoWo, g, j, oh, lo, hi);
   });
 }
 
