@@ -147,40 +147,28 @@ OrtStatus* parallel_for(OrtKernelContext* ctx, size_t total, double flops, F&& f
   return nullptr;
 }
 
+// Attribute readers: a missing attribute gives the default (the status is released, not an error).
+bool ok(OrtStatus* st) {
+  if (st == nullptr) return true;
+  g_api->ReleaseStatus(st);
+  return false;
+}
+
 float attr_float(const OrtKernelInfo* info, const char* name, float dflt) {
   float v = dflt;
-  OrtStatus* st = g_api->KernelInfoGetAttribute_float(info, name, &v);
-  if (st != nullptr) {
-    g_api->ReleaseStatus(st);
-    return dflt;
-  }
-  return v;
+  return ok(g_api->KernelInfoGetAttribute_float(info, name, &v)) ? v : dflt;
 }
 
 int64_t attr_int(const OrtKernelInfo* info, const char* name, int64_t dflt) {
   int64_t v = dflt;
-  OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, &v);
-  if (st != nullptr) {
-    g_api->ReleaseStatus(st);
-    return dflt;
-  }
-  return v;
+  return ok(g_api->KernelInfoGetAttribute_int64(info, name, &v)) ? v : dflt;
 }
 
 std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name, std::vector<int64_t> dflt) {
   size_t n = 0;
-  OrtStatus* st = g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
-  if (st != nullptr) {
-    g_api->ReleaseStatus(st);
-    return dflt;
-  }
+  if (!ok(g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n))) return dflt;
   std::vector<int64_t> out(n);
-  st = g_api->KernelInfoGetAttributeArray_int64(info, name, out.data(), &n);
-  if (st != nullptr) {
-    g_api->ReleaseStatus(st);
-    return dflt;
-  }
-  return out;
+  return ok(g_api->KernelInfoGetAttributeArray_int64(info, name, out.data(), &n)) ? out : dflt;
 }
 
 enum class OpKind { BsrMatMul, CsrMatMul, BsrConv };
