@@ -17,11 +17,9 @@ import numpy as np
 import onnx
 
 from .ir import Graph, attr
-from .registry import Registry
+from .ops.registry import RULES, rule  # noqa: F401  (rule: the decorator rules register with)
 
-RULES = Registry("channel rule")
 NOT_CHANNEL = 0  # reason id reserved for axes that are not channels: never reported as frozen groups
-rule = RULES.register
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                onnx.TensorProto.BFLOAT16}

@@ -124,28 +124,11 @@ def sparse_model(graph, layer: Layer, x_shape, sparsity: float, fmt: str) -> onn
     return model
 
 
-def session_options(threads: int | None, native: bool = True):
-    """Optimised CPU session options, with the native kernel library registered when asked and available."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if native:
-        from graphprune import kernels
-        if kernels.available():
-            opts = kernels.session_options(opts)
-    return opts
-
-
 def time_interleaved(models: dict, feed: dict, threads: int | None, native: bool = True) -> dict:
     """Median seconds per call of each model on `feed`, the models taking turns round by round so that
     machine noise hits all of them alike."""
-    import onnxruntime as ort
-    sessions = {k: ort.InferenceSession(m.SerializeToString(), session_options(threads, native),
-                                        providers=["CPUExecutionProvider"]) for k, m in models.items()}
+    from graphprune.runtime import session
+    sessions = {k: session(m, optimize=True, threads=threads, custom_ops=native) for k, m in models.items()}
     reps = {}
     for k, s in sessions.items():
         for _ in range(2):

@@ -10,7 +10,9 @@ import pytest
 
 import graphprune
 from graphprune.testing.weights import refill_weights
-from graphprune.verify import compare, random_feeds, session
+from graphprune.feeds import random_feeds
+from graphprune.runtime import session
+from graphprune.verify import compare
 
 CORPUS = Path(__file__).resolve().parents[1] / "models" / "corpus"
 MANIFEST = CORPUS / "manifest.json"

@@ -7,7 +7,8 @@ import pytest
 from onnx import helper
 
 import graphprune
-from graphprune.calibration import CalibrationError, ChannelStats, load_feeds
+from graphprune.calibration import ChannelStats
+from graphprune.feeds import CalibrationError, load_feeds
 from graphprune.ir import Graph
 from graphprune.passes.importance import CRITERIA, get_criterion
 from graphprune.passes.importance.weights_only import lamp_scores
@@ -160,7 +161,7 @@ def test_bn_recalibration_sets_statistics_of_the_pruned_activations(tmp_path):
     assert report.bn_recalibrated == 1 and report.verification is not None
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
     # the new running mean is the mean of the pruned conv output over the calibration (not held-out) samples
-    from graphprune.verify import session
+    from graphprune.runtime import session
     conv_only = onnx.helper.make_model(onnx.helper.make_graph(
         [n for n in pruned.graph.node if n.op_type == "Conv"][:1], "c", [pruned.graph.input[0]],
         [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, None)],
@@ -225,7 +226,7 @@ def test_obs_with_intercept_moves_the_removed_mean_into_the_bias():
 
 def test_ensure_biases_adds_zero_biases_that_change_nothing():
     from graphprune.passes.compensate import ensure_biases
-    from graphprune.verify import session
+    from graphprune.runtime import session
     model = conv_bn_model(np.linspace(0.5, 2.0, 8).astype(np.float32))
     graph = Graph(onnx.ModelProto.FromString(model.SerializeToString()))  # Graph edits the nodes it is given
     assert ensure_biases(graph) == 2
@@ -257,7 +258,7 @@ def test_masked_model_measures_zero_error_unpruned_and_growing_error_pruned():
     analysis = graphprune.analyze_model(str(MNIST))
     feeds = {"input": np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)}
     masked = MaskedModel(analysis)
-    from graphprune.verify import session
+    from graphprune.runtime import session
     dense = session(onnx.load(str(MNIST))).run(None, feeds)
     assert relative_error(masked.run(feeds), dense) < 1e-10
     crit = get_criterion("l2")
@@ -316,7 +317,8 @@ def test_attention_query_key_dims_are_scored_by_their_share_of_the_product():
     for name in ("obspa", "hessian", "activation", "fluctuation"):
         analysis = graphprune.analyze_model(model)
         crit = get_criterion(name)
-        from graphprune.calibration import collect, synthetic_feeds
+        from graphprune.calibration import collect
+        from graphprune.feeds import synthetic_feeds
         crit.stats = collect(analysis.graph, crit.wanted(analysis), synthetic_feeds(analysis.graph, 16))
         qk = next(g for g in analysis.groups if ("q", 2) in g.members)
         scores = crit.scores(qk, analysis)

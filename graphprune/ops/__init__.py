@@ -1,4 +1,5 @@
-"""Channel rules, one function per op type, registered in graphprune.analysis.RULES.
+"""Channel rules, one function per op type, registered in graphprune.ops.registry.RULES
+(graphprune.analysis.RULES is the same object).
 
 Importing this package registers every rule. Each module groups ops of one family.
 """

@@ -2,7 +2,7 @@
 unless a removed (zeroed) element contributes nothing (sums), in which case its elements stay free."""
 from __future__ import annotations
 
-from ..analysis import rule
+from .registry import rule
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
 
