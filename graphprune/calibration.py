@@ -1,7 +1,7 @@
-"""Streaming activation statistics from calibration feeds (feeds.py loads or synthesises them).
+"""Streaming activation statistics from calibration feeds (feeds.py loads or synthesises the feeds).
 
-Statistics are accumulated batch by batch from onnxruntime runs that expose the
-needed intermediate tensors as outputs, so memory stays bounded by the widest channel Gram matrix.
+Statistics are accumulated batch by batch from onnxruntime runs that expose the needed intermediate tensors as
+outputs, so memory stays bounded by the widest channel Gram matrix.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-# load_feeds, split, synthetic_feeds: api.py imports them from here
+# load_feeds, split, synthetic_feeds: the pipeline imports them from here
 from .feeds import batches, load_feeds, split, static_batch, synthetic_feeds  # noqa: F401
 from .ir import Graph
 from .runtime import expose, run, session

@@ -162,7 +162,3 @@ def batches(feeds: dict, batch: int):
     for s in range(0, n, batch):
         yield {k: v[s:s + batch] for k, v in feeds.items()}
 
-
-def sample_count(feeds: dict) -> int:
-    """Samples in a feed dict (first axis of its arrays); 0 for an empty dict."""
-    return len(next(iter(feeds.values()))) if feeds else 0

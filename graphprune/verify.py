@@ -7,7 +7,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import VerificationError
-from .feeds import random_feeds, static_batch  # noqa: F401  (api.py imports random_feeds from here)
+from .feeds import random_feeds, static_batch  # noqa: F401  (the pipeline imports random_feeds here)
 from .ir import Graph
 from .masking import insert_consumer_masks
 from .runtime import compare_arrays, run, session
