@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-# load_feeds, split, synthetic_feeds: the pipeline imports them from here
-from .feeds import batches, load_feeds, split, static_batch, synthetic_feeds  # noqa: F401
+from .feeds import batches, static_batch
 from .ir import Graph
 from .runtime import expose, run, session
 

@@ -68,13 +68,14 @@ class Session(ort.InferenceSession):
 
 
 def session(model, *, optimize: bool = False, threads: int | None = None, providers=CPU,
-            custom_ops: bool = False, log_level: int = 3) -> Session:
+            custom_ops: bool = False, log_level: int = 3, name: str | None = None) -> Session:
     """A session for `model` (ModelProto, serialized bytes or a path).
     optimize: onnxruntime's full graph optimisations (off by default, see the module docstring).
     threads: intra-op threads (inter-op then 1); None: onnxruntime's default.
     custom_ops: register graphprune's native kernel library for the ai.graphprune ops when it is built;
       without it those ops run through their function bodies.
-    log_level: onnxruntime's log severity threshold (3: errors only, 4: fatal only)."""
+    log_level: onnxruntime's log severity threshold (3: errors only, 4: fatal only).
+    name: what errors call the model (default: its graph name, or the path)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -87,10 +88,10 @@ def session(model, *, optimize: bool = False, threads: int | None = None, provid
         if kernels.available():
             kernels.session_options(opts)
     if isinstance(model, onnx.ModelProto):
-        return Session(model.SerializeToString(), opts, providers, model.graph.name or "model")
+        return Session(model.SerializeToString(), opts, providers, name or model.graph.name or "model")
     if isinstance(model, (str, Path)):
-        return Session(str(model), opts, providers, str(model))
-    return Session(model, opts, providers, "model")
+        return Session(str(model), opts, providers, name or str(model))
+    return Session(model, opts, providers, name or "model")
 
 
 # onnxruntime names the failing node in one of these forms

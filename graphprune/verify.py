@@ -7,7 +7,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import VerificationError
-from .feeds import random_feeds, static_batch  # noqa: F401  (the pipeline imports random_feeds here)
+from .feeds import static_batch
 from .ir import Graph
 from .masking import insert_consumer_masks
 from .runtime import compare_arrays, run, session
@@ -62,7 +62,8 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, feeds, rtol: fl
             atol: float | None = None) -> dict:
     """Run both models on the same feeds; raise VerificationError naming the first output that differs.
     Tolerances follow each output's dtype (runtime.tolerance) unless given."""
-    ref_sess, new_sess = session(reference), session(pruned)
+    ref_sess = session(reference, name="masked original")
+    new_sess = session(pruned, name="pruned model")
     names = [o.name for o in ref_sess.get_outputs()]
     worst = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "output": None, "samples": len(feeds)}
     for feed in feeds:
@@ -83,7 +84,8 @@ def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, feeds, rtol: fl
 def fidelity(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict) -> dict:
     """How close the pruned model stays to the dense one on held-out samples: per float output, the mean
     cosine similarity of per-sample outputs, the relative error, and top-1 agreement of the last axis."""
-    a_sess, b_sess = session(dense, optimize=True), session(pruned, optimize=True)
+    a_sess = session(dense, optimize=True, name="dense model")
+    b_sess = session(pruned, optimize=True, name="pruned model")
     names = [o.name for o in a_sess.get_outputs()]
     size = static_batch(dense.graph.input) or 16
     a_out = list(run(a_sess, feeds, names, batch=size).values())

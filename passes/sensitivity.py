@@ -8,8 +8,8 @@ common threshold, bisected to the MACs/params target.
 
 One onnxruntime session serves every measurement: each channel tensor a node reads is masked by a bool mask
 that is a graph input, so changing the pruned units only changes the feeds (the masked-original oracle of
-verify.py, built by the same code in graphprune.masking, without rebuilding the model). Float tensors only; weight-only oracle masks (RNN recurrences) are
-not applied, so the error there is an estimate.
+verify.py, built by the same code in graphprune.masking, without rebuilding the model). Float tensors only;
+weight-only oracle masks (RNN recurrences) are not applied, so the error there is an estimate.
 """
 from __future__ import annotations
 

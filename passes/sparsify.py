@@ -281,7 +281,7 @@ def verify_sparse(reference: onnx.ModelProto, model: onnx.ModelProto, plans: lis
     names = [c for c, _ in checked]
 
     feeds = random_feeds(graph, samples, seed=seed, dims=input_dims)
-    ref = session(expose(reference, names, graph.dtypes), optimize=True)
+    ref = session(expose(reference, names, graph.dtypes), optimize=True, name="masked dense reference")
     paths = [("function fallback", False)]
     if kernels.available():
         paths.insert(0, ("native library", True))
@@ -291,7 +291,7 @@ def verify_sparse(reference: onnx.ModelProto, model: onnx.ModelProto, plans: lis
     for label, native in paths:
         if say:
             say(f"sparsify: verifying against the masked dense model ({label})")
-        sess = session(exposed, optimize=True, custom_ops=native)
+        sess = session(exposed, optimize=True, custom_ops=native, name=f"sparsified model ({label})")
         for feed, expected in zip(feeds, want):
             got = run(sess, feed, names)
             for name, plan in checked:
