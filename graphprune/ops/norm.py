@@ -1,11 +1,14 @@
 """Normalisations. Per-channel statistics (BatchNorm, InstanceNorm) are exact under removal; group statistics
-are exact when whole groups go; statistics *over* the channels (LayerNorm, RMSNorm, LRN) change with every
-removed channel, so those axes are frozen."""
+are exact when whole groups go. Statistics *over* the channels change with every removed channel, except that
+LayerNorm / RMSNorm over the last axis are rewritten to divide by the original width, which matches the masked
+original exactly (ops/layernorm.py); LRN, LpNorm, MVN and multi-axis normalisation stay frozen."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from ..analysis import rule
+from .layernorm import decompose_layer_norm
 
 
 @rule("BatchNormalization")
@@ -58,13 +61,27 @@ def group_norm(node, c):
     c.fixup(fix)
 
 
+# op -> index of its InvStdDev output (LayerNormalization's output 1 is the mean)
+_INV_STD_OUTPUT = {"LayerNormalization": 2, "RMSNormalization": None, "SimplifiedLayerNormalization": 1}
+
+
 @rule("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 def layer_norm(node, c):
-    """Axes before `axis` pass through; the normalised axes are frozen (their statistics would change)."""
+    """Normalised over the single last axis: that axis prunes, and the fixup rewrites the node into standard ops
+    whose statistics divide by the original width, which equals the masked original exactly (ops/layernorm.py).
+    Normalised over several axes: axes before `axis` pass through, the normalised ones are frozen."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     axis = c.attr("axis", -1) % r
-    reason = f"normalised by {node.op_type}: removing a channel changes the statistics of the rest"
+    shape = c.shape(x)
+    floating = c.dtype(x) in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                              onnx.TensorProto.BFLOAT16)
+    if axis == r - 1 and isinstance(shape[-1], int) and floating:
+        _last_axis_norm(node, c, x, y, r)
+        return
+    why = ("normalised over several axes" if axis != r - 1 else
+           "width not static" if not isinstance(shape[-1], int) else "not a float tensor")
+    reason = f"normalised by {node.op_type} ({why}): removing a channel changes the statistics of the rest"
     for ax in range(r):
         if ax < axis:
             c.link(x, ax, y, ax)
@@ -77,13 +94,40 @@ def layer_norm(node, c):
             for extra in node.output[1:]:
                 if extra:
                     c.not_channel(extra, [ax])
+    _norm_params(node, c, x, y, r)
+
+
+def _norm_params(node, c, x, y, r):
     for p in node.input[1:3]:
         if p:
             c.role(p, "norm_scale" if p == node.input[1] else "norm_bias")
             pr = c.rank(p)
             for k in range(pr):
                 # compare with x's shape (y has the same; onnx may have inferred none for y)
-                c.link(p, k, y, r - pr + k) if c.shape(p)[k] == c.shape(x)[r - pr + k] else c.freeze(p, k)
+                if c.shape(p)[k] != c.shape(x)[r - pr + k]:
+                    c.freeze(p, k, reason="parameter does not match the normalised shape")
+                elif k == pr - 1 and c.const(p) is not None:
+                    c.producer(y, r - 1, p, k)
+                else:
+                    c.link(p, k, y, r - pr + k)
+
+
+def _last_axis_norm(node, c, x, y, r):
+    inv_std_output = _INV_STD_OUTPUT[node.op_type]
+    c.same(x, y)
+    for extra in node.output[1:]:  # Mean / InvStdDev: one value per row, the normalised axis kept as size 1
+        if extra:
+            for ax in range(r - 1):
+                c.link(extra, ax, y, ax)
+            c.not_channel(extra, [r - 1])
+    _norm_params(node, c, x, y, r)
+    epsilon = float(c.attr("epsilon", 1e-5))
+    stash_type = int(c.attr("stash_type", 1))
+    rms = node.op_type != "LayerNormalization"  # no centring: statistics are the mean square
+
+    def fix(rw, node):
+        decompose_layer_norm(rw, node, epsilon, stash_type, rms, inv_std_output)
+    c.fixup(fix)
 
 
 @rule("LpNormalization", "MeanVarianceNormalization", "LRN")

@@ -2,7 +2,10 @@
 unless a removed (zeroed) element contributes nothing (sums), in which case its elements stay free."""
 from __future__ import annotations
 
+import onnx
+
 from ..analysis import rule
+from .layernorm import mean_as_sum
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
 
@@ -24,6 +27,7 @@ def pool(node, c):
 # zero contributes nothing to these, so removing an element equals masking it
 # (ReduceLogSum is log(ReduceSum): a zero adds nothing to the sum either)
 SUM_LIKE = {"ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum"}
+FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 REDUCES = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
            "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 
@@ -53,8 +57,16 @@ def reduce(node, c):
         return
     if len(node.input) > 1 and node.input[1]:
         c.not_channel(node.input[1])
+    shape = c.shape(x)
     if node.op_type in SUM_LIKE:
         on_reduced = lambda ax: c.touch(x, ax)  # noqa: E731
+    elif (node.op_type == "ReduceMean" and c.dtype(x) in FLOATS
+          and all(isinstance(shape[ax], int) for ax in axes)):
+        # mean over the original count = sum of the kept elements / that count, exact under masking: the
+        # fixup rewrites it so (this is what lets hand-written LayerNorm / RMSNorm and channel means prune)
+        on_reduced = lambda ax: c.touch(x, ax)  # noqa: E731
+        keepdims = c.attr("keepdims", 1)
+        c.fixup(lambda rw, node, axes=tuple(axes): mean_as_sum(rw, node, list(axes), keepdims))
     else:
         reason = f"{node.op_type} over this axis: removing an element changes the result"
         on_reduced = lambda ax: c.freeze(x, ax, reason=reason)  # noqa: E731
