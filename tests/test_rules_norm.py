@@ -290,3 +290,40 @@ def test_transformer_encoder_residual_stream_prunes(opset, decomposed):
     assert wshape(pruned, "head.w") == (8, 4)
     assert report.macs_after < 0.35 * report.macs_before
     assert not op_types(pruned) & {"LayerNormalization", "ReduceMean"}
+
+
+# ---- issue 11 quick wins: int32 Slice bounds, size-1 broadcast operands -------------------------------------------
+@pytest.mark.parametrize("index_type", [np.int32, np.int64])
+def test_slice_bounds_keep_their_integer_type(index_type):
+    """jax2tf / tf2onnx write Slice starts/ends/axes as int32; the rewritten bounds must keep that type, or the
+    model is invalid ("axes has inconsistent type tensor(int32)")."""
+    net = Net(13)
+    h = net.matmul("x", 10, 12, "up")
+    bounds = [net.const(np.array(v, index_type)) for v in ([2], [10], [-1])]
+    y = net.matmul(net.op("Slice", [h] + bounds), 8, 6, "down")
+    model = net.model([("x", [2, 5, 10])], [(y, [2, 5, 6])])
+    pruned, _ = prune_checked(model)
+    node = next(n for n in pruned.graph.node if n.op_type == "Slice")
+    inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert {inits[name].dtype for name in node.input[1:]} == {np.dtype(index_type)}
+    assert wshape(pruned, "up.w")[1] < 12
+
+
+def test_size1_broadcast_operands_leave_channels_free():
+    """SE gate [N,C,1,1] (through a [N,C] MLP) and a [N,1,H,W] spatial-attention map times [N,C,H,W]: the
+    size-1 side is broadcast, so nothing is frozen for it and the channels prune."""
+    net = Net(13)
+    h = net.op("Relu", [net.op("Conv", ["x", net.w(8, 3, 3, 3, name="c1.w")], pads=[1, 1, 1, 1])])
+    pooled = net.op("Reshape", [net.op("GlobalAveragePool", [h]), net.const(np.array([1, 8], np.int64))])
+    squeeze = net.op("Relu", [net.matmul(pooled, 8, 2, "se1")])
+    gate = net.op("Reshape", [net.op("Sigmoid", [net.matmul(squeeze, 2, 8, "se2")]),
+                              net.const(np.array([1, 8, 1, 1], np.int64))])
+    g = net.op("Mul", [h, gate])
+    attention = net.op("Sigmoid", [net.op("Conv", [g, net.w(1, 8, 3, 3, name="sa.w")], pads=[1, 1, 1, 1])])
+    y = net.op("Conv", [net.op("Mul", [attention, g]), net.w(4, 8, 1, 1, name="c2.w")])
+    model = net.model([("x", [1, 3, 6, 6])], [(y, [1, 4, 6, 6])])
+    assert not [r for r in frozen_reasons(model) if "size-1" in r]
+    assert group_sizes(model) == [(2, 2), (8, 8)]
+    pruned, _ = prune_checked(model)
+    assert wshape(pruned, "c1.w") == (4, 3, 3, 3) and wshape(pruned, "sa.w") == (1, 4, 3, 3)
+    assert wshape(pruned, "se2.w") == (1, 4)

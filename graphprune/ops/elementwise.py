@@ -24,7 +24,7 @@ def unary(node, c):
 
 
 def broadcast(c, inputs, output):
-    """Numpy broadcasting: right-aligned equal dims are coupled; a size-1 dim broadcast to n stays as it is."""
+    """Numpy broadcasting: right-aligned equal dims are coupled; a size-1 dim broadcast to n is not a channel."""
     out_shape = c.shape(output)
     if out_shape is None:
         for x in inputs:
@@ -43,10 +43,11 @@ def broadcast(c, inputs, output):
             if xs[ax] == out_shape[ao]:
                 c.link(x, ax, output, ao)
             elif xs[ax] == 1:
-                if c.const(x) is not None:  # a constant's size-1 axis (layer scale [C,1,1]) is not a channel
-                    c.not_channel(x, [ax])
-                else:
-                    c.freeze(x, ax, reason="size-1 operand broadcast against a larger axis")
+                # A size-1 axis broadcast against a larger one (a constant layer scale [C,1,1], an SE gate's
+                # [N,C,1,1] spatial axes, a [N,1,H,W] spatial-attention map over the channels) has no element this
+                # op could remove: its one element is the whole operand. It carries no channel here, and the other
+                # operand's axis stays free.
+                c.not_channel(x, [ax])
             else:
                 c.freeze(x, ax, reason=f"cannot align axis {ax} with output axis {ao}")
                 c.freeze(output, ao, reason=f"cannot align with axis {ax} of '{x}'")
