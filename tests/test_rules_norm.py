@@ -327,3 +327,59 @@ def test_size1_broadcast_operands_leave_channels_free():
     pruned, _ = prune_checked(model)
     assert wshape(pruned, "c1.w") == (4, 3, 3, 3) and wshape(pruned, "sa.w") == (1, 4, 3, 3)
     assert wshape(pruned, "se2.w") == (1, 4)
+
+
+# ---- onnxruntime's fused residual norms (com.microsoft) -------------------------------------------------------------
+@pytest.mark.parametrize("qualified", ["com.microsoft::SkipLayerNormalization",
+                                       "com.microsoft::SkipSimplifiedLayerNormalization"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_skip_layer_norm(qualified, with_bias):
+    """norm(input + skip + bias): the bias is a constant, so in the masked original a removed channel of the sum
+    holds b_j, not 0, and still enters the statistics; all four outputs stay exact (graph outputs here)."""
+    domain, op = qualified.split("::")
+    simplified = op.startswith("SkipSimplified")
+    net = Net(17)
+    a = net.matmul("x", 10, 12, "a")
+    b = net.matmul("x", 10, 12, "b")
+    ins = [a, b, net.w(12, name="ln.gamma", positive=True)]
+    ins.append("" if simplified else net.w(12, name="ln.beta", scale=0.5))
+    if with_bias:
+        ins.append(net.const(np.linspace(-2, 3, 12).astype(np.float32), "skip.bias"))
+    if simplified:
+        del ins[3]
+    while ins and not ins[-1]:
+        ins.pop()
+    n, mean, inv, total = net.op(op, ins, outputs=4, domain=domain, epsilon=1e-5)
+    if simplified:
+        net.nodes[-1].output[1] = ""  # onnxruntime does not compute the mean of the simplified form
+    y = net.matmul(n, 12, 6, "down")
+    z = net.matmul(total, 12, 6, "sum_proj")
+    outputs = [(y, [2, 5, 6]), (z, [2, 5, 6]), (inv, [2, 5, 1])] + ([] if simplified else [(mean, [2, 5, 1])])
+    graph = helper.make_graph(net.nodes, "t", [helper.make_tensor_value_info("x", F, [2, 5, 10])],
+                              [helper.make_tensor_value_info(o, F, s) for o, s in outputs],
+                              [numpy_helper.from_array(v, k) for k, v in net.inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    assert group_sizes(model) == [(12, 12)]
+    pruned, report = prune_checked(model, verify_samples=3)
+    assert wshape(pruned, "a.w") == (10, 6) and wshape(pruned, "ln.gamma") == (6,)
+    if with_bias:
+        assert wshape(pruned, "skip.bias") == (6,)
+    assert op not in op_types(pruned)
+    assert report.verification["max_rel_diff"] < 1e-5
+
+
+def test_skip_layer_norm_with_constant_skip_stays_frozen():
+    net = Net(17)
+    a = net.matmul("x", 10, 12, "a")
+    n = net.op("SkipLayerNormalization", [a, net.w(5, 12, name="pos"), net.w(12, name="ln.gamma", positive=True)],
+               domain="com.microsoft")
+    y = net.matmul(n, 12, 6, "down")
+    graph = helper.make_graph(net.nodes, "t", [helper.make_tensor_value_info("x", F, [2, 5, 10])],
+                              [helper.make_tensor_value_info(y, F, [2, 5, 6])],
+                              [numpy_helper.from_array(v, k) for k, v in net.inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    assert any("constant skip input" in r for r in frozen_reasons(model))

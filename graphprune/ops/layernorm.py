@@ -73,43 +73,76 @@ def _compute_type(rw, node, x: str, stash_type: int) -> int:
 
 
 def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: int, rms: bool,
-                         inv_std_output: int | None) -> None:
+                         inv_std_output: int | None, scale_index: int = 1, bias_index: int | None = 2,
+                         mean_output: int | None = 1, skip_index: int | None = None,
+                         skip_bias_index: int | None = None, sum_output: int | None = None) -> None:
     """LayerNormalization (rms=False) or RMS normalisation (rms=True) over the last axis, with that axis pruned:
-    standard ops whose statistics divide by the original width (see the module docstring).
+    standard ops whose statistics run over the original width (see the module docstring).
 
-    Inputs: X, scale[, bias]. Outputs: Y[, Mean (LayerNormalization only)][, InvStdDev at `inv_std_output`]."""
+    Skip variants first add `skip` and a `skip_bias` to the input (their sum is output `sum_output`). In the
+    masked original a removed channel of that sum is not zero but the constant skip bias b_j, so with R1 = sum_j
+    b_j and R2 = sum_j b_j^2 over the removed channels j (both 0 without a bias):
+        mean = (sum_kept s + R1) / C
+        var  = (sum_kept (s - mean)^2 + sum_j (b_j - mean)^2) / C,  sum_j (b_j - mean)^2 = R2 - 2 mean R1 + n mean^2
+        ms   = (sum_kept s^2 + R2) / C                                                              (RMS)"""
     x = node.input[0]
-    removed = len(rw.removed(x, -1))
-    if not removed:
+    removed_idx = rw.removed(x, -1)
+    if not len(removed_idx):
         return
+    n_removed = len(removed_idx)
     width = rw.old_shape(x)[-1]
     elem = rw.graph.dtypes[x]
     compute = _compute_type(rw, node, x, stash_type)
     e = Emitter(rw, node, compute)
+    outputs = list(node.output) + [""] * 4
+
+    def arg(index):
+        return node.input[index] if index is not None and len(node.input) > index and node.input[index] else None
+
+    def out(index):
+        return outputs[index] if index is not None and outputs[index] else None
+
+    src = x
+    skip, skip_bias = arg(skip_index), arg(skip_bias_index)
+    removed_values = np.zeros(n_removed)
+    if skip:
+        src = e.op("Add", [src, skip], None if skip_bias else out(sum_output))
+    if skip_bias:
+        src = e.op("Add", [src, skip_bias], out(sum_output))
+        bias_const = rw.graph.const(skip_bias)
+        if bias_const is not None:  # a constant is not masked: removed channels of the sum hold b_j
+            removed_values = np.asarray(bias_const, np.float64).reshape(-1)[removed_idx]
+    r1, r2 = float(removed_values.sum()), float((removed_values ** 2).sum())
     widen = compute != elem
-    src = e.cast(x, compute) if widen else x
-    scale = node.input[1]
-    bias = node.input[2] if not rms and len(node.input) > 2 and node.input[2] else None
+    if widen:
+        src = e.cast(src, compute)
+    scale, bias = arg(scale_index), None if rms else arg(bias_index)
     if widen:
         scale = e.cast(scale, compute)
         bias = e.cast(bias, compute) if bias else None
-    outputs = list(node.output) + [""] * 3
     c_orig = e.const(width, "original_width")
     if rms:
-        # mean square over C: each zeroed channel adds 0^2
+        # mean square over C: each zeroed channel adds 0^2 (b_j^2 for a skip bias)
         centred = src
-        mean_sq = e.op("Div", [e.reduce_sum(e.op("Mul", [src, src]), [-1]), c_orig])
-        variance = mean_sq
+        sq_sum = e.reduce_sum(e.op("Mul", [src, src]), [-1])
+        if r2:
+            sq_sum = e.op("Add", [sq_sum, e.const(r2, "removed_sq_sum")])
+        variance = e.op("Div", [sq_sum, c_orig])
     else:
-        mean = e.op("Div", [e.reduce_sum(src, [-1]), c_orig], outputs[1] or None)
+        total = e.reduce_sum(src, [-1])
+        if r1:
+            total = e.op("Add", [total, e.const(r1, "removed_sum")])
+        mean = e.op("Div", [total, c_orig], out(mean_output))
         centred = e.op("Sub", [src, mean])
         kept_sq = e.reduce_sum(e.op("Mul", [centred, centred]), [-1])
-        # the n_removed zeroed channels each contribute (0 - mean)^2 = mean^2 to the sum of squares
-        removed_sq = e.op("Mul", [e.op("Mul", [mean, mean]), e.const(removed, "removed_count")])
+        # the removed channels each contribute (b_j - mean)^2: n mean^2 (- 2 mean R1 + R2 with a skip bias)
+        removed_sq = e.op("Mul", [e.op("Mul", [mean, mean]), e.const(n_removed, "removed_count")])
+        if r1 or r2:
+            removed_sq = e.op("Add", [removed_sq, e.op("Sub", [e.const(r2, "removed_sq_sum"),
+                                                                e.op("Mul", [mean, e.const(2 * r1, "removed_sum_x2")])])])
         variance = e.op("Div", [e.op("Add", [kept_sq, removed_sq]), c_orig])
-    inv_name = outputs[inv_std_output] if inv_std_output is not None else ""
     inv_std = e.op("Reciprocal", [e.op("Sqrt", [e.op("Add", [variance, e.const(epsilon, "epsilon")])])],
-                   inv_name or None)
+                   out(inv_std_output))
     y = e.op("Mul", [e.op("Mul", [centred, inv_std]), scale])
     if bias:
         y = e.op("Add", [y, bias])

@@ -49,7 +49,7 @@ def reduced_axes(node, c):
 
 @rule(*REDUCES)
 def reduce(node, c):
-    """Kept axes pass through; a reduced axis stays free for sum-like reductions, frozen for mean/max/min/prod."""
+    """Kept axes pass through; a reduced axis stays free for sums and means (sum / original count), else frozen."""
     x, y = node.input[0], node.output[0]
     axes = reduced_axes(node, c)
     if axes is None:
