@@ -697,10 +697,12 @@ def test_se_block():
     assert shape_of(pruned, "w2") == (5, 8, 1, 1)
 
 
-@pytest.mark.parametrize("reducers,prunable", [(("ReduceMean", "ReduceMax"), False),
+@pytest.mark.parametrize("reducers,prunable", [(("ReduceMean", "ReduceMax"), True),
+                                               (("ReduceProd", "ReduceMax"), False),
                                                (("ReduceSum", "ReduceL2"), True)])
 def test_cbam_spatial_gate(reducers, prunable):
-    """Channel statistics feed a spatial gate: mean/max over the channels freeze them, sums leave them free."""
+    """Channel statistics feed a spatial gate: sums, means and max leave the channels free (means and max are
+    rewritten to see the masked zeros), a product over them freezes them."""
     nodes = [conv("c0", "X", "h0", "w0", "b0", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              mk("Relu", ["h0"], ["r0"]),
              conv("c1", "r0", "h", "w1", "b1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
@@ -881,8 +883,8 @@ REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 # zeroed (masked) elements contribute nothing to these, so reducing over the channels leaves them prunable
 SUM_LIKE = {"ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum"}
-# rewritten as ReduceSum / original count by a fixup, so the channels prune too
-PRUNABLE_REDUCES = SUM_LIKE | {"ReduceMean"}
+# rewritten by a fixup (ReduceSum / original count; max/min with the masked zeros), so the channels prune too
+PRUNABLE_REDUCES = SUM_LIKE | {"ReduceMean", "ReduceMax", "ReduceMin"}
 
 
 def test_reduce_list_is_complete():

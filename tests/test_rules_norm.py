@@ -383,3 +383,23 @@ def test_skip_layer_norm_with_constant_skip_stays_frozen():
                                                     helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     assert any("constant skip input" in r for r in frozen_reasons(model))
+
+
+@pytest.mark.parametrize("op,shift", [("ReduceMax", -10.0), ("ReduceMin", 10.0)])
+@pytest.mark.parametrize("opset", [13, 18])
+def test_channel_max_min_see_the_masked_zeros(op, shift, opset):
+    """Max over channels that are all negative (min over all positive): in the masked original the zeroed channels
+    win, so the rewrite must take max/min with 0 after reducing the kept ones."""
+    net = Net(opset)
+    h = net.op("Conv", ["x", net.w(8, 3, 3, 3, name="c1.w")], pads=[1, 1, 1, 1])
+    shifted = net.op("Add", [h, net.const(np.float32(shift))])
+    if opset >= 18:
+        stat = net.op(op, [shifted, net.const(np.array([1], np.int64))], keepdims=1)
+    else:
+        stat = net.op(op, [shifted], axes=[1], keepdims=1)
+    gate = net.op("Sigmoid", [net.op("Conv", [stat, net.w(1, 1, 3, 3, name="sp.w")], pads=[1, 1, 1, 1])])
+    y = net.op("Conv", [net.op("Mul", [shifted, gate]), net.w(4, 8, 1, 1, name="c2.w")])
+    model = net.model([("x", [1, 3, 6, 6])], [(y, [1, 4, 6, 6]), (stat, [1, 1, 6, 6])])
+    pruned, _ = prune_checked(model)
+    assert wshape(pruned, "c1.w") == (4, 3, 3, 3)
+    assert op in op_types(pruned) and ("Max" if op == "ReduceMax" else "Min") in op_types(pruned)

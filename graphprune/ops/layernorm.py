@@ -11,8 +11,10 @@ channel axis therefore stays exact after removal if it divides the kept channels
                         equivalent form is sum_kept(x^2)/C - mean^2, but subtracting two close numbers loses
                         precision, so the centred sum is used)
 
-The fixups here replace a ReduceMean / LayerNormalization / RMS-style node by standard ops that compute exactly
-that, keeping the node's output names so consumers and graph outputs are untouched.
+Likewise max/min over C = max/min(extreme of the kept, 0) when some channel was removed.
+
+The fixups here replace a ReduceMean / ReduceMax / ReduceMin / LayerNormalization / RMS-style node by standard
+ops that compute exactly that, keeping the node's output names so consumers and graph outputs are untouched.
 """
 from __future__ import annotations
 
@@ -64,6 +66,22 @@ def mean_as_sum(rw, node: onnx.NodeProto, axes: list[int], keepdims: int) -> Non
     e = Emitter(rw, node, rw.graph.dtypes[x])
     total = e.reduce_sum(x, axes, keepdims)
     e.op("Div", [total, e.const(count, "original_count")], node.output[0])
+    rw.replace_node(node, e.nodes)
+
+
+def extreme_with_zero(rw, node: onnx.NodeProto, axes: list[int]) -> None:
+    """ReduceMax / ReduceMin over axes that lost elements: the masked original also sees the zeroed elements, so
+    its result is max(max over the kept, 0) / min(min over the kept, 0). The node stays; a Max/Min with 0 follows."""
+    x = node.input[0]
+    if not any(len(rw.removed(x, ax)) for ax in axes):
+        return
+    e = Emitter(rw, node, rw.graph.dtypes[x])
+    reduced = rw.fresh_name(f"{node.output[0]}_kept")
+    kept_node = onnx.NodeProto()
+    kept_node.CopyFrom(node)
+    kept_node.output[0] = reduced
+    e.nodes.append(kept_node)
+    e.op("Max" if node.op_type == "ReduceMax" else "Min", [reduced, e.const(0, "zero")], node.output[0])
     rw.replace_node(node, e.nodes)
 
 

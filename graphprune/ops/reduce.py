@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from ..analysis import rule
-from .layernorm import mean_as_sum
+from .layernorm import extreme_with_zero, mean_as_sum
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
 
@@ -49,7 +49,7 @@ def reduced_axes(node, c):
 
 @rule(*REDUCES)
 def reduce(node, c):
-    """Kept axes pass through; a reduced axis stays free for sums and means (sum / original count), else frozen."""
+    """Kept axes pass through; a reduced axis stays free for sums, means and max/min (rewritten), else frozen."""
     x, y = node.input[0], node.output[0]
     axes = reduced_axes(node, c)
     if axes is None:
@@ -67,6 +67,10 @@ def reduce(node, c):
         on_reduced = lambda ax: c.touch(x, ax)  # noqa: E731
         keepdims = c.attr("keepdims", 1)
         c.fixup(lambda rw, node, axes=tuple(axes): mean_as_sum(rw, node, list(axes), keepdims))
+    elif node.op_type in ("ReduceMax", "ReduceMin") and c.dtype(x) in FLOATS:
+        # the masked original's extreme also sees the zeros: the fixup takes max/min with 0 (CBAM's channel max)
+        on_reduced = lambda ax: c.touch(x, ax)  # noqa: E731
+        c.fixup(lambda rw, node, axes=tuple(axes): extreme_with_zero(rw, node, list(axes)))
     else:
         reason = f"{node.op_type} over this axis: removing an element changes the result"
         on_reduced = lambda ax: c.freeze(x, ax, reason=reason)  # noqa: E731
