@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 # stash_type=1: LayerNormalization computes in float32 whatever the input type; these inputs are widened for it
 _NARROW_FLOATS = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
@@ -156,8 +157,8 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
         # the removed channels each contribute (b_j - mean)^2: n mean^2 (- 2 mean R1 + R2 with a skip bias)
         removed_sq = e.op("Mul", [e.op("Mul", [mean, mean]), e.const(n_removed, "removed_count")])
         if r1 or r2:
-            removed_sq = e.op("Add", [removed_sq, e.op("Sub", [e.const(r2, "removed_sq_sum"),
-                                                                e.op("Mul", [mean, e.const(2 * r1, "removed_sum_x2")])])])
+            cross = e.op("Mul", [mean, e.const(2 * r1, "removed_sum_x2")])
+            removed_sq = e.op("Add", [removed_sq, e.op("Sub", [e.const(r2, "removed_sq_sum"), cross])])
         variance = e.op("Div", [e.op("Add", [kept_sq, removed_sq]), c_orig])
     inv_std = e.op("Reciprocal", [e.op("Sqrt", [e.op("Add", [variance, e.const(epsilon, "epsilon")])])],
                    out(inv_std_output))

@@ -5,10 +5,9 @@ original exactly (ops/layernorm.py); LRN, LpNorm, MVN and multi-axis normalisati
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from ..analysis import rule
-from .layernorm import decompose_layer_norm
+from .layernorm import FLOATS, decompose_layer_norm
 
 
 @rule("BatchNormalization")
@@ -87,7 +86,7 @@ def layer_norm(node, c):
     r = c.rank(x)
     axis = c.attr("axis", -1) % r
     shape = c.shape(x)
-    if axis == r - 1 and isinstance(shape[-1], int) and c.dtype(x) in _FLOATS:
+    if axis == r - 1 and isinstance(shape[-1], int) and c.dtype(x) in FLOATS:
         _last_axis_norm(node, c, x, y, r)
         return
     why = ("normalised over several axes" if axis != r - 1 else
@@ -114,16 +113,13 @@ def skip_layer_norm(node, c):
     sum keep their constant bias in the masked original, and the rewrite counts it in the statistics."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
-    if not isinstance(c.shape(x)[-1], int) or c.dtype(x) not in _FLOATS:
+    if not isinstance(c.shape(x)[-1], int) or c.dtype(x) not in FLOATS:
         c.freeze_all(f"{node.op_type}: width not static or not a float tensor")
         return
     if c.const(node.input[1]) is not None:  # masking never zeroes a constant: the statistics would see it
         c.freeze_all(f"{node.op_type}: constant skip input")
         return
     _last_axis_norm(node, c, x, y, r)
-
-
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def _norm_params(node, c, x, y, r, params):

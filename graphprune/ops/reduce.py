@@ -1,11 +1,10 @@
 """Pooling and reductions. Channels survive pooling; reducing *over* an axis couples all of its elements
-unless a removed (zeroed) element contributes nothing (sums), in which case its elements stay free."""
+unless the result under masking can be had from the kept elements: sums (a zeroed element adds nothing), means
+(sum / original count) and max/min (the masked zeros join in), rewritten by fixups in ops/layernorm.py."""
 from __future__ import annotations
 
-import onnx
-
 from ..analysis import rule
-from .layernorm import extreme_with_zero, mean_as_sum
+from .layernorm import FLOATS, extreme_with_zero, mean_as_sum
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
 
@@ -27,7 +26,6 @@ def pool(node, c):
 # zero contributes nothing to these, so removing an element equals masking it
 # (ReduceLogSum is log(ReduceSum): a zero adds nothing to the sum either)
 SUM_LIKE = {"ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum"}
-FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 REDUCES = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
            "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 
