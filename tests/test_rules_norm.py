@@ -403,3 +403,27 @@ def test_channel_max_min_see_the_masked_zeros(op, shift, opset):
     pruned, _ = prune_checked(model)
     assert wshape(pruned, "c1.w") == (4, 3, 3, 3)
     assert op in op_types(pruned) and ("Max" if op == "ReduceMax" else "Min") in op_types(pruned)
+
+
+@pytest.mark.parametrize("qualified,bias", [("com.microsoft::FastGelu", True), ("com.microsoft::FastGelu", False),
+                                            ("com.microsoft::BiasGelu", True), ("com.microsoft::Gelu", False),
+                                            ("com.microsoft::QuickGelu", False)])
+def test_contrib_gelu_activations(qualified, bias):
+    """onnxruntime's fused GELUs (what its transformer optimizer leaves in GPT-2/BERT FFNs) pass channels through,
+    with the bias going along: the FFN hidden width prunes."""
+    domain, op = qualified.split("::")
+    net = Net(17)
+    h = net.matmul("x", 10, 16, "up")
+    ins = [h, net.w(16, name="act.bias", scale=0.5)] if bias else [h]
+    y = net.matmul(net.op(op, ins, domain=domain), 16, 6, "down")
+    graph = helper.make_graph(net.nodes, "t", [helper.make_tensor_value_info("x", F, [2, 5, 10])],
+                              [helper.make_tensor_value_info(y, F, [2, 5, 6])],
+                              [numpy_helper.from_array(v, k) for k, v in net.inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    assert group_sizes(model) == [(16, 16)]
+    pruned, _ = prune_checked(model)
+    assert wshape(pruned, "up.w") == (10, 8) and wshape(pruned, "down.w") == (8, 6)
+    if bias:
+        assert wshape(pruned, "act.bias") == (8,)

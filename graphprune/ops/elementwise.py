@@ -98,3 +98,21 @@ def quantize(node, c):
             c.link(p, 0, y, axis % r)
         else:
             c.freeze(p, reason="unexpected quantization parameter rank")
+
+
+@rule("FastGelu", "BiasGelu", "Gelu", "QuickGelu", domain="com.microsoft")
+def contrib_gelu(node, c):
+    """onnxruntime's fused activations gelu(x [+ bias]): elementwise, the optional bias goes with the last axis."""
+    x, y = node.input[0], node.output[0]
+    c.same(x, y)
+    r = c.rank(x)
+    for extra in node.input[1:]:
+        if not extra:
+            continue
+        c.role(extra, "bias")
+        er = c.rank(extra)
+        for k in range(er):  # the bias is right-aligned with x ([H] against [B, S, H])
+            if c.shape(extra)[k] == c.shape(x)[r - er + k]:
+                c.link(extra, k, y, r - er + k)
+            else:
+                c.freeze(extra, k, reason="bias does not match the input's trailing axes")
