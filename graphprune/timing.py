@@ -15,7 +15,8 @@ machine a single timing of a layer that is 3x faster can say 0.9x. So:
    the true ratio.
 3. Sequential looks with a corrected alpha. The interval is checked after LOOKS rounds (a fixed schedule);
    each look spends alpha / len(LOOKS) (Bonferroni), so stopping early when the interval clears the margin
-   does not inflate the error rate above alpha overall. Also stops at a time cap.
+   does not inflate the error rate above alpha overall. Also stops at a time cap, and early when the
+   margin sits so close to the median that even the last look would not clear it (`_futile`).
 4. `decide`: sparse when the lower bound > margin, dense when the upper bound < margin, and otherwise
    (inconclusive) the analytic estimate decides: a roofline (bytes moved / bandwidth vs MACs / throughput)
    whose constants are measured once per machine and cached, so it never depends on one sample.
@@ -133,10 +134,24 @@ def compare(sample, baseline: str, candidates: list[str], margin: float = MARGIN
             med, lo, hi = median_interval(logs, per_look)
             result[c] = RatioEstimate(math.exp(med), math.exp(lo), math.exp(hi), rounds,
                                       float(np.median(times[baseline])), float(np.median(times[c])))
-        settled = all(r.clears(margin) is not None or r.hi / r.lo < TIGHT for r in result.values())
+        settled = all(r.clears(margin) is not None or r.hi / r.lo < TIGHT
+                      or (len(looks) > 1 and rounds >= looks[-2] and _futile(r, margin, looks[-1]))
+                      for r in result.values())
         if settled or clock() - start > time_cap_s:
             break
     return result
+
+
+def _futile(r: RatioEstimate, margin: float, last_look: int) -> bool:
+    """Would the interval still contain the margin at the last look? Its half-width (in log space) shrinks
+    about as 1/sqrt(rounds); if the margin lies within the half-width predicted for the last look around the
+    current median, more rounds are unlikely to decide, so stop (the analytic model decides). Asked only from
+    the second-to-last look on: with few rounds the sign-test interval spans extreme order statistics and the
+    1/sqrt scaling is too optimistic. This only ever ends a comparison as inconclusive, never conclusive."""
+    if not (math.isfinite(r.lo) and math.isfinite(r.hi)) or r.rounds >= last_look:
+        return False
+    predicted = 0.5 * (math.log(r.hi) - math.log(r.lo)) * math.sqrt(r.rounds / last_look)
+    return abs(math.log(r.ratio) - math.log(margin)) < predicted
 
 
 def median_times(sample, names: list[str], rounds: int = 15, warmup: int = WARMUP,
