@@ -188,9 +188,12 @@ def session_options(threads: int | None, native: bool = True):
 
 
 class SessionBench:
-    """`sample(name)` over onnxruntime sessions of several models fed the same input: one call of a bench
-    repeats the model for about ROUND_SECONDS and returns seconds per call. The repeat count is fixed per model
-    after a warm-up, so every sample of a model is the same work."""
+    """`sample(name)` over onnxruntime sessions of several models fed the same input. One sample runs the model
+    `reps` times (about ROUND_SECONDS in all; fixed per model after a warm-up, so every sample is the same work)
+    and returns the fastest of those calls. On a shared machine, load only ever adds time: a preempted call is
+    slower, never faster. The minimum of a few back-to-back calls drops the calls that were preempted, and the
+    paired log ratios of minima are far less noisy than those of sums, with the same centre when both models
+    see the same load."""
 
     def __init__(self, models: dict, feed: dict, threads: int | None, native: bool = True):
         import onnxruntime as ort
@@ -202,14 +205,16 @@ class SessionBench:
             s.run(None, feed)
             t0 = time.perf_counter()
             s.run(None, feed)
-            self.reps[k] = max(1, int(ROUND_SECONDS / max(time.perf_counter() - t0, 1e-7)))
+            self.reps[k] = max(3, int(ROUND_SECONDS / max(time.perf_counter() - t0, 1e-7)))
 
     def __call__(self, name: str) -> float:
-        s, n = self.sessions[name], self.reps[name]
-        t0 = time.perf_counter()
-        for _ in range(n):
-            s.run(None, self.feed)
-        return (time.perf_counter() - t0) / n
+        s, feed = self.sessions[name], self.feed
+        best = math.inf
+        for _ in range(self.reps[name]):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            best = min(best, time.perf_counter() - t0)
+        return best
 
 
 # ---- analytic model -----------------------------------------------------------------------------------------
@@ -273,12 +278,13 @@ class Decision:
     how: str                         # 'measured', 'analytic', 'cached', 'replayed', 'forced', 'no library'
     measured: RatioEstimate | None = None
     analytic: float | None = None    # roofline ratio, when it decided or was consulted
+    margin: float = MARGIN
 
     def reason(self) -> str:
         parts = []
         if self.measured is not None:
             m = self.measured
-            verdict = {True: "", False: "", None: " inconclusive"}[m.clears(MARGIN)]
+            verdict = " inconclusive" if m.clears(self.margin) is None else ""
             parts.append(f"measured {m.describe()}{verdict}")
         if self.analytic is not None:
             parts.append(f"analytic {self.analytic:.2f}×")
@@ -291,9 +297,9 @@ def decide(measured: RatioEstimate | None, analytic, margin: float = MARGIN) -> 
     if measured is not None:
         verdict = measured.clears(margin)
         if verdict is not None:
-            return Decision(verdict, "measured", measured)
+            return Decision(verdict, "measured", measured, margin=margin)
     ratio = analytic() if callable(analytic) else analytic
-    return Decision(ratio >= margin, "analytic", measured, ratio)
+    return Decision(ratio >= margin, "analytic", measured, ratio, margin)
 
 
 # ---- machine identity and the cache ---------------------------------------------------------------------------
