@@ -30,8 +30,8 @@ def layer_table(layers, verbose: bool = False) -> Table:
     t.add_column("layer / node", overflow="fold")
     if verbose:
         t.add_column("input")
-    t.add_column("how", overflow="fold")
-    t.add_column("decision", overflow="fold")
+    t.add_column("decision (how: measured ratio [interval] / cached / analytic / replayed / forced)",
+                 overflow="fold")
     t.add_column("sparsity", justify="right")
     t.add_column("dense µs", justify="right")
     t.add_column("sparse µs", justify="right")
@@ -41,7 +41,7 @@ def layer_table(layers, verbose: bool = False) -> Table:
         if verbose:
             row.append("×".join(str(d) for d in r.x_shape))
         err = f"{r.rel_error:.3f}/{r.rel_error_plain:.3f}" if r.rel_error is not None else "–"
-        row += [getattr(r, "how", "") or "–", r.decision, f"{r.sparsity:.0%}" if r.emitted else "–", _us(r.dense_us), _us(r.sparse_us), err]
+        row += [r.decision, f"{r.sparsity:.0%}" if r.emitted else "–", _us(r.dense_us), _us(r.sparse_us), err]
         t.add_row(*row)
     return t
 

@@ -20,8 +20,8 @@ from helpers import make_model, rand
 
 
 @pytest.fixture(autouse=True)
-def _private_timing_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(timing.CACHE_ENV, str(tmp_path / "timing-cache"))
+def _private_timing_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv(timing.CACHE_ENV, str(tmp_path_factory.mktemp("timing-cache")))
 
 
 # ---- the decision rule under noise ------------------------------------------------------------------------------
@@ -229,19 +229,21 @@ def test_no_measure_makes_no_timing_calls_and_is_reproducible(tmp_path):
 
 
 def test_cli_no_measure_plan_out_then_plan_in_writes_the_same_file(tmp_path):
+    import onnx
     from click.testing import CliRunner
 
     from graphprune.cli import main
-    from pathlib import Path
-    mnist = Path(__file__).resolve().parents[1] / "models" / "mnist_cnn.onnx"
+    model = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), str(model))
     first, second, plan = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "plan.json"
-    run = CliRunner().invoke(main, [str(mnist), "--sparsity", "0.75", "--no-measure", "--sparse-plan-out",
+    run = CliRunner().invoke(main, [str(model), "--sparsity", "0.75", "--no-measure", "--sparse-plan-out",
                                     str(plan), "-o", str(first), "--verify-samples", "1"], catch_exceptions=False)
     assert run.exit_code == 0, run.output
     assert "analytic" in run.output and "analytic model (no measurement)" in run.output
     layers = json.loads(plan.read_text())["layers"]
-    assert len(layers) == 5 and {e["decided_by"] for e in layers} == {"analytic"}
-    run = CliRunner().invoke(main, [str(mnist), "--sparsity", "0.75", "--sparse-plan-in", str(plan), "-o",
+    assert [e["layer"] for e in layers] == ["fc1", "fc2"] and {e["decided_by"] for e in layers} == {"analytic"}
+    assert not (timing.cache_dir() / "timings.json").exists()                # nothing was measured
+    run = CliRunner().invoke(main, [str(model), "--sparsity", "0.75", "--sparse-plan-in", str(plan), "-o",
                                     str(second), "--verify-samples", "1"], catch_exceptions=False)
     assert run.exit_code == 0, run.output
     assert "replayed" in run.output
