@@ -6,7 +6,8 @@ machine a single timing of a layer that is 3x faster can say 0.9x. So:
 
 1. Paired samples. `compare` times the baseline and each candidate in rounds, taking turns (A, B, A, B, ...;
    the order rotates every round), so a burst of load hits both members of a pair. Each round gives one
-   log ratio log(t_baseline / t_candidate) per candidate.
+   log ratio log(t_baseline / t_candidate) per candidate. A sample (SessionBench) is the fastest of a few
+   back-to-back calls: load only ever adds time, so the minimum drops the preempted calls.
 2. A distribution-free interval. The decision statistic is the median of the paired log ratios; its confidence
    interval comes from the sign test (order statistics x_(k) .. x_(n+1-k) with k the largest rank such that
    P(Binomial(n, 1/2) <= k - 1) <= alpha / 2). It assumes nothing about the noise but independence of rounds:
