@@ -436,24 +436,44 @@ OrtStatus* compute_conv(Kernel& k, OrtKernelContext* ctx) {
   // Output size as ONNX Conv, with the kernel required to fit the padded input (C division would round
   // a negative numerator towards zero and report one output row that reads past the padded image).
   const int64_t ext_h = k.dh * (k.kh - 1) + 1, ext_w = k.dw * (k.kw - 1) + 1;  // <= 2^40, no overflow
-  const int64_t Hpad = H + k.pt + k.pb, Wpad = W + k.pl + k.pr;            // H, W < 2^62: no overflow
+  int64_t Hpad = 0, Wpad = 0;  // an empty tensor may still carry huge dims
+  if (!add_ok(H, k.pt + k.pb, &Hpad) || !add_ok(W, k.pl + k.pr, &Wpad))
+    return k.error("input " + shape_str(x.shape) + " is too large");
   if (Hpad < ext_h || Wpad < ext_w)
     return k.error("kernel extent " + std::to_string(ext_h) + "x" + std::to_string(ext_w) +
                    " (kernel_shape, dilations) does not fit the padded input " + std::to_string(Hpad) + "x" +
                    std::to_string(Wpad) + " (X " + shape_str(x.shape) + " with pads)");
-  ConvGeom g;
+  ConvGeom g{};
   g.Cin = k.cin, g.H = H, g.W = W, g.Cout = k.cout;
   g.kh = k.kh, g.kw = k.kw, g.sh = k.sh, g.sw = k.sw, g.pt = k.pt, g.pl = k.pl, g.dh = k.dh, g.dw = k.dw;
   g.Ho = (Hpad - ext_h) / k.sh + 1;
   g.Wo = (Wpad - ext_w) / k.sw + 1;
-  std::shared_ptr<const Decoded> dec;
-  GP_RETURN_IF(decoded_index(k, index, &dec));
-  float* yp = nullptr;
-  GP_RETURN_IF(output(k, ctx, {batch, k.cout, g.Ho, g.Wo}, &yp));
   const int64_t nnz = index.count, Cb = k.cols;
   int64_t HW = 0, HoWo = 0, tasks = 0;
   if (!mul_ok(H, W, &HW) || !mul_ok(g.Ho, g.Wo, &HoWo) || !mul_ok(batch, Cb, &tasks) || !mul_ok(tasks, g.Ho, &tasks))
     return k.error("input " + shape_str(x.shape) + " is too large");
+  const bool pointwise =
+      k.kh == 1 && k.kw == 1 && k.sh == 1 && k.sw == 1 && k.pt == 0 && k.pl == 0 && k.pb == 0 && k.pr == 0;
+  // The kernels address one image with int32 offsets: the 1x1 path the input itself, the general path a
+  // zero-padded copy (16 * sw columns of slack on the right: the last 16-wide tile of a row reads up to
+  // column (Wo - 1 + 15) * sw + (kw - 1) * dw < Wp). Checked before the output is allocated, so absurd
+  // pads fail here rather than asking onnxruntime for terabytes.
+  int64_t image = 0, plane = 0, total = 0;
+  if (pointwise) {
+    if (!mul_ok(k.cin, HW, &image) || image > INT32_MAX)
+      return k.error("image " + shape_str(x.shape) + " is too large for the kernel's int32 offsets");
+  } else {
+    g.Hp = Hpad;
+    if (!add_ok(Wpad, 16 * k.sw + k.dw * k.kw, &g.Wp) || !mul_ok(g.Hp, g.Wp, &plane) ||
+        !mul_ok(k.cin, plane, &image) || image > INT32_MAX || !mul_ok(batch, image, &total) ||
+        total > (int64_t)(SIZE_MAX / sizeof(float)))
+      return k.error("padded image " + std::to_string(g.Hp) + "x" + std::to_string(g.Wp) + " x " +
+                     std::to_string(k.cin) + " channels is too large for the kernel's int32 offsets");
+  }
+  std::shared_ptr<const Decoded> dec;
+  GP_RETURN_IF(decoded_index(k, index, &dec));
+  float* yp = nullptr;
+  GP_RETURN_IF(output(k, ctx, {batch, k.cout, g.Ho, g.Wo}, &yp));
   if (batch == 0 || HoWo == 0) return nullptr;
   const float* xp = static_cast<const float*>(x.data);
   const float* vp = static_cast<const float*>(values.data);
@@ -462,29 +482,15 @@ OrtStatus* compute_conv(Kernel& k, OrtKernelContext* ctx) {
   const int32_t* colptr = dec->colptr.data();
   const float lo = k.lo, hi = k.hi;
   const double flops = 2.0 * (double)nnz * 4 * (double)HoWo * (double)batch;
-  const bool pointwise =
-      k.kh == 1 && k.kw == 1 && k.sh == 1 && k.sw == 1 && k.pt == 0 && k.pl == 0 && k.pb == 0 && k.pr == 0;
   if (pointwise) {
-    int64_t image = 0;  // channel offsets are int32
-    if (!mul_ok(k.cin, HW, &image) || image > INT32_MAX)
-      return k.error("image " + shape_str(x.shape) + " too large for the kernel's int32 offsets");
     std::vector<int32_t> off((size_t)nnz);  // channel rows of the image
     for (int64_t p = 0; p < nnz; ++p) off[(size_t)p] = (int32_t)(dec->tap_c[(size_t)p] * HW);
     const int32_t* offs = off.data();
     return parallel_for(ctx, (size_t)(batch * Cb), flops, [&](size_t t) {
       const int64_t n = (int64_t)t / Cb, j = (int64_t)t % Cb;
-      ks.conv1x1(xp + n * g.Cin * HW, vp, colptr, offs, bp, yp + n * g.Cout * HW, g.Cout, HW, j, lo, hi);
+      ks.conv1x1(xp + n * image, vp, colptr, offs, bp, yp + n * g.Cout * HW, g.Cout, HW, j, lo, hi);
     });
   }
-  // zero-padded copy of the batch, so the taps read without bounds checks (16 * sw columns of slack: the
-  // last 16-wide tile of a row reads up to (Wo - 1 + 15) * sw + (kw - 1) * dw < Wp)
-  g.Hp = Hpad;
-  int64_t plane = 0, image = 0, total = 0;
-  if (!add_ok(Wpad, 16 * k.sw + k.dw * k.kw, &g.Wp) || !mul_ok(g.Hp, g.Wp, &plane) ||
-      !mul_ok(k.cin, plane, &image) || image > INT32_MAX || !mul_ok(batch, image, &total) ||
-      total > (int64_t)(SIZE_MAX / sizeof(float)))
-    return k.error("padded image " + std::to_string(g.Hp) + "x" + std::to_string(g.Wp) + " x " +
-                   std::to_string(k.cin) + " channels is too large for the kernel's int32 offsets");
   std::vector<float> xpad((size_t)total, 0.f);
   for (int64_t n = 0; n < batch; ++n)
     for (int64_t c = 0; c < g.Cin; ++c)
@@ -506,14 +512,15 @@ OrtStatus* compute_conv(Kernel& k, OrtKernelContext* ctx) {
 // ---- kernel creation: attributes and constant inputs --------------------------------------------------------
 
 OrtStatus* required_int(const Kernel& k, const OrtKernelInfo* info, const char* name, int64_t* v) {
-  if (!has_attr_int(info, name, v)) return k.error(std::string("attribute ") + name + " (int) is missing");
+  if (!has_attr_int(info, name, v)) return k.error(std::string("attribute ") + name + " is missing or not an int");
   return nullptr;
 }
 
 // An ints attribute of exactly `n` values, each in [lo, kMaxGeometry].
 OrtStatus* required_ints(const Kernel& k, const OrtKernelInfo* info, const char* name, size_t n, int64_t lo,
                          std::vector<int64_t>* v) {
-  if (!has_attr_ints(info, name, v)) return k.error(std::string("attribute ") + name + " (ints) is missing");
+  if (!has_attr_ints(info, name, v))
+    return k.error(std::string("attribute ") + name + " is missing or not a list of ints");
   if (v->size() != n)
     return k.error(std::string("attribute ") + name + " must have " + std::to_string(n) + " values, got " +
                    shape_str(*v));
@@ -525,8 +532,8 @@ OrtStatus* required_ints(const Kernel& k, const OrtKernelInfo* info, const char*
 }
 
 OrtStatus* read_attributes(Kernel& k, const OrtKernelInfo* info) {
-  if (!has_attr_float(info, "clip_min", &k.lo)) return k.error("attribute clip_min (float) is missing");
-  if (!has_attr_float(info, "clip_max", &k.hi)) return k.error("attribute clip_max (float) is missing");
+  if (!has_attr_float(info, "clip_min", &k.lo)) return k.error("attribute clip_min is missing or not a float");
+  if (!has_attr_float(info, "clip_max", &k.hi)) return k.error("attribute clip_max is missing or not a float");
   if (std::isnan(k.lo) || std::isnan(k.hi) || k.lo > k.hi)
     return k.error("clip_min " + std::to_string(k.lo) + " / clip_max " + std::to_string(k.hi) +
                    " must be numbers with clip_min <= clip_max");
