@@ -26,10 +26,11 @@ NODE = "hostile0"
 ROLES = ("x", "values", "index", "bias")
 
 
-def raw_model(op: str, attrs: dict, arrays: dict, fed=("x",), name: str = NODE, opset: int = 17):
+def raw_model(op: str, attrs: dict, arrays: dict, fed=("x",), name: str = NODE, opset: int = 17,
+              with_function: bool = True):
     """One-node model of `op` with exactly `attrs` (nothing filled in) and the four `arrays`; those named in
-    `fed` become graph inputs (fed at run time), the rest initializers. It carries the op's function body,
-    as the sparsify pass emits it, so it also passes onnx.checker's full check."""
+    `fed` become graph inputs (fed at run time), the rest initializers. By default it carries the op's
+    function body, as the sparsify pass emits it."""
     from onnx import helper, numpy_helper
 
     node = helper.make_node(op, list(ROLES), ["y"], name=name, domain=ops.DOMAIN, **attrs)
@@ -41,7 +42,10 @@ def raw_model(op: str, attrs: dict, arrays: dict, fed=("x",), name: str = NODE, 
     graph = helper.make_graph([node], "g", inputs, [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
-    ops.attach_functions(model)
+    if with_function:
+        ops.attach_functions(model)
+    else:
+        model.opset_import.append(helper.make_opsetid(ops.DOMAIN, ops.VERSION))
     return model, {r: arrays[r] for r in ROLES if r in fed}
 
 
@@ -291,12 +295,12 @@ def test_hostile_case_is_an_error_naming_the_op_never_a_crash(case, hostile_resu
     assert re.search(case.expect, msg), f"{case.id}: {msg!r} does not match {case.expect!r}"
 
 
-def test_negative_pads_model_passes_the_onnx_checker():
-    # why the kernel must defend itself: the checker cannot see through a custom op's attributes
+def test_negative_pads_model_without_function_body_passes_the_onnx_checker():
+    # why the kernel must defend itself: without the function body the checker knows nothing of the op
     import onnx
 
     case = next(c for c in CASES if c.id == "conv-pads-negative-output-nonempty")
-    model, _ = raw_model(case.op, *case.build(), case.fed)
+    model, _ = raw_model(case.op, *case.build(), case.fed, with_function=False)
     onnx.checker.check_model(model, full_check=True)
 
 
