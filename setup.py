@@ -138,7 +138,8 @@ if SANITIZE:
         sources=["graphprune/kernels/native/gp_kernels.cc"],
         depends=["graphprune/kernels/native/kernels_impl.inc"],
         language="c++",
-        extra_compile_args=["-O1", "-g", "-std=c++17", "-fvisibility=hidden"] + SANITIZE_FLAGS,
+        # -O0: a quarter of -O1's compile time, and the sanitizer test's run time is onnxruntime's anyway
+        extra_compile_args=["-O0", "-g", "-std=c++17", "-fvisibility=hidden"] + SANITIZE_FLAGS,
         extra_link_args=SANITIZE_FLAGS,
     )
 else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -37,7 +38,8 @@ OPS = {
     "GpBsrConv": (CONV_ATTRS, (COUT // 4) * CIN * 9, 4),
 }
 THREADS = 8
-RUNS_PER_THREAD = 500
+# the sanitizer run (test_kernels_sanitize.py) lowers it: instrumented code is ~10x slower
+RUNS_PER_THREAD = int(os.environ.get("GRAPHPRUNE_TEST_RUNS_PER_THREAD", "500"))
 
 
 def sparse_weight(op: str, rng, keep: float, nnz: int | None = None):
