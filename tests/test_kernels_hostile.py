@@ -176,7 +176,11 @@ CONV_CASES = [
     Case("conv-pads-one-negative", "GpBsrConv", attrs={"pads": [1, 1, 1, -1]}, expect="pads"),
     Case("conv-pads-huge", "GpBsrConv", attrs={"pads": [2**40, 0, 0, 0]}, expect="pads"),
     Case("conv-pads-large-but-capped", "GpBsrConv", attrs={"pads": [2**20, 2**20, 2**20, 2**20]},
-         expect="too large"),
+         expect="add more than"),
+    # legal for ONNX, but gigabytes of padding around a 7x8 image
+    Case("conv-pads-oversized", "GpBsrConv", attrs={"pads": [20000, 20000, 20000, 20000]}, expect="add more than"),
+    Case("conv-pads-oversized-one-side", "GpBsrConv", attrs={"pads": [0, 0, 0, 9]}, expect="add more than"),
+    Case("conv-pads-largest-allowed", "GpBsrConv", attrs={"pads": [3, 4, 3, 4]}),  # 6 <= 2 x 3, 8 <= W
     Case("conv-pads-count", "GpBsrConv", attrs={"pads": [1, 1]}, expect="pads must have 4 values"),
     Case("conv-pads-missing", "GpBsrConv", attrs={"pads": None}, expect="attribute pads is missing"),
     Case("conv-strides-zero", "GpBsrConv", attrs={"strides": [0, 1]}, expect="strides"),

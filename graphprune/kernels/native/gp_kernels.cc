@@ -439,6 +439,13 @@ OrtStatus* compute_conv(Kernel& k, OrtKernelContext* ctx) {
   int64_t Hpad = 0, Wpad = 0;  // an empty tensor may still carry huge dims
   if (!add_ok(H, k.pt + k.pb, &Hpad) || !add_ok(W, k.pl + k.pr, &Wpad))
     return k.error("input " + shape_str(x.shape) + " is too large");
+  // Sane pads: no more padding in a dimension than max(input size, 2 x kernel extent). Real layers pad
+  // about one kernel extent in all; more only adds bias-only borders, and the padded copy (and output)
+  // would grow with the square of the pads (pads of 20000 on a 7x8 image: gigabytes).
+  if (k.pt + k.pb > (H > 2 * ext_h ? H : 2 * ext_h) || k.pl + k.pr > (W > 2 * ext_w ? W : 2 * ext_w))
+    return k.error("pads " + shape_str({k.pt, k.pl, k.pb, k.pr}) + " add more than max(input size, 2 x kernel " +
+                   "extent) to X " + shape_str(x.shape) + " (kernel extent " + std::to_string(ext_h) + "x" +
+                   std::to_string(ext_w) + ")");
   if (Hpad < ext_h || Wpad < ext_w)
     return k.error("kernel extent " + std::to_string(ext_h) + "x" + std::to_string(ext_w) +
                    " (kernel_shape, dilations) does not fit the padded input " + std::to_string(Hpad) + "x" +
