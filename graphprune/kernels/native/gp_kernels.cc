@@ -10,9 +10,10 @@
 // Safety contract (SPEC.md, "Validation"): every attribute is checked when the kernel is created and every
 // input shape, dtype and index array before any compute; a violation is an error status naming the op and
 // the node, never undefined behaviour. All sizes derived from attributes and shapes use checked arithmetic.
-// onnxruntime runs one session from many threads, so a kernel's only mutable state is a small cache of
-// decoded index arrays, keyed by the full index bytes and guarded by a mutex; a decoded entry is immutable
-// once published, and compute works on its own shared_ptr to it.
+// onnxruntime runs one session from many threads, so a kernel is immutable after creation (including the
+// decode of a constant-initializer index) but for a small cache of decoded index arrays fed at run time,
+// keyed by the full index bytes and guarded by a mutex; a decoded entry is immutable once published, and
+// compute works on its own shared_ptr to it.
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -249,7 +250,12 @@ struct Kernel {
   int64_t cin = 0, cout = 0, kh = 1, kw = 1, sh = 1, sw = 1, pt = 0, pl = 0, pb = 0, pr = 0, dh = 1, dw = 1;
   int64_t rows = 0, cols = 0, width = 0;  // index space rows x cols, floats per block
   float lo = -INFINITY, hi = INFINITY;
-  DecodeCache cache;
+  // The index when it is a constant initializer: decoded at creation, used whenever onnxruntime hands
+  // that very initializer (it is immutable for the session's life), which skips the byte compare.
+  const void* constant_index = nullptr;
+  int64_t constant_count = -1;
+  std::shared_ptr<const Decoded> constant_decoded;
+  DecodeCache cache;  // any other index array: keyed by content
 
   OrtStatus* error(const std::string& msg) const { return fail(where + ": " + msg); }
   const char* index_name() const { return kind == OpKind::CsrMatMul ? "index" : "block_index"; }
@@ -293,6 +299,10 @@ OrtStatus* decode(const Kernel& k, const int32_t* index, int64_t nnz, std::share
 }
 
 OrtStatus* decoded_index(Kernel& k, const Tensor& index, std::shared_ptr<const Decoded>* out) {
+  if (k.constant_decoded && index.data == k.constant_index && index.count == k.constant_count) {
+    *out = k.constant_decoded;
+    return nullptr;
+  }
   const int32_t* data = static_cast<const int32_t*>(index.data);
   *out = k.cache.find(data, index.count);
   if (*out) return nullptr;
@@ -603,9 +613,10 @@ OrtStatus* check_constant_inputs(Kernel& k, const OrtKernelInfo* info) {
   if (constant[2]) GP_RETURN_IF(check_index(k, t[2]));
   if (constant[3]) GP_RETURN_IF(check_bias(k, t[3]));
   if (constant[1] && constant[2]) GP_RETURN_IF(check_counts(k, t[1], t[2]));
-  if (constant[2]) {
-    std::shared_ptr<const Decoded> dec;
-    GP_RETURN_IF(decoded_index(k, t[2], &dec));
+  if (constant[2] && t[2].count > 0) {
+    GP_RETURN_IF(decode(k, static_cast<const int32_t*>(t[2].data), t[2].count, &k.constant_decoded));
+    k.constant_index = t[2].data;
+    k.constant_count = t[2].count;
   }
   return nullptr;
 }
