@@ -1,9 +1,9 @@
 // onnxruntime custom-op library for graphprune's block-sparse ops (domain ai.graphprune, version 1).
 //
 // Links nothing from onnxruntime: the API arrives through RegisterCustomOps. We ask for
-// min(compiled API version, running onnxruntime's minor version), so one build runs on onnxruntime 1.16 and
-// newer, and only use entries that old (GetTensorMutableData, KernelInfoGetAttribute*, KernelContext_*,
-// KernelInfo_GetNodeName and KernelInfoGetConstantInput_tensor from 1.15).
+// min(compiled API version, running onnxruntime's minor version), so one build runs on onnxruntime 1.19 and
+// newer, and only use entries that old (GetTensorMutableData, KernelInfoGetAttribute*, KernelContext_*;
+// KernelInfo_GetNodeName and KernelInfoGetConstantInput_tensor are from 1.15).
 // Threads come from onnxruntime's intra-op pool (KernelContext_ParallelFor), never OpenMP, so the session's
 // thread setting holds. Op layouts: graphprune/kernels/SPEC.md.
 //
