@@ -229,7 +229,7 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
                         for n in before["per_node"] if before["per_node"][n]]
     if verify:
         def run_verify():
-            reference = masked_reference(original, removed, analysis.coupler.oracle_masks, updates)
+            reference = masked_reference(original, removed, analysis.oracle_masks, updates)
             feeds = random_feeds(original, verify_samples, seed=seed, dims=input_dims)
             return compare(reference, pruned, feeds)
         report.verification = pm.run("verify", run_verify)
