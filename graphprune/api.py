@@ -320,4 +320,4 @@ def save(model: onnx.ModelProto, path, external_data=None) -> None:
     save_model(model, path, external_data)
 
 
-__all__ = ["prune", "analyze_model", "PruneReport", "RewritePlan", "PlanError", "save", "np"]
+__all__ = ["prune", "analyze_model", "PruneReport", "RewritePlan", "PlanError", "save"]
