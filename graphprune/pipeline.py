@@ -242,7 +242,8 @@ def _verify(ctx: Context) -> str:
     from .feeds import random_feeds
     from .verify import compare, masked_reference
     o = ctx.options
-    reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.coupler.oracle_masks, ctx.updates)
+    reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.oracle_masks, ctx.updates,
+                                 ctx.analysis.mask_fills)
     feeds = random_feeds(ctx.original, o.verify_samples, seed=o.seed, dims=o.input_dims)
     ctx.report.verification = compare(reference, ctx.pruned, feeds)
     return f"max abs diff {ctx.report.verification['max_abs_diff']:.2e} on {o.verify_samples} inputs"

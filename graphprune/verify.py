@@ -14,8 +14,9 @@ from .runtime import compare_arrays, run, session
 
 
 def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], oracle_masks=(),
-                     weight_updates: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """The original model with removed channels zeroed wherever a node reads them."""
+                     weight_updates: dict[str, np.ndarray] | None = None, mask_fills=()) -> onnx.ModelProto:
+    """The original model with removed channels zeroed wherever a node reads them. `mask_fills` ((node, tensor,
+    zero point) triples) name quantized inputs whose removed channels read the zero point instead of 0."""
     model = graph.to_model(with_value_info=False)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -35,10 +36,10 @@ def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], o
             index[ax] = idx
             mask[tuple(index)] = False
         masks[name] = [mask]
-    insert_consumer_masks(model, masks, graph.dtypes)
+    insert_consumer_masks(model, masks, graph.dtypes, fills={(f[0], f[1]): f[2] for f in mask_fills})
     for name, arr in (weight_updates or {}).items():
         _replace_init(g, name, arr)
-    for weight, axis, like, like_axis in oracle_masks:
+    for weight, axis, like, like_axis, *rest in oracle_masks:
         idx = removed.get((like, like_axis))
         if idx is None or not len(idx):
             continue
@@ -46,9 +47,20 @@ def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], o
             else np.array(weight_updates[weight])
         index = [slice(None)] * arr.ndim
         index[axis] = idx
-        arr[tuple(index)] = 0
+        fill = rest[0] if rest and rest[0] else ""
+        arr[tuple(index)] = _fill_value(numpy_helper.to_array(inits[fill]), arr, axis) if fill else 0
         _replace_init(g, weight, arr)
     return model
+
+
+def _fill_value(fill: np.ndarray, arr: np.ndarray, axis: int) -> np.ndarray:
+    """A zero point laid out to broadcast against arr with `axis` selected: scalar; one value per leading index
+    (per direction); or arr's shape without `axis` (per direction and output column)."""
+    if fill.ndim == 0 or fill.size == 1:
+        return fill.reshape(())
+    if fill.ndim == arr.ndim - 1:
+        return np.expand_dims(fill, axis)
+    return fill.reshape((-1,) + (1,) * (arr.ndim - 1))
 
 
 def _replace_init(g, name, arr):

@@ -58,3 +58,77 @@ def test_int64_shape_constants_alone_do_not_make_a_unit():
     import graphprune
     analysis = graphprune.analyze_model(model)
     assert analysis.groups == []
+
+
+def _dynamic_int8_mlp():
+    """onnxruntime's dynamic quantization pattern, twice: DynamicQuantizeLinear -> MatMulInteger (int8 weight,
+    per-column zero point) -> Cast -> Mul(x_scale * w_scale) -> Tanh. The uint8 activation's zero point is
+    computed at run time and is not 0, so a removed channel must read the zero point in the masked reference."""
+    nodes = []
+    for k, (x, y) in enumerate((("x", "h"), ("r", "y"))):
+        nodes += [
+            helper.make_node("DynamicQuantizeLinear", [x], [f"q{k}", f"s{k}", f"z{k}"]),
+            helper.make_node("MatMulInteger", [f"q{k}", f"w{k}", f"z{k}", f"wz{k}"], [f"i{k}"]),
+            helper.make_node("Cast", [f"i{k}"], [f"f{k}"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"s{k}", f"ws{k}"], [f"sc{k}"]),
+            helper.make_node("Mul", [f"f{k}", f"sc{k}"], [y if k else "m"]),
+        ]
+        if k == 0:
+            nodes.append(helper.make_node("Tanh", ["m"], ["r"]))  # signed: r's uint8 zero point is not 0
+    inits = {"w0": _int8((16, 12), 1), "wz0": np.random.default_rng(2).integers(-3, 4, 12).astype(np.int8),
+             "ws0": np.float32(0.01), "w1": _int8((12, 6), 3), "wz1": np.zeros(6, np.int8), "ws1": np.float32(0.02)}
+    return make_model(nodes, [("x", [2, 16])], [("y", [2, 6])], inits, opset=13)
+
+
+def test_matmul_integer_prunes_with_zero_point_fill():
+    pruned, report = prune_checked(_dynamic_int8_mlp(), ratio=0.5)
+    inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert inits["w0"].shape == (16, 6) and inits["w0"].dtype == np.int8
+    assert inits["wz0"].shape == (6,)
+    assert inits["w1"].shape == (6, 6)
+    assert report.macs_after < report.macs_before  # integer MACs are counted
+
+
+def test_zero_point_fill_is_what_makes_the_oracle_exact():
+    """Masking the uint8 activation with 0 instead of its zero point gives a different (wrong) reference."""
+    import graphprune
+    from graphprune.verify import masked_reference
+    from graphprune.api import load_graph
+    from graphprune.analysis import analyze
+    from graphprune.runtime import session
+    model = _dynamic_int8_mlp()
+    _, report = graphprune.prune(model, ratio=0.5)
+    graph, _ = load_graph(model)
+    analysis = analyze(graph)
+    removed = report.plan.removed_elements()
+    assert analysis.mask_fills, "MatMulInteger declared no zero-point fill"
+    x = {"x": np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32) + 0.5}
+    with_fill = session(masked_reference(graph, removed, analysis.oracle_masks, None, analysis.mask_fills)).run(None, x)
+    without = session(masked_reference(graph, removed, analysis.oracle_masks, None)).run(None, x)
+    assert np.abs(with_fill[0] - without[0]).max() > 1e-3
+
+
+def _dynamic_int8_convs():
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+        helper.make_node("ConvInteger", ["q", "w", "z"], ["i"], pads=[1, 1, 1, 1]),
+        helper.make_node("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["s", "ws"], ["sc"]),
+        helper.make_node("Mul", ["f", "sc"], ["m"]),
+        helper.make_node("Relu", ["m"], ["r"]),
+        helper.make_node("DynamicQuantizeLinear", ["r"], ["q2", "s2", "z2"]),
+        helper.make_node("ConvInteger", ["q2", "w2", "z2"], ["i2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Cast", ["i2"], ["f2"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["s2", "ws2"], ["sc2"]),
+        helper.make_node("Mul", ["f2", "sc2"], ["y"]),
+    ]
+    inits = {"w": np.random.default_rng(1).integers(0, 255, (8, 3, 3, 3)).astype(np.uint8), "ws": np.float32(0.01),
+             "w2": np.random.default_rng(2).integers(0, 255, (4, 8, 3, 3)).astype(np.uint8), "ws2": np.float32(0.01)}
+    return make_model(nodes, [("x", [1, 3, 6, 6])], [("y", [1, 4, 6, 6])], inits, opset=13)
+
+
+def test_conv_integer_prunes_with_zero_point_fill():
+    pruned, report = prune_checked(_dynamic_int8_convs(), ratio=0.5)
+    inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert inits["w"].shape == (4, 3, 3, 3) and inits["w2"].shape == (4, 4, 3, 3)
+    assert report.macs_after < 0.6 * report.macs_before
