@@ -173,3 +173,26 @@ def test_mask_inputs_change_with_the_feeds_in_one_session():
         mask[0, removed] = False
         got = runtime.run(sess, {"x": x, names["x"][0]: mask})["y"]
         np.testing.assert_allclose(got, (x * mask) @ w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("elem", [TensorProto.UINT8, TensorProto.INT16])
+def test_a_fill_replaces_zero_for_the_node_that_asks_for_it(elem):
+    """A quantized input's removed channels read its zero point, for that consumer only; the widened int16 path
+    casts the fill as well."""
+    np_type = helper.tensor_dtype_to_np_dtype(elem)
+    nodes = [helper.make_node("Identity", ["x"], ["t"], name="producer"),
+             helper.make_node("Identity", ["t"], ["a"], name="quantized_reader"),
+             helper.make_node("Identity", ["t"], ["b"], name="plain_reader")]
+    model = make_model(nodes, [("x", [2, 4], elem)], [("a", [2, 4], elem), ("b", [2, 4], elem)],
+                       {"zp": np.array(7, np_type)})
+    mask = np.array([[True, False, True, False]])
+    x = np.arange(1, 9, dtype=np_type).reshape(2, 4)
+    for as_inputs in (False, True):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        names = insert_consumer_masks(m, {"t": [mask]}, {"t": elem}, as_inputs=as_inputs,
+                                      fills={("quantized_reader", "t"): "zp"})
+        feeds = {"x": x, **({n: mask for n in names["t"]} if as_inputs else {})}
+        got = runtime.run(m, feeds)
+        np.testing.assert_array_equal(got["a"], np.where(mask, x, np.array(7, np_type)))
+        np.testing.assert_array_equal(got["b"], np.where(mask, x, np.array(0, np_type)))
