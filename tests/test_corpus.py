@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 import graphprune
-from graphprune.testing.weights import refill_weights
-from graphprune.verify import compare, random_feeds, session
+from graphprune.verify import random_feeds, session
+from models.corpus_tools import refill_weights
 
 CORPUS = Path(__file__).resolve().parents[1] / "models" / "corpus"
 MANIFEST = CORPUS / "manifest.json"

@@ -11,7 +11,8 @@ from graphprune.calibration import CalibrationError, ChannelStats, load_feeds
 from graphprune.ir import Graph
 from graphprune.passes.importance import CRITERIA, get_criterion
 from graphprune.passes.importance.weights_only import lamp_scores
-from helpers import make_model, prune_checked, rand
+
+from helpers import make_model, rand
 
 MNIST = Path(__file__).resolve().parents[1] / "models" / "mnist_cnn.onnx"
 
@@ -138,6 +139,7 @@ def test_calibration_loading_errors_and_folder(tmp_path):
 
 def test_cli_target_macs_obspa_calib(tmp_path):
     from click.testing import CliRunner
+
     from graphprune.cli import main
     np.savez(tmp_path / "feeds.npz", input=np.random.default_rng(1).standard_normal((40, 1, 28, 28)).astype(np.float32))
     out = tmp_path / "p.onnx"

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 from graphprune.ops import elementwise, reduce as reduce_rules
+
 from helpers import group_sizes, make_model, prune_checked, rand
 
 F = TensorProto.FLOAT
@@ -86,7 +87,7 @@ def build(nodes, inputs, outputs, initializers=None, opset=17):
             probe.ir_version = 8
             sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
             feeds = {i[0]: np.zeros(i[1], np.float32) for i in inputs}
-            shapes = {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
+            shapes = {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), sess.run(None, feeds), strict=True)}
         outputs = [(o[0], shapes[o[0]]) if o[1] is None else o for o in outputs]
     return make_model(nodes, inputs, outputs, initializers, opset=opset)
 
@@ -1109,8 +1110,9 @@ def test_recurrent_initial_state_from_graph_input_freezes_hidden():
 
 def test_instance_norm_statistics_axis_is_frozen():
     """MatMul -> InstanceNormalization over a [1, 5, 16] tensor: the 16-wide axis carries the statistics."""
-    import graphprune
     from onnx import helper as h
+
+    import graphprune
     nodes = [
         h.make_node("MatMul", ["x", "w1"], ["a"]),
         h.make_node("InstanceNormalization", ["a", "s", "b"], ["n"]),

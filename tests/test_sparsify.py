@@ -62,11 +62,11 @@ import onnxruntime as ort  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
 
 from graphprune.calibration import synthetic_feeds  # noqa: E402
-from graphprune.errors import VerificationError  # noqa: E402
 from graphprune.ir import Graph  # noqa: E402
 from graphprune.kernels import ops  # noqa: E402
 from graphprune.passes.canonicalize import canonicalize  # noqa: E402
 from graphprune.passes.sparsify import sparsify  # noqa: E402
+
 from helpers import make_model, rand  # noqa: E402
 
 

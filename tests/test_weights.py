@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from graphprune.testing.weights import (  # noqa: E402
-    STRIPPED_KEY, corpus_dir, is_stripped, load_manifest, make_inputs, refill_weights, strip_weights,
+from models.corpus_tools import (
+    STRIPPED_KEY,
+    corpus_dir,
+    is_stripped,
+    load_manifest,
+    make_inputs,
+    refill_weights,
+    strip_weights,
     stripped_names,
 )
 
