@@ -1,0 +1,57 @@
+"""Records which channel rules the rule tests (tests/test_rules_*.py) run, for tests/test_rule_coverage.py."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import recording_rule_lookups
+
+RULE_TEST_PREFIX = "test_rules_"
+COVERAGE_FILE = "test_rule_coverage.py"
+
+
+class RuleCoverage:
+    """Op types whose rule ran during the rule tests of this session, and whether every rule test ran."""
+
+    def __init__(self):
+        self.ops: dict[str, set[str]] = {}  # op -> node ids of the rule tests that ran its rule
+        self.expected: set[str] = set()     # node ids of the selected rule tests
+        self.ran: set[str] = set()
+        self.deselected = 0
+
+    def complete(self) -> bool:
+        return bool(self.expected) and not self.deselected and self.expected <= self.ran
+
+
+_COVERAGE = RuleCoverage()
+
+
+def _is_rule_test(item) -> bool:
+    return item.path.name.startswith(RULE_TEST_PREFIX)
+
+
+def pytest_deselected(items):
+    _COVERAGE.deselected += sum(_is_rule_test(i) for i in items)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    # after -k/-m deselection: the coverage checks run last, once the rule tests have recorded what they ran
+    _COVERAGE.expected = {i.nodeid for i in items if _is_rule_test(i)}
+    items.sort(key=lambda i: i.path.name == COVERAGE_FILE)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if not _is_rule_test(item):
+        yield
+        return
+    with recording_rule_lookups() as seen:
+        yield
+    _COVERAGE.ran.add(item.nodeid)
+    for op in seen:
+        _COVERAGE.ops.setdefault(op, set()).add(item.nodeid)
+
+
+@pytest.fixture
+def rule_coverage() -> RuleCoverage:
+    return _COVERAGE

@@ -1,6 +1,8 @@
 """Shared helpers for tests: build small ONNX graphs with random weights, prune, and check equivalence."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -50,3 +52,27 @@ def group_sizes(model):
     """Sorted (units, channels) of the prunable groups of a model."""
     analysis = graphprune.analyze_model(model)
     return sorted((len(g.units), g.channels) for g in analysis.groups)
+
+
+@contextlib.contextmanager
+def recording_rule_lookups():
+    """Collect, as ``domain::op`` (plain ``op`` for the default domain), every op whose channel rule the
+    analysis looks up and finds inside the block: the op types the rules were actually run on."""
+    from graphprune.analysis import RULES
+    from graphprune.registry import _norm_domain
+
+    seen: set[str] = set()
+    original = RULES.lookup
+
+    def lookup(op_type, domain=""):
+        fn = original(op_type, domain)
+        if fn is not None:
+            d = _norm_domain(domain)
+            seen.add(f"{d}::{op_type}" if d else op_type)
+        return fn
+
+    RULES.lookup = lookup  # instance attribute shadows the method for the duration of the block
+    try:
+        yield seen
+    finally:
+        del RULES.lookup

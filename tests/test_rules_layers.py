@@ -533,6 +533,23 @@ def test_unary(op):
     assert shape_of(pruned, "w2") == (4, 4, 1, 1)
 
 
+def test_identity_read_by_a_graph_output_links_its_channels():
+    """canonicalize drops every other Identity (test_unary only checks that it disappears); one whose output is
+    a graph output stays, and its rule carries the output's freeze back to the conv that produces h."""
+    nodes = [conv("c1", "X", "h", "w1", "b1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             mk("Identity", ["h"], ["i"]), mk("Relu", ["i"], ["r"]),
+             conv("c2", "r", "u", "w2", "b2", kernel_shape=[1, 1]), mk("Relu", ["u"], ["ur"]),
+             conv("c3", "ur", "Y", "w3", kernel_shape=[1, 1])]
+    model = build(nodes, [("X", [1, 3, 5, 5])], [("Y", None), ("i", None)],
+                  {"w1": rand(8, 3, 3, 3), "b1": rand(8), "w2": rand(6, 8, 1, 1), "b2": rand(6),
+                   "w3": rand(4, 6, 1, 1)})
+    assert_frozen(model, "w1", 0, "graph output 'i'")
+    pruned, _ = prune_checked(model)
+    assert "Identity" in [n.op_type for n in pruned.graph.node]
+    assert shape_of(pruned, "w1") == (8, 3, 3, 3)
+    assert shape_of(pruned, "w2") == (3, 8, 1, 1)
+
+
 def test_dropout_with_mask_output():
     """Dropout's mask output (kept by canonicalisation) carries the same channels as its data output."""
     middle = [mk("Dropout", ["h"], ["d", "mask"]), mk("Cast", ["mask"], ["mf"], to=F), mk("Mul", ["d", "mf"], ["m"])]
