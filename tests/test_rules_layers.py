@@ -348,12 +348,7 @@ def _group_norm_model(opset, groups=4, c=8):
     init = {"w1": rand(c, 3, 3, 3), "b1": rand(c), "s": rand(size, positive=True), "bb": rand(size),
             "w2": rand(4, c, 1, 1)}
     # built without onnx.checker: onnx 1.23 rejects GroupNormalization-18 as deprecated
-    graph = helper.make_graph(nodes, "gn", [helper.make_tensor_value_info("X", F, [1, 3, 5, 5])],
-                              [helper.make_tensor_value_info("Y", F, [1, 4, 5, 5])],
-                              [numpy_helper.from_array(v, k) for k, v in init.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
+    return make_model(nodes, [("X", [1, 3, 5, 5])], [("Y", [1, 4, 5, 5])], init, opset=opset, check=False)
 
 
 @pytest.mark.parametrize("opset", [18, 21])
@@ -437,11 +432,7 @@ def test_simplified_layer_norm_axis_frozen():
     """SimplifiedLayerNormalization is an onnxruntime op in the ONNX domain that onnx.checker rejects, so only
     the analysis is checked here (prune's full check refuses the model: see the report)."""
     nodes, init = _ln_model("SimplifiedLayerNormalization")
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("X", F, [2, 5, 10])],
-                              [helper.make_tensor_value_info("Y", F, None)],
-                              [numpy_helper.from_array(v, k) for k, v in init.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = make_model(nodes, [("X", [2, 5, 10])], [("Y", None)], init, check=False)
     assert_frozen(model, "h", 2, "SimplifiedLayerNormalization", "statistics")
     assert group_sizes(model) == [(16, 16)]
 
