@@ -1,11 +1,14 @@
 """Records which channel rules the rule tests (tests/test_rules_*.py) run, for tests/test_rule_coverage.py."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers import recording_rule_lookups
 
 RULE_TEST_PREFIX = "test_rules_"
+RULE_TEST_FILES = {p.name for p in Path(__file__).parent.glob(RULE_TEST_PREFIX + "*.py")}
 COVERAGE_FILE = "test_rule_coverage.py"
 
 
@@ -19,7 +22,9 @@ class RuleCoverage:
         self.deselected = 0
 
     def complete(self) -> bool:
-        return bool(self.expected) and not self.deselected and self.expected <= self.ran
+        """Every rule test file collected, none of its tests deselected, and all of them run."""
+        files = {nodeid.split("::")[0].rsplit("/", 1)[-1] for nodeid in self.expected}
+        return files == RULE_TEST_FILES and not self.deselected and self.expected <= self.ran
 
 
 _COVERAGE = RuleCoverage()
