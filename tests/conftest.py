@@ -1,4 +1,5 @@
-"""Records which channel rules the rule tests (tests/test_rules_*.py) run, for tests/test_rule_coverage.py."""
+"""Test-session hooks: record which channel rules the rule tests (tests/test_rules_*.py) run, for
+tests/test_rule_coverage.py; keep the benchmark-cache checks out unless -m names them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,7 +41,15 @@ def pytest_deselected(items):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    # after -k/-m deselection: the coverage checks run last, once the rule tests have recorded what they ran
+    # Runs after -k/-m deselection.
+    # Checks of the locally prepared fidelity-benchmark cache run only when -m names benchmark_cache, so that
+    # any other expression (-m "not slow") leaves them out as the plain run does.
+    if "benchmark_cache" not in (config.option.markexpr or ""):
+        cache_checks = [i for i in items if i.get_closest_marker("benchmark_cache")]
+        if cache_checks:
+            config.hook.pytest_deselected(items=cache_checks)
+            items[:] = [i for i in items if not i.get_closest_marker("benchmark_cache")]
+    # The coverage checks run last, once the rule tests have recorded what they ran.
     _COVERAGE.expected = {i.nodeid for i in items if _is_rule_test(i)}
     items.sort(key=lambda i: i.path.name == COVERAGE_FILE)
 
