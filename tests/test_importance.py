@@ -101,6 +101,7 @@ def test_every_criterion_prunes_mnist_to_target_and_verifies(name):
     onnx.checker.check_model(pruned, full_check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compensate", ["obs", "bias"])
 def test_compensation_is_verified_against_reference_with_same_updates(tmp_path, compensate):
     feeds = {"input": np.random.default_rng(0).standard_normal((48, 1, 28, 28)).astype(np.float32)}
@@ -111,6 +112,7 @@ def test_compensation_is_verified_against_reference_with_same_updates(tmp_path, 
     assert report.fidelity["samples"] > 0
 
 
+@pytest.mark.slow
 def test_obspa_data_free_uses_synthetic_proxy_and_compensates():
     pruned, report = graphprune.prune(str(MNIST), importance="obspa", target_macs=0.5, verify=True)
     assert "synthetic proxy" in report.calibration and report.compensated >= 3
@@ -137,6 +139,7 @@ def test_calibration_loading_errors_and_folder(tmp_path):
     assert feeds["input"].shape == (3, 1, 28, 28) and feeds["input"].dtype == np.float32
 
 
+@pytest.mark.slow
 def test_cli_target_macs_obspa_calib(tmp_path):
     from click.testing import CliRunner
 

@@ -297,6 +297,7 @@ def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_cli_mnist_forced_sparse_model_runs_without_the_library(tmp_path):
     model = tmp_path / "mnist.onnx"
     shutil.copy(MNIST, model)
@@ -318,6 +319,7 @@ def test_cli_mnist_forced_sparse_model_runs_without_the_library(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist.onnx", "sparse.onnx"]
 
 
+@pytest.mark.slow
 def test_cli_verification_failure_names_the_node_and_writes_nothing(tmp_path, monkeypatch):
     real = ops.pack_bsr_matmul
 
@@ -333,6 +335,7 @@ def test_cli_verification_failure_names_the_node_and_writes_nothing(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_api_sparsity_alone_and_after_channel_pruning():
     model, report = graphprune.prune(str(MNIST), sparsity=0.5, sparse_force=True, verify_samples=1)
     assert report.channels_removed == 0 and len(report.sparse_layers) == 5      # ratio 0 when only sparsity
@@ -363,6 +366,7 @@ def test_bad_sparse_settings_fail_cleanly():
 from graphprune.passes.sparse_stats import LayerStats  # noqa: E402
 
 
+@pytest.mark.slow
 def test_target_fits_the_dense_output_from_damaged_inputs():
     rng = np.random.default_rng(5)
     d = _correlated(4000, 48, seed=6).astype(np.float64)
@@ -377,6 +381,7 @@ def test_target_fits_the_dense_output_from_damaged_inputs():
     assert np.array_equal(same.target(w), w)                    # nothing upstream changed: W itself
 
 
+@pytest.mark.slow
 def test_sequential_sparsification_stays_closer_to_the_dense_model():
     rng = np.random.default_rng(7)
     mix = rng.standard_normal((32, 32)) / 5
