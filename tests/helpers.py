@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -78,3 +79,17 @@ def recording_rule_lookups():
         yield seen
     finally:
         del RULES.lookup
+
+
+MNIST = Path(__file__).resolve().parents[1] / "models" / "mnist_cnn.onnx"
+
+
+def conv_bn_model(gamma):
+    c = len(gamma)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    inits = {"w1": rand(c, 3, 3, 3, seed=1), "g": np.asarray(gamma, np.float32), "b": rand(c, seed=2),
+             "m": rand(c, seed=3), "v": rand(c, seed=4, positive=True), "w2": rand(4, c, 3, 3, seed=5)}
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], inits)
