@@ -1,5 +1,5 @@
 """Test-session hooks: record which channel rules the rule tests (tests/test_rules_*.py) run, for
-tests/test_rule_coverage.py; keep the benchmark-cache checks out unless -m names them."""
+tests/test_rule_coverage.py; keep the opt-in tests (benchmark cache, sanitizer) out unless -m names them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +11,7 @@ from helpers import recording_rule_lookups
 RULE_TEST_PREFIX = "test_rules_"
 RULE_TEST_FILES = {p.name for p in Path(__file__).parent.glob(RULE_TEST_PREFIX + "*.py")}
 COVERAGE_FILE = "test_rule_coverage.py"
+OPT_IN_MARKERS = ("benchmark_cache", "sanitize")
 
 
 class RuleCoverage:
@@ -42,13 +43,15 @@ def pytest_deselected(items):
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     # Runs after -k/-m deselection.
-    # Checks of the locally prepared fidelity-benchmark cache run only when -m names benchmark_cache, so that
-    # any other expression (-m "not slow") leaves them out as the plain run does.
-    if "benchmark_cache" not in (config.option.markexpr or ""):
-        cache_checks = [i for i in items if i.get_closest_marker("benchmark_cache")]
-        if cache_checks:
-            config.hook.pytest_deselected(items=cache_checks)
-            items[:] = [i for i in items if not i.get_closest_marker("benchmark_cache")]
+    # Opt-in tests (the prepared fidelity-benchmark cache, the sanitizer build) run only when -m names their
+    # marker, so that any other expression (-m "not slow") leaves them out as the plain run does.
+    for marker in OPT_IN_MARKERS:
+        if marker in (config.option.markexpr or ""):
+            continue
+        opted_out = [i for i in items if i.get_closest_marker(marker)]
+        if opted_out:
+            config.hook.pytest_deselected(items=opted_out)
+            items[:] = [i for i in items if not i.get_closest_marker(marker)]
     # The coverage checks run last, once the rule tests have recorded what they ran.
     _COVERAGE.expected = {i.nodeid for i in items if _is_rule_test(i)}
     items.sort(key=lambda i: i.path.name == COVERAGE_FILE)
