@@ -1,6 +1,6 @@
 """Per corpus model: prunable share of channels, MACs before/after at a ratio, frozen groups by reason, wall time.
 
-    python benchmarks/corpus_report.py [--ratio 0.5] [--only NAME ...]
+    python -m benchmarks.corpus_report [--ratio 0.5] [--only NAME ...]
 
 Writes benchmarks/results/corpus.md. Wall time covers the whole graphprune run on an in-memory model
 (canonicalize, analyze, score, plan, rewrite, checker, verification on one random input).
@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 import graphprune
-from graphprune.testing.weights import refill_weights
+from models.corpus_tools import refill_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "models" / "corpus"

@@ -48,19 +48,25 @@ def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], o
         index = [slice(None)] * arr.ndim
         index[axis] = idx
         fill = rest[0] if rest and rest[0] else ""
-        arr[tuple(index)] = _fill_value(numpy_helper.to_array(inits[fill]), arr, axis) if fill else 0
+        arr[tuple(index)] = _fill_value(numpy_helper.to_array(inits[fill]), arr, axis, idx) if fill else 0
         _replace_init(g, weight, arr)
     return model
 
 
-def _fill_value(fill: np.ndarray, arr: np.ndarray, axis: int) -> np.ndarray:
-    """A zero point laid out to broadcast against arr with `axis` selected: scalar; one value per leading index
-    (per direction); or arr's shape without `axis` (per direction and output column)."""
-    if fill.ndim == 0 or fill.size == 1:
+def _fill_value(fill: np.ndarray, arr: np.ndarray, axis: int, idx: np.ndarray) -> np.ndarray:
+    """The zero point for arr's entries at `idx` along `axis`, shaped to broadcast into them. A zero point is a
+    scalar, one value per leading index (per direction), or arr's shape without one axis (DynamicQuantizeLSTM's
+    [directions, 4·hidden] for W [directions, input, 4·hidden])."""
+    if fill.size == 1:
         return fill.reshape(())
-    if fill.ndim == arr.ndim - 1:
-        return np.expand_dims(fill, axis)
-    return fill.reshape((-1,) + (1,) * (arr.ndim - 1))
+    if fill.ndim == 1 and fill.shape[0] == arr.shape[0]:
+        full = fill.reshape((-1,) + (1,) * (arr.ndim - 1))
+    else:
+        missing = next((m for m in range(arr.ndim) if arr.shape[:m] + arr.shape[m + 1:] == fill.shape), None)
+        if missing is None:
+            raise VerificationError(f"zero point of shape {fill.shape} does not fit a weight of shape {arr.shape}")
+        full = np.expand_dims(fill, missing)
+    return full if full.shape[axis] == 1 else np.take(full, idx, axis=axis)
 
 
 def _replace_init(g, name, arr):

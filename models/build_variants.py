@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 HERE = Path(__file__).resolve().parent
@@ -35,11 +33,8 @@ FUSED = [("bert.legacy", "bert"), ("gpt2.legacy", "gpt2")]
 
 
 def _tools():
-    sys.path.insert(0, str(HERE.parent))  # the corpus helpers live beside the tests
-    try:
-        from tests.corpus_tools import load_manifest, make_inputs, refill_weights, strip_weights
-    except ImportError:
-        from graphprune.testing.weights import load_manifest, make_inputs, refill_weights, strip_weights
+    # models/corpus_tools.py: this script's folder is first on sys.path
+    from corpus_tools import load_manifest, make_inputs, refill_weights, strip_weights
     return load_manifest, make_inputs, refill_weights, strip_weights
 
 
@@ -69,8 +64,13 @@ def main() -> None:
         entry = by_stem[stem]
         return refill_weights(onnx.load(CORPUS / entry["file"]), seed=0), entry
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, \
-        quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self, entry):

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 from graphprune.ops.layernorm import decompose_layer_norm  # noqa: F401  (the module under test)
+
 from helpers import group_sizes, make_model, prune_checked, rand
 
 F = TensorProto.FLOAT

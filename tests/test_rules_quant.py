@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import make_model, prune_checked
+from helpers import make_model, prune_checked, rand
 
 
 def _int8(shape, seed):
@@ -92,10 +92,10 @@ def test_matmul_integer_prunes_with_zero_point_fill():
 def test_zero_point_fill_is_what_makes_the_oracle_exact():
     """Masking the uint8 activation with 0 instead of its zero point gives a different (wrong) reference."""
     import graphprune
-    from graphprune.verify import masked_reference
-    from graphprune.api import load_graph
     from graphprune.analysis import analyze
+    from graphprune.api import load_graph
     from graphprune.runtime import session
+    from graphprune.verify import masked_reference
     model = _dynamic_int8_mlp()
     _, report = graphprune.prune(model, ratio=0.5)
     graph, _ = load_graph(model)
@@ -132,3 +132,31 @@ def test_conv_integer_prunes_with_zero_point_fill():
     inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
     assert inits["w"].shape == (4, 3, 3, 3) and inits["w2"].shape == (4, 4, 3, 3)
     assert report.macs_after < 0.6 * report.macs_before
+
+
+def _float_lstm():
+    hidden, inp = 8, 6
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["y", "yh"], hidden_size=hidden),
+             helper.make_node("Squeeze", ["yh", "ax0"], ["h"]),
+             helper.make_node("MatMul", ["h", "head"], ["out"])]
+    inits = {"W": rand(1, 4 * hidden, inp, seed=11), "R": rand(1, 4 * hidden, hidden, seed=12),
+             "B": rand(1, 8 * hidden, seed=13), "ax0": np.array([0], np.int64), "head": rand(hidden, 3, seed=14)}
+    return make_model(nodes, [("x", [5, 2, inp])], [("out", [2, 3])], inits, opset=13)
+
+
+def test_dynamic_quantize_lstm_from_onnxruntime_prunes_its_hidden_units(tmp_path):
+    """onnxruntime's quantize_dynamic turns the LSTM into com.microsoft DynamicQuantizeLSTM (int8 W and R,
+    transposed); its hidden units prune, and the masked reference (gate columns at the zero point) is exact even
+    though the node requantizes its hidden state with a dynamic range."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    src, dst = tmp_path / "lstm.onnx", tmp_path / "lstm.int8.onnx"
+    onnx.save(_float_lstm(), src)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM"])
+    model = onnx.load(dst)
+    assert any(n.op_type == "DynamicQuantizeLSTM" for n in model.graph.node)
+    pruned, report = prune_checked(model, ratio=0.5)
+    lstm = next(n for n in pruned.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    assert next(a.i for a in lstm.attribute if a.name == "hidden_size") == 4
+    inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert inits[lstm.input[1]].shape == (1, 6, 16) and inits[lstm.input[2]].shape == (1, 4, 16)

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 from graphprune.plan import GroupPlan, RewritePlan, member_key
+
 from helpers import group_sizes, make_model, prune_checked, rand
 
 INT64 = TensorProto.INT64

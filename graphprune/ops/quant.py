@@ -95,7 +95,14 @@ def dynamic_quantize_lstm(node, c):
     c.link(w, 2, unit, 0, cols, cols % hidden)
     c.link(r, 2, unit, 0, cols, cols % hidden)
     c.link(r, 1, unit, 0)                      # the recurrent input: hidden unit h reads row h of R
-    c.oracle_mask(r, 1, r, 1, fill=r_zp)       # the masked reference removes h's recurrent reads
+    # The node quantizes its hidden state with a dynamic range, so a removed unit must be exactly 0 in the masked
+    # reference, not merely unread: with its gate columns of W and R at the zero point and its bias rows at 0,
+    # every gate pre-activation is 0, so g = tanh(0) = 0 and c_t = f·c_{t-1} + i·g stays 0 from c_0 = 0 (the
+    # initial states are masked to 0 as inputs), hence h = o·tanh(c) = 0. Zeros never move a range that
+    # includes 0, so the requantization of h is the same with and without the unit.
+    c.oracle_mask(r, 1, r, 1, fill=r_zp)
+    c.oracle_mask(w, 2, w, 2, fill=w_zp)
+    c.oracle_mask(r, 2, r, 2, fill=r_zp)
     c.not_channel(w, [0])
     c.not_channel(r, [0])
     for scale_or_zp in (w_scale, w_zp, r_scale, r_zp):
@@ -112,10 +119,12 @@ def dynamic_quantize_lstm(node, c):
         c.role(b, "bias")
         c.link(b, 1, unit, 0, brows, brows % hidden)
         c.not_channel(b, [0])
+        c.oracle_mask(b, 1, b, 1)
     if p:
         prow = np.arange(3 * hidden)
         c.link(p, 1, unit, 0, prow, prow % hidden)
         c.not_channel(p, [0])
+        c.oracle_mask(p, 1, p, 1)
     c.consumer(x, 2, w, 1)
     outs = list(node.output) + [""] * (3 - len(node.output))
     y, y_h, y_c = outs[:3]
