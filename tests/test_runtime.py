@@ -7,6 +7,7 @@ from onnx import TensorProto, helper
 import graphprune
 from graphprune import runtime
 from graphprune.masking import insert_consumer_masks
+
 from helpers import make_model, rand
 
 
