@@ -101,8 +101,8 @@ def plan_model(model, plan) -> onnx.ModelProto:
 
 
 def end_to_end(dense, sparse, g, threads) -> dict:
-    from graphprune.timing import SessionBench, compare
     from graphprune.feeds import random_feeds
+    from graphprune.timing import SessionBench, compare
     feed = random_feeds(g, 1, seed=0)[0]
     r = compare(SessionBench({"dense": dense, "sparse": sparse}, feed, threads), "dense", ["sparse"], margin=1.0,
                 looks=(24, 48, 96), time_cap_s=20.0)["sparse"]
