@@ -277,6 +277,10 @@ def _print_summary(report, output, verbose: bool) -> None:
     if verbose and report.per_layer:
         out.print(_before_after("per layer MACs", "node", [(n, _fmt(b), _fmt(a)) for n, b, a in report.per_layer]))
     if verbose:
+        for node, op, trace in report.rule_failures:
+            err.print(f"channel rule for {_printable(op)} node '{_printable(node)}' raised (a bug; please report):",
+                      style="red")
+            err.print(trace.rstrip(), markup=False, highlight=False)
         out.print("stages:")
         for line in report.stage_log:
             out.print("  " + _printable(line))
