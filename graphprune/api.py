@@ -45,6 +45,7 @@ class PruneReport:
     sensitivity: dict | None = None    # group -> relative output error at passes.sensitivity.LEVELS
     sparse_layers: list = field(default_factory=list)  # passes.sparsify.SparseLayerReport per eligible layer
     sparse: dict | None = None         # sparsify totals: layers sparse/dense, bytes, end-to-end ms, notes
+    reconstruction: dict | None = None  # passes.reconstruct summary: per-layer relative errors before/after
 
     @property
     def macs_ratio(self) -> float:
@@ -114,7 +115,10 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
     proxy: the data-free statistics without calib: 'auto' (closed form from BatchNorm parameters for consumers
       a norm feeds, synthetic inputs for the rest), 'synthetic' (synthetic inputs only), 'bn' (closed form only;
       consumers no norm feeds are scored with l1 and not compensated).
-    compensate: 'auto' (obs for obspa, else none), 'none', 'obs' / 'lsq' (least-squares refit), 'bias'.
+    compensate: 'auto' (= 'reconstruct'; with proxy='bn' and no calib: obs for obspa, else none), 'reconstruct'
+      (sequential output-matched refit of every layer downstream of a pruned one after the rewrite, on the
+      calibration data or the synthetic proxy: passes/reconstruct.py), 'none', 'obs' / 'lsq' (independent
+      least-squares refit of the consumers on dense statistics), 'bias'.
     bn_recalibrate: after verification, re-estimate BatchNorm running statistics on the calibration data.
     sparsity: block sparsity for the ai.graphprune sparse ops, applied after channel pruning to every layer
       where the sparse kernel is measured faster (passes/sparsify.py); sparse_format 'auto' | 'bsr' | 'csr';
@@ -143,18 +147,25 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
         raise GraphpruneError("scope 'sensitivity' allocates to a budget: give target_macs or target_params")
     if proxy not in ("auto", "synthetic", "bn"):
         raise GraphpruneError(f"proxy must be auto, synthetic or bn, got {proxy!r}")
-    if compensate not in ("auto", "none", "obs", "lsq", "bias"):
-        raise GraphpruneError(f"compensate must be auto, none, obs, lsq or bias, got {compensate!r}")
+    if compensate not in ("auto", "reconstruct", "none", "obs", "lsq", "bias"):
+        raise GraphpruneError(f"compensate must be auto, reconstruct, none, obs, lsq or bias, got {compensate!r}")
     start = time.perf_counter()
     pm = PassManager(progress=progress)
     report = PruneReport()
     model, _external = pm.run("load", load_model, model_or_path)
     graph = Graph(model)
     pm.run("canonicalize", canonicalize, graph)
-    method = ("obs" if importance == "obspa" else "none") if compensate == "auto" else compensate
+    method = compensate
+    if compensate == "auto":
+        data_free_bn_only = calib is None and proxy == "bn"   # no inputs to run: nothing to reconstruct on
+        method = ("obs" if importance == "obspa" else "none") if data_free_bn_only else "reconstruct"
     method = "obs" if method == "lsq" else method
+    # reconstruction starts from plain slices, or from obspa's own OBS updates (its ΔL assumed them)
+    reconstruct = method == "reconstruct"
+    if reconstruct:
+        method = "obs" if importance == "obspa" and plan is None else "none"
     before = count(graph)
-    if method in ("obs", "bias"):
+    if method in ("obs", "bias") or reconstruct:
         from .passes.compensate import ensure_biases
         pm.run("add biases", ensure_biases, graph)  # an intercept for the refit; zero, so outputs are unchanged
     analysis = pm.run("analyze", analyze, graph, exclude, whole_heads)
@@ -171,7 +182,7 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
         criterion.intercept = method == "obs"  # obspa's ΔL assumes the refit may move the bias too
     stats, heldout, feeds = None, {}, None
     if (criterion is not None and criterion.needs_data) or method != "none" or bn_recalibrate \
-            or (scope == "sensitivity" and plan is None) or sparsity is not None:
+            or (scope == "sensitivity" and plan is None) or sparsity is not None or reconstruct:
         stats, heldout, feeds = pm.run("calibrate", _calibrate, graph, analysis, criterion, method, calib, calib_samples,
                                 holdout, seed, input_dims, progress, proxy)
         report.calibration = stats.source
@@ -219,7 +230,7 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
         report.plan = plan
         return None, report
 
-    original = graph.clone() if (verify or heldout) else None
+    original = graph.clone() if (verify or heldout or reconstruct) else None
     pm.run("rewrite", apply_removal, graph, analysis.fixups, removed, updates)
     pruned = graph.to_model(with_value_info=True)
     pm.run("check", _check, pruned)
@@ -234,6 +245,17 @@ def prune(model_or_path, ratio: float | None = None, importance: str = "l1", rou
             return compare(reference, pruned, feeds)
         report.verification = pm.run("verify", run_verify)
     dense_model = original.to_model(with_value_info=False) if heldout else None
+    # ---- reconstruction: after verification (which checked the structure against the masked original) ----
+    if reconstruct:
+        from .passes.reconstruct import reconstruct as run_reconstruction
+        result = pm.run("reconstruct", run_reconstruction, original, graph, removed, feeds, report.calibration,
+                        seed, progress)
+        report.reconstruction = result.summary()
+        report.diagnostics += result.notes
+        report.compensated += sum(1 for r in result.layers if r.outputs_refit)
+        if result.refit:
+            pruned = graph.to_model(with_value_info=True)
+    # ---- end of reconstruction ----
     if bn_recalibrate:
         from .calibration import load_feeds, split
         from .passes.bn_recalibrate import recalibrate_batchnorm

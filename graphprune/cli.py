@@ -79,8 +79,12 @@ def _default_output(model: Path) -> Path:
 @click.option("--bn-recalibrate", is_flag=True,
               help="After verification, re-estimate BatchNorm running statistics on the --calib data "
                    "(kept only if the held-out fidelity check improves).")
-@click.option("--compensate", type=click.Choice(["auto", "none", "obs", "lsq", "bias"]), default="auto",
-              show_default=True, help="Weight compensation in consumers (auto: obs for obspa).")
+@click.option("--compensate", type=click.Choice(["auto", "reconstruct", "none", "obs", "lsq", "bias"]),
+              default="auto", show_default=True,
+              help="Weight compensation. reconstruct: after verification, refit every layer downstream of a "
+                   "pruned one, in graph order, to the dense model's layer outputs on --calib (or the synthetic "
+                   "proxy); obs/lsq: independent refit of the consumers on dense statistics; bias: mean shift. "
+                   "auto: reconstruct (obs for obspa / none with --proxy bn and no --calib).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep a multiple of N channels per group.")
 @click.option("--min-channels", type=int, default=1, show_default=True, help="Keep at least N channels per group.")
 @click.option("--exclude", multiple=True, help="Node-name glob pattern whose channels stay (repeatable).")
@@ -228,6 +232,16 @@ def _print_summary(report, output, verbose: bool) -> None:
                                                           if report.compensated else ""))
     for note in report.diagnostics[: 6 if not verbose else None]:
         out.print(f"[yellow]note:[/] {note}")
+    if report.reconstruction and report.reconstruction["layers"]:
+        rec = report.reconstruction
+        worst = max(rec["per_layer"], key=lambda r: r["rel_error_after"])
+        out.print(f"reconstructed {rec['layers_refit']} of {rec['layers']} layers in {rec['seconds']:.1f} s "
+                  f"(largest layer error after: {worst['rel_error_after']:.3f} at '{worst['node']}', "
+                  f"{worst['rel_error_before']:.3f} before)")
+        if verbose:
+            out.print(_before_after("reconstruction: relative layer error", "node",
+                                    [(r["node"], f"{r['rel_error_before']:.4f}", f"{r['rel_error_after']:.4f}")
+                                     for r in rec["per_layer"]]))
     if report.bn_recalibrated:
         out.print(f"re-estimated the running statistics of {report.bn_recalibrated} BatchNorm layers "
                   f"(after verification)")
