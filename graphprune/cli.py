@@ -248,6 +248,8 @@ def _print_summary(report, output, verbose: bool) -> None:
     if report.fidelity:
         for name, f in report.fidelity["outputs"].items():
             agree = f" top-1 agreement {f['top1_agreement']:.1%}," if "top1_agreement" in f else ""
+            agree += f" top-5 {f['top5_agreement']:.1%}," if "top5_agreement" in f else ""
+            agree += f" KL {f['kl']:.4f}," if "kl" in f else ""
             out.print(f"fidelity on {report.fidelity['samples']} held-out calibration samples, output '{name}':"
                       f"{agree} cosine {f['cosine']:.4f}, relative error {f['rel_error']:.3f}")
     if verbose and report.kept_widths:

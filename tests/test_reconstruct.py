@@ -206,3 +206,24 @@ def test_prefix_cache_resumes_from_frontiers_with_the_same_values():
             for b, values in got.items():
                 np.testing.assert_allclose(values[name], full[b][name], rtol=1e-5, atol=1e-6)
         assert (cache.cut == positions[-1]) is resumed and cache.runs == 3
+
+
+def test_fidelity_reports_top5_kl_and_cosine_per_output():
+    from graphprune.verify import fidelity
+    w = rand(4, 7, seed=1)
+    def mm(weight):
+        return make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [("x", [None, 4])],
+                          [("y", [None, 7])], {"w": weight})
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    same = fidelity(mm(w), mm(w), {"x": x})["outputs"]["y"]
+    assert same["top1_agreement"] == same["top5_agreement"] == 1.0 and abs(same["kl"]) < 1e-9
+    other = w + rand(4, 7, seed=2)
+    got = fidelity(mm(w), mm(other), {"x": x})["outputs"]["y"]
+    a, b = x.astype(np.float64) @ w, x.astype(np.float64) @ other
+    pa = np.exp(a - a.max(1, keepdims=True)); pa /= pa.sum(1, keepdims=True)
+    pb = np.exp(b - b.max(1, keepdims=True)); pb /= pb.sum(1, keepdims=True)
+    np.testing.assert_allclose(got["kl"], np.mean(np.sum(pa * np.log(pa / pb), axis=1)), rtol=1e-4)
+    top5 = np.argsort(-b, axis=1)[:, :5]
+    assert got["top5_agreement"] == pytest.approx(np.mean([t in row for t, row in zip(a.argmax(1), top5)]))
+    assert got["top1_agreement"] == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
+    assert got["top1_agreement"] <= got["top5_agreement"] and -1 <= got["cosine"] < 1
