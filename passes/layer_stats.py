@@ -112,6 +112,19 @@ class PrefixCache:
         self.cached = feed_list            # per batch {name: value} at self.cut
         self.runs = 0                      # onnxruntime sessions built (for the report)
 
+    def _predicted_bytes(self, names) -> int | None:
+        """Bytes of `names` over all samples from the inferred shapes (None when a dim besides the batch
+        is unknown)."""
+        samples = sum(len(next(iter(f.values()))) for f in self.feeds)
+        total = 0
+        for n in names:
+            shape = self.graph.shape(n)
+            if not shape or not all(isinstance(d, int) for d in shape[1:]):
+                return None
+            elem = helper.tensor_dtype_to_np_dtype(self.graph.dtypes.get(n, onnx.TensorProto.FLOAT)).itemsize
+            total += samples * int(np.prod(shape[1:], dtype=np.int64)) * elem
+        return total
+
     def values(self, names, position: int):
         """Yields (batch index, {name: value}) for `names`, all computed by nodes before `position` (or by the
         nodes that compute them, when none of those is at or after `position`), and moves the cache to the
@@ -124,6 +137,11 @@ class PrefixCache:
         runner = Runner(self.graph, wanted, available, self.optimize) if wanted else None
         self.runs += runner is not None
         keep, size = bool(front), 0
+        predicted = self._predicted_bytes(front)
+        if predicted is not None and predicted > self.budget:
+            keep = False                  # known too big: do not even ask onnxruntime for the frontier
+            wanted = [n for n in names if n not in available]
+            runner = Runner(self.graph, wanted, available, self.optimize) if wanted else None
         new_cache = []
         for b, cached in enumerate(self.cached):
             got = dict(cached)
@@ -160,20 +178,23 @@ def conv_positions(batch: int, out_hw: tuple[int, int], pick_rows: int, rng) -> 
 
 
 def im2col_at(x: np.ndarray, conv: dict, pick: np.ndarray) -> np.ndarray:
-    """[n, Cin, kh, kw] input patches of a Conv at the flat output positions `pick`."""
+    """[n, Cin, kh, kw] input patches of a Conv at the flat output positions `pick` (one gather of [n, Cin]
+    per tap; a 1×1 unpadded conv needs no padded copy)."""
     kh, kw = conv["kernel_shape"]
     sh, sw = conv["strides"]
     dh, dw = conv["dilations"]
     top, left, bottom, right = conv["pads"]
     ho, wo = conv_output_size(x.shape, conv)
-    c = x.shape[1]
     bi, rest = np.divmod(pick, ho * wo)
     oi, oj = np.divmod(rest, wo)
-    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    r = oi[:, None] * sh + np.arange(kh)[None, :] * dh                      # [n, kh]
-    s = oj[:, None] * sw + np.arange(kw)[None, :] * dw                      # [n, kw]
-    return xp[bi[:, None, None, None], np.arange(c)[None, :, None, None], r[:, None, :, None],
-              s[:, None, None, :]]                                           # [n, c, kh, kw]
+    if (kh, kw) == (1, 1) and not any(conv["pads"]):
+        return x[bi, :, oi * sh, oj * sw][:, :, None, None]
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right))) if any(conv["pads"]) else x
+    out = np.empty((len(pick), x.shape[1], kh, kw), dtype=x.dtype)
+    for r in range(kh):
+        for t in range(kw):
+            out[:, :, r, t] = xp[bi, :, oi * sh + r * dh, oj * sw + t * dw]
+    return out
 
 
 def im2col_rows(x: np.ndarray, conv: dict, pick_rows: int, rng) -> np.ndarray:

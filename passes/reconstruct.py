@@ -36,8 +36,9 @@ from graphprune.ir import Graph, attr
 from .layer_stats import PrefixCache, at_positions, conv_output_size, conv_positions, feed_batches, im2col_at
 from .sparse_layers import _resolved_pads
 
-DAMPING = (0.01, 0.1, 1.0)      # candidate λ / mean diag(XᵀX/n), chosen on held-out calibration batches
+DAMPING = (0.001, 0.01, 0.1, 1.0)  # candidate λ / mean diag(XᵀX/n), chosen per output on held-out batches
 ROW_ELEMENTS = 1 << 22          # cap on rows × columns of one batch's im2col (bounds memory for wide layers)
+LAYER_ROWS = 8192               # rows per layer over all batches: ≥ 7× the widest EfficientNet/BERT layer input
 
 
 @dataclass
@@ -277,8 +278,9 @@ def _token_rows(feed: dict, leading: tuple) -> np.ndarray | None:
     return None
 
 
-def _rows(layer: Layer, x: np.ndarray, y: np.ndarray, kept: np.ndarray, feed: dict, seed) -> tuple:
-    """(X [G, n, d], Y [G, n, m]) of one batch at the same seeded rows of the pruned input and dense target."""
+def _rows(layer: Layer, x: np.ndarray, y: np.ndarray, kept: np.ndarray, feed: dict, seed, limit: int) -> tuple:
+    """(X [G, n, d], Y [G, n, m]) of one batch at the same seeded rows (at most `limit`) of the pruned input and
+    the dense target."""
     rng = np.random.default_rng(seed)
     g = layer.groups
     if layer.conv is not None:
@@ -286,7 +288,7 @@ def _rows(layer: Layer, x: np.ndarray, y: np.ndarray, kept: np.ndarray, feed: di
         if tuple(out_hw) != tuple(y.shape[2:]):
             raise ValueError(f"output size {out_hw} does not match the dense output {y.shape[2:]}")
         cols = x.shape[1] * int(np.prod(layer.conv["kernel_shape"]))
-        n = max(256, min(GRAM_ROWS, ROW_ELEMENTS // max(cols, 1)))
+        n = max(64, min(limit, ROW_ELEMENTS // max(cols, 1)))
         pick = conv_positions(x.shape[0], out_hw, n, rng)
         patches = im2col_at(x, layer.conv, pick).reshape(len(pick), g, -1)          # [n, G, Cin_g·k]
         xs = patches.transpose(1, 0, 2)
@@ -297,8 +299,8 @@ def _rows(layer: Layer, x: np.ndarray, y: np.ndarray, kept: np.ndarray, feed: di
         use = _token_rows(feed, tuple(x.shape[:-1])) if x.ndim == 3 else None
         if use is None:
             use = np.arange(len(rows_x))
-        if len(use) > GRAM_ROWS:
-            use = np.sort(rng.choice(use, GRAM_ROWS, replace=False))
+        if len(use) > limit:
+            use = np.sort(rng.choice(use, limit, replace=False))
         xs, ys = rows_x[use][None], rows_y[use][None]
     xs = np.ascontiguousarray(xs, dtype=np.float32)
     if layer.intercept:
@@ -396,6 +398,7 @@ def reconstruct(dense: Graph, pruned: Graph, removed: dict, feeds: dict, source:
     pruned_cache = PrefixCache(pruned, feed_list, **kwargs)
     dense_cache = PrefixCache(dense, feed_list, **kwargs)
     dense_pos = {n.name: i for i, n in enumerate(dense.nodes)}
+    per_batch = max(64, min(GRAM_ROWS, LAYER_ROWS // len(feed_list)))
     groups = waves(pruned, layers)
     result.waves = len(groups)
     done = 0
@@ -414,7 +417,7 @@ def reconstruct(dense: Graph, pruned: Graph, removed: dict, feeds: dict, source:
                     continue
                 try:
                     x, y = _rows(layer, xv[layer.x], yv[targets[layer.name]], kept[layer.name], feed_list[b],
-                                 (seed, done + k, b))
+                                 (seed, done + k, b), per_batch)
                 except (ValueError, IndexError) as exc:
                     failed[layer.name] = str(exc)
                     continue

@@ -227,3 +227,19 @@ def test_fidelity_reports_top5_kl_and_cosine_per_output():
     assert got["top5_agreement"] == pytest.approx(np.mean([t in row for t, row in zip(a.argmax(1), top5)]))
     assert got["top1_agreement"] == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
     assert got["top1_agreement"] <= got["top5_agreement"] and -1 <= got["cosine"] < 1
+
+
+@pytest.mark.parametrize("kernel,stride,pads,dilation", [((3, 3), 2, [1, 1, 1, 1], 1), ((1, 1), 1, [0, 0, 0, 0], 1),
+                                                         ((3, 2), 1, [2, 1, 0, 1], 2), ((1, 1), 2, [0, 0, 0, 0], 1)])
+def test_im2col_rows_times_weights_equal_the_conv_output_at_those_positions(kernel, stride, pads, dilation):
+    from graphprune.passes.layer_stats import at_positions, conv_positions, im2col_at
+    conv = {"kernel_shape": list(kernel), "strides": [stride, stride], "pads": pads, "dilations": [dilation] * 2}
+    w = rand(5, 3, *kernel, seed=1)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c", kernel_shape=list(kernel),
+                                         strides=[stride, stride], pads=pads, dilations=[dilation] * 2)],
+                       [("x", [None, 3, 9, 8])], [("y", [None, 5, None, None])], {"w": w})
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 8)).astype(np.float32)
+    y = session(model).run(None, {"x": x})[0]
+    pick = conv_positions(2, y.shape[2:], 40, np.random.default_rng(1))
+    rows = im2col_at(x, conv, pick).reshape(len(pick), -1)
+    np.testing.assert_allclose(rows @ w.reshape(5, -1).T, at_positions(y, pick), rtol=1e-4, atol=1e-5)
