@@ -1,22 +1,41 @@
 """Command line: `graphprune MODEL --ratio R [-o OUT]` and `graphprune analyze MODEL`."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.text import Text
 from rich.table import Table
 
 from .errors import GraphpruneError
+from .options import PruneOptions, option_fields, parse_dim
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# markup off: model, tensor and file names are data and may contain "[...]"; styles go through Text/style=
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)  # soft wrap: an error is one line
+out = Console(highlight=False, markup=False, soft_wrap=True)
 
 
 class DefaultGroup(click.Group):
-    """`graphprune MODEL ...` means `graphprune prune MODEL ...`."""
+    """`graphprune MODEL ...` means `graphprune prune MODEL ...`; usage errors are one `error:` line, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rc = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `graphprune`: the help, not an error
+            out.print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            sys.exit(0)
+        except click.ClickException as exc:
+            _fail(exc.format_message())
+        except click.exceptions.Abort:
+            _fail("interrupted")
+        sys.exit(rc if isinstance(rc, int) else 0)
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -35,8 +54,13 @@ def main():
     """
 
 
+def _printable(text) -> str:
+    """Names are data: control characters (ANSI escapes, newlines) are shown as escapes, never sent raw."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(Text.assemble(("error:", "bold red"), " ", _printable(message)))
     sys.exit(2)
 
 
@@ -51,122 +75,88 @@ def _default_output(model: Path) -> Path:
     return model.with_name(model.stem + ".pruned.onnx")
 
 
+def _click_type(f):
+    """The click type of a PruneOptions field, from its declared type."""
+    t = str(f.type)
+    if f.metadata.get("choices"):
+        return click.Choice(list(f.metadata["choices"]))
+    if f.name == "calib":
+        return click.Path(path_type=Path)
+    if t.startswith("float"):
+        return float
+    if t.startswith("int"):
+        return int
+    return str
+
+
+def _prune_options(fn):
+    """Attach one click option per exposed PruneOptions field (name, default, help and choices come from it)."""
+    for f in reversed(option_fields()):
+        meta = f.metadata
+        if meta.get("cli") == "":
+            continue
+        flag = meta.get("cli") or "--" + f.name.replace("_", "-")
+        decls = [flag, "-r"] if f.name == "ratio" else [flag]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if meta.get("flag"):
+            fn = click.option(*decls, f.name, is_flag=True, help=meta["help"])(fn)
+        elif meta.get("multiple"):
+            fn = click.option(*decls, f.name, multiple=True, help=meta["help"])(fn)
+        else:
+            fn = click.option(*decls, f.name, type=_click_type(f), default=default,
+                              show_default=default is not None, help=meta["help"])(fn)
+    return fn
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--ratio", "-r", type=float, default=None,
-              help="Fraction of the channels of every prunable group to remove, in [0, 1) "
-                   "[default: 0.5; 0 with --sparsity].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (default: MODEL.pruned.onnx next to the input; never the input itself).")
-@click.option("--importance", default="l1", show_default=True,
-              help="l1, l2, random, bn-scale, lamp, hessian, activation, fluctuation, obspa.")
-@click.option("--target-macs", type=float, help="Keep this fraction of the dense MACs (e.g. 0.5); overrides --ratio.")
-@click.option("--target-params", type=float, help="Keep this fraction of the dense parameters.")
-@click.option("--scope", type=click.Choice(["uniform", "global", "sensitivity"]), default="uniform",
-              show_default=True,
-              help="Same fraction per group; one ranking across groups; or per-group ratios from measured "
-                   "output sensitivity (needs --target-macs/--target-params; reads --calib or a synthetic proxy).")
-@click.option("--global-norm", type=click.Choice(["mean", "max", "lamp"]), default="mean", show_default=True,
-              help="Per-group score normalisation for --scope global.")
-@click.option("--max-ratio", type=float, default=0.9, show_default=True,
-              help="Never remove more than this fraction of one group (global scope and targets).")
-@click.option("--calib", type=click.Path(path_type=Path),
-              help="Calibration data: .npz of input feeds (first axis = samples) or a folder of .npy/images.")
-@click.option("--calib-samples", type=int, default=256, show_default=True)
-@click.option("--proxy", type=click.Choice(["auto", "synthetic", "bn"]), default="auto", show_default=True,
-              help="Data-free statistics without --calib: BatchNorm closed form where a norm feeds the consumer "
-                   "and synthetic inputs elsewhere (auto), synthetic only, or closed form only.")
-@click.option("--bn-recalibrate", is_flag=True,
-              help="After verification, re-estimate BatchNorm running statistics on the --calib data "
-                   "(kept only if the held-out fidelity check improves).")
-@click.option("--compensate", type=click.Choice(["auto", "reconstruct", "none", "obs", "lsq", "bias"]),
-              default="auto", show_default=True,
-              help="Weight compensation. reconstruct: after verification, refit every layer downstream of a "
-                   "pruned one, in graph order, to the dense model's layer outputs on --calib (or the synthetic "
-                   "proxy); obs/lsq: independent refit of the consumers on dense statistics; bias: mean shift. "
-                   "auto: reconstruct (obs for obspa / none with --proxy bn and no --calib).")
-@click.option("--round-to", type=int, default=1, show_default=True, help="Keep a multiple of N channels per group.")
-@click.option("--min-channels", type=int, default=1, show_default=True, help="Keep at least N channels per group.")
-@click.option("--exclude", multiple=True, help="Node-name glob pattern whose channels stay (repeatable).")
-@click.option("--whole-heads", is_flag=True,
-              help="Where a reshape splits an axis (attention heads, channel groups), remove whole heads/groups "
-                   "instead of the same inner channels from every head.")
-@click.option("--dry-run", is_flag=True, help="Print the plan; write no model.")
+@_prune_options
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path), help="Save the plan as JSON.")
 @click.option("--plan-in", type=click.Path(exists=False, dir_okay=False, path_type=Path),
               help="Replay a saved plan instead of scoring.")
 @click.option("--no-verify", is_flag=True, help="Skip the equivalence check against the masked original.")
-@click.option("--verify-samples", type=int, default=2, show_default=True, help="Random inputs for the check.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
               help="Value of a dynamic input dim for verification (repeatable), e.g. --dim batch=4 --dim seq=128.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--sparsity", type=float,
-              help="Block sparsity in (0, 1), e.g. 0.75: replace MatMul/Gemm/Conv layers by ai.graphprune "
-                   "sparse ops (after any channel pruning) where they are measured faster on this machine.")
-@click.option("--sparse-format", type=click.Choice(["auto", "bsr", "csr"]), default="auto", show_default=True,
-              help="bsr: 1x16 blocks (Conv: 4 output channels); csr: unstructured (MatMul/Gemm); auto: bsr, "
-                   "csr at >= 85 % where measured faster.")
-@click.option("--sparse-force", is_flag=True,
-              help="Emit every eligible layer sparse, even where slower or without the native kernel library.")
-@click.option("--sparse-threads", type=int, help="Intra-op threads for the sparse timings [default: onnxruntime's].")
-@click.option("--strict", is_flag=True, help="Fail if any channel group is frozen by a missing or failing rule.")
-@click.option("-v", "--verbose", is_flag=True, help="Per-layer MACs, pass timings.")
-def prune(model, ratio, output, importance, target_macs, target_params, scope, global_norm, max_ratio, calib, proxy,
-          calib_samples, bn_recalibrate, compensate, round_to, min_channels, exclude, whole_heads, dry_run, plan_out, plan_in,
-          no_verify, verify_samples, dims, seed, sparsity, sparse_format, sparse_force, sparse_threads, strict,
-          verbose):
+@click.option("-v", "--verbose", is_flag=True, help="Stage log, per-layer MACs, kept widths.")
+def prune(model, output, plan_out, plan_in, no_verify, dims, verbose, **fields):
     """Prune MODEL and write a smaller, verified ONNX file."""
     from .api import prune as run_prune, save
     from .plan import RewritePlan
 
-    if ratio is not None and not 0.0 <= ratio < 1.0:
-        _fail(f"--ratio must be in [0, 1), got {ratio}")
-    if sparsity is not None and not 0.0 < sparsity < 1.0:
-        _fail(f"--sparsity must be in (0, 1), got {sparsity}")
     if not model.exists():
         _fail(f"model file not found: {model}")
+    dry_run = fields.get("dry_run", False)
     output = output or _default_output(model)
-    if not dry_run:
-        if output.resolve() == model.resolve():
-            _fail("output would overwrite the input model; choose another -o")
-        if not output.parent.exists():
-            _fail(f"output folder does not exist: {output.parent}")
-    input_dims = {}
-    for item in dims:
-        name, _, value = item.partition("=")
-        if not value.isdigit():
-            _fail(f"--dim expects NAME=VALUE with a positive integer, got {item!r}")
-        input_dims[name] = int(value)
-    plan = None
-    if plan_in:
-        try:
-            plan = RewritePlan.from_json(Path(plan_in).read_text())
-        except OSError as exc:
-            _fail(f"cannot read plan {plan_in}: {exc.strerror}")
-        except GraphpruneError as exc:
-            _fail(f"{plan_in}: {exc}")
+    try:
+        input_dims = dict(parse_dim(item) for item in dims)
+        fields["exclude"] = tuple(fields.get("exclude") or ())
+        if fields.get("calib") is not None:
+            fields["calib"] = str(fields["calib"])
+        if plan_in:
+            try:
+                fields["plan"] = RewritePlan.from_json(Path(plan_in).read_text())
+            except OSError as exc:
+                _fail(f"cannot read plan {plan_in}: {exc.strerror}")
+            except (UnicodeDecodeError, ValueError) as exc:
+                _fail(f"{plan_in}: not a plan file ({type(exc).__name__})")
+        options = PruneOptions.from_kwargs(verify=not no_verify, input_dims=input_dims, **fields)
+    except GraphpruneError as exc:
+        _fail(str(exc))
+    _check_paths(model, None if dry_run else output, plan_out, plan_in, options.calib)
 
     def progress(msg):
         if verbose:
-            err.print(f"[dim]  {msg}[/]")
+            err.print("  " + _printable(msg), style="dim")
 
     try:
         with err.status("pruning ...", spinner="dots") as status:
             def step(msg):
-                status.update(f"[dim]{msg}[/]")
+                status.update(Text(_printable(msg), style="dim"))
                 progress(msg)
-            pruned, report = run_prune(str(model), ratio=ratio, importance=importance, round_to=round_to,
-                                       min_channels=min_channels, exclude=list(exclude), plan=plan,
-                                       verify=not no_verify, verify_samples=verify_samples, seed=seed,
-                                       input_dims=input_dims,
-                                       progress=step, dry_run=dry_run, whole_heads=whole_heads,
-                                       target_macs=target_macs, target_params=target_params, scope=scope,
-                                       global_norm=global_norm, max_ratio=max_ratio, calib=calib,
-                                       calib_samples=calib_samples, compensate=compensate,
-                                       bn_recalibrate=bn_recalibrate, proxy=proxy, sparsity=sparsity,
-                                       sparse_format=sparse_format, sparse_force=sparse_force,
-                                       sparse_threads=sparse_threads)
-        if strict:
+            pruned, report = run_prune(str(model), options, progress=step)
+        if options.strict:
             bad = {r: n for r, n in report.frozen_reasons.items() if "no channel rule" in r or "rule failed" in r}
             if bad:
                 _fail("strict mode: groups frozen by missing/failing rules: " + "; ".join(bad))
@@ -186,10 +176,43 @@ def prune(model, ratio, output, importance, target_macs, target_params, scope, g
         print_sparse(out, report, model, None if dry_run else output, verbose)
 
 
+def _check_paths(model: Path, output: Path | None, plan_out: Path | None, plan_in: Path | None, calib) -> None:
+    """No output may be an input, or another output of the same run."""
+    inputs = {"the input model": model, "--plan-in": plan_in, "--calib": Path(calib) if calib else None}
+    outputs = {"-o": output, "--plan-out": plan_out}
+    seen: dict[Path, str] = {}
+    for label, path in outputs.items():
+        if path is None:
+            continue
+        real = path.resolve()
+        for in_label, in_path in inputs.items():
+            if in_path is not None and real == in_path.resolve():
+                _fail(f"{label} {path} would overwrite {in_label}; choose another path")
+        if real in seen:
+            _fail(f"{label} and {seen[real]} name the same file {path}")
+        seen[real] = label
+        if not path.parent.exists():
+            _fail(f"output folder does not exist: {path.parent}")
+
+
 def _write_text(path: Path, text: str) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Atomically: a fresh temp file in the same folder (never a fixed name a symlink could be planted at)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _print_plan(plan) -> None:
@@ -197,7 +220,7 @@ def _print_plan(plan) -> None:
     for col in ("group", "channels", "units", "remove units", "keep channels"):
         table.add_column(col, justify="right" if col != "group" else "left")
     for g in plan.groups:
-        table.add_row(g.group, str(g.channels), str(g.units), str(g.removed_units), str(g.kept_channels))
+        table.add_row(_printable(g.group), str(g.channels), str(g.units), str(g.removed_units), str(g.kept_channels))
     out.print(table)
 
 
@@ -207,7 +230,7 @@ def _before_after(title: str, first: str, rows) -> Table:
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
     for row in rows:
-        t.add_row(*row)
+        t.add_row(*(_printable(c) for c in row))
     return t
 
 
@@ -226,17 +249,17 @@ def _print_summary(report, output, verbose: bool) -> None:
     if report.frozen_reasons:
         out.print("frozen groups by reason:")
         for reason, n in list(report.frozen_reasons.items())[: 12 if not verbose else None]:
-            out.print(f"  {n:4d}  {reason}")
+            out.print(f"  {n:4d}  {_printable(reason)}")
     if report.calibration:
-        out.print(f"statistics: {report.calibration}" + (f"; compensated {report.compensated} weights"
+        out.print(f"statistics: {_printable(report.calibration)}" + (f"; compensated {report.compensated} weights"
                                                           if report.compensated else ""))
     for note in report.diagnostics[: 6 if not verbose else None]:
-        out.print(f"[yellow]note:[/] {note}")
+        out.print(Text.assemble(("note:", "yellow"), " ", _printable(note)))
     if report.reconstruction and report.reconstruction["layers"]:
         rec = report.reconstruction
         worst = max(rec["per_layer"], key=lambda r: r["rel_error_after"])
         out.print(f"reconstructed {rec['layers_refit']} of {rec['layers']} layers in {rec['seconds']:.1f} s "
-                  f"(largest layer error after: {worst['rel_error_after']:.3f} at '{worst['node']}', "
+                  f"(largest layer error after: {worst['rel_error_after']:.3f} at '{_printable(worst['node'])}', "
                   f"{worst['rel_error_before']:.3f} before)")
         if verbose:
             out.print(_before_after("reconstruction: relative layer error", "node",
@@ -250,7 +273,8 @@ def _print_summary(report, output, verbose: bool) -> None:
             agree = f" top-1 agreement {f['top1_agreement']:.1%}," if "top1_agreement" in f else ""
             agree += f" top-5 {f['top5_agreement']:.1%}," if "top5_agreement" in f else ""
             agree += f" KL {f['kl']:.4f}," if "kl" in f else ""
-            out.print(f"fidelity on {report.fidelity['samples']} held-out calibration samples, output '{name}':"
+            out.print(f"fidelity on {report.fidelity['samples']} held-out calibration samples, output "
+                      f"'{_printable(name)}':"
                       f"{agree} cosine {f['cosine']:.4f}, relative error {f['rel_error']:.3f}")
     if verbose and report.kept_widths:
         out.print(_before_after("kept widths", "group", [(g, str(b), str(a)) for g, b, a in report.kept_widths]))
@@ -261,8 +285,10 @@ def _print_summary(report, output, verbose: bool) -> None:
     if verbose and report.per_layer:
         out.print(_before_after("per layer MACs", "node", [(n, _fmt(b), _fmt(a)) for n, b, a in report.per_layer]))
     if verbose:
-        out.print("passes: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
-    out.print(f"time: {report.seconds:.2f} s" + (f"; wrote {output}" if output else ""))
+        out.print("stages:")
+        for line in report.stage_log:
+            out.print("  " + _printable(line))
+    out.print(f"time: {report.seconds:.2f} s" + (f"; wrote {_printable(output)}" if output else ""))
 
 
 @main.command()
@@ -272,7 +298,8 @@ def _print_summary(report, output, verbose: bool) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="List every group and every frozen group with its reason.")
 def analyze(model, exclude, as_json, verbose):
     """Show MODEL's channel groups, their sizes, and frozen channels with reasons."""
-    from .api import PruneReport, analyze_model, summarize_analysis
+    from .api import analyze_model
+    from .report import PruneReport
     if not model.exists():
         _fail(f"model file not found: {model}")
     try:
@@ -280,7 +307,7 @@ def analyze(model, exclude, as_json, verbose):
     except GraphpruneError as exc:
         _fail(str(exc))
     report = PruneReport()
-    summarize_analysis(analysis, report)
+    report.add_analysis(analysis)
     if as_json:
         data = {
             "groups": [{"name": g.name, "units": len(g.units), "channels": g.channels,
@@ -298,7 +325,7 @@ def analyze(model, exclude, as_json, verbose):
     table.add_column("members", justify="right")
     shown = analysis.groups if verbose else analysis.groups[:40]
     for g in shown:
-        table.add_row(g.name, str(len(g.units)), str(g.channels), str(len(g.members)))
+        table.add_row(_printable(g.name), str(len(g.units)), str(g.channels), str(len(g.members)))
     out.print(table)
     if len(shown) < len(analysis.groups):
         out.print(f"... {len(analysis.groups) - len(shown)} more (use -v)")
@@ -307,10 +334,10 @@ def analyze(model, exclude, as_json, verbose):
     if analysis.frozen_groups:
         out.print("frozen groups by reason:")
         for reason, n in report.frozen_reasons.items():
-            out.print(f"  {n:4d}  {reason}")
+            out.print(f"  {n:4d}  {_printable(reason)}")
         if verbose:
             for g in analysis.frozen_groups:
-                out.print(f"  - {g.name} ({g.channels} ch): {g.reason}")
+                out.print(f"  - {_printable(g.name)} ({g.channels} ch): {_printable(g.reason)}")
 
 
 if __name__ == "__main__":

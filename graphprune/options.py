@@ -1,0 +1,234 @@
+"""Every pruning option in one place: its default, its help text, and its validation.
+
+The CLI builds its click options from these fields and the Python API builds a `PruneOptions` from keyword
+arguments, so the two can never disagree on a name, a default or what is accepted. `validate()` runs once, before
+any work: a bad value is one `OptionError` naming the option, never a traceback from deep inside a pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import GraphpruneError
+
+IMPORTANCE = ("l1", "l2", "random", "bn-scale", "lamp", "hessian", "activation", "fluctuation", "obspa")
+SCOPES = ("uniform", "global", "sensitivity")
+GLOBAL_NORMS = ("mean", "max", "lamp")
+PROXIES = ("auto", "synthetic", "bn")
+COMPENSATIONS = ("auto", "reconstruct", "none", "obs", "lsq", "bias")
+SPARSE_FORMATS = ("auto", "bsr", "csr")
+
+
+class OptionError(GraphpruneError):
+    """An option has a value graphprune cannot use; the message names the option."""
+
+
+def _opt(default, help: str, *, cli: str | None = None, choices=None, flag: bool = False, multiple: bool = False,
+         metavar: str | None = None, default_factory=None):
+    """A dataclass field that carries what the CLI needs to expose it (flag name, help, choices)."""
+    meta = {"help": help, "cli": cli, "choices": choices, "flag": flag, "multiple": multiple, "metavar": metavar}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """What to prune, how to rank and allocate, how to compensate, and how to check the result."""
+
+    # -- how much -------------------------------------------------------------------------------------------
+    ratio: float | None = _opt(None, "Fraction of the channels of every prunable group to remove, in [0, 1) "
+                                     "[default: 0.5; 0 with --sparsity].")
+    target_macs: float | None = _opt(None, "Keep this fraction of the dense MACs, in (0, 1]; overrides --ratio.")
+    target_params: float | None = _opt(None, "Keep this fraction of the dense parameters, in (0, 1].")
+    # -- ranking and allocation -----------------------------------------------------------------------------
+    importance: str = _opt("l1", "Importance criterion.", choices=IMPORTANCE)
+    scope: str = _opt("uniform", "Same fraction per group; one ranking across groups; or per-group ratios from "
+                                 "measured output sensitivity (needs a MACs/params target).", choices=SCOPES)
+    global_norm: str = _opt("mean", "Per-group score normalisation for --scope global.", choices=GLOBAL_NORMS)
+    max_ratio: float = _opt(0.9, "Never remove more than this fraction of one group (global scope, targets), "
+                                 "in (0, 1].")
+    round_to: int = _opt(1, "Keep a multiple of N channels per group (N >= 1).")
+    min_channels: int = _opt(1, "Keep at least N channels per group (N >= 1).")
+    exclude: tuple[str, ...] = _opt(None, "Node-name glob pattern whose channels stay (repeatable).",
+                                    multiple=True, default_factory=tuple)
+    whole_heads: bool = _opt(False, "Where a reshape splits an axis (attention heads, channel groups), remove whole "
+                                    "heads/groups instead of the same inner channels of every head.", flag=True)
+    # -- data -----------------------------------------------------------------------------------------------
+    calib: str | None = _opt(None, "Calibration data: .npz of input feeds (first axis = samples) or a folder of "
+                                   ".npy/images.")
+    calib_samples: int = _opt(256, "Calibration samples to read (>= 1).")
+    holdout: int = _opt(16, "Calibration samples held out for the fidelity check (>= 0).", cli="")
+    proxy: str = _opt("auto", "Data-free statistics without --calib: BatchNorm closed form where a norm feeds the "
+                              "consumer and synthetic inputs elsewhere (auto), synthetic only, or closed form only.",
+                      choices=PROXIES)
+    sensitivity_samples: int = _opt(32, "Samples per probe of --scope sensitivity (>= 1).")
+    # -- compensation ---------------------------------------------------------------------------------------
+    compensate: str = _opt("auto", "Weight compensation. reconstruct: after verification, refit every layer "
+                                   "downstream of a pruned one, in graph order, to the dense model's layer outputs on "
+                                   "--calib (or the synthetic proxy); obs/lsq: independent refit of the consumers on "
+                                   "dense statistics; bias: mean shift. auto: reconstruct (with --proxy bn and no "
+                                   "--calib: obs for obspa, else none).", choices=COMPENSATIONS)
+    bn_recalibrate: bool = _opt(False, "After verification, re-estimate BatchNorm running statistics on the --calib "
+                                       "data (kept only if the held-out fidelity check improves).", flag=True)
+    # -- plans ----------------------------------------------------------------------------------------------
+    dry_run: bool = _opt(False, "Print the plan; write no model.", flag=True)
+    plan: object = _opt(None, "A RewritePlan to replay instead of scoring (CLI: --plan-in).", cli="")
+    # -- checking -------------------------------------------------------------------------------------------
+    verify: bool = _opt(True, "Check the pruned model against the masked original.", cli="")
+    verify_samples: int = _opt(2, "Random inputs for the equivalence check (>= 1).")
+    input_dims: dict = _opt(None, "Value of a dynamic input dim, NAME=VALUE (repeatable).", cli="",
+                            default_factory=dict)
+    seed: int = _opt(0, "Seed of every random choice (random criterion, synthetic and verification inputs).")
+    strict: bool = _opt(False, "Fail if any channel group is frozen by a missing or failing rule.", flag=True)
+    # -- sparse kernels -------------------------------------------------------------------------------------
+    sparsity: float | None = _opt(None, "Block sparsity in (0, 1), e.g. 0.75: replace MatMul/Gemm/Conv layers by "
+                                        "ai.graphprune sparse ops (after any channel pruning) where faster.")
+    sparse_format: str = _opt("auto", "bsr: 1x16 blocks (Conv: 4 output channels); csr: unstructured "
+                                      "(MatMul/Gemm); auto: bsr, csr at >= 85 % where faster.",
+                              choices=SPARSE_FORMATS)
+    sparse_force: bool = _opt(False, "Emit every eligible layer sparse, even where slower or without the native "
+                                     "kernel library.", flag=True)
+    sparse_threads: int | None = _opt(None, "Intra-op threads for the sparse timings [default: onnxruntime's].")
+
+    # ---- derived settings ---------------------------------------------------------------------------------
+    @property
+    def effective_ratio(self) -> float:
+        if self.ratio is not None:
+            return self.ratio
+        return 0.0 if self.sparsity is not None else 0.5
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """('macs' | 'params', fraction to keep), or None when pruning by ratio."""
+        if self.target_macs is not None:
+            return "macs", self.target_macs
+        if self.target_params is not None:
+            return "params", self.target_params
+        return None
+
+    @property
+    def reconstruct(self) -> bool:
+        """Whether the sequential reconstruction stage runs: compensate 'reconstruct', or 'auto' whenever there
+        are inputs to run (calibration data or the synthetic proxy; not with proxy 'bn' alone)."""
+        if self.compensate == "auto":
+            return not (self.calib is None and self.proxy == "bn")
+        return self.compensate == "reconstruct"
+
+    @property
+    def compensation(self) -> str:
+        """The compensation applied with the rewrite: with reconstruction, obspa's own OBS updates (its ΔL assumed
+        them) or none, then the reconstruct stage refits; otherwise auto resolves to obs for obspa; lsq is the
+        same refit as obs."""
+        if self.reconstruct:
+            return "obs" if self.importance == "obspa" and self.plan is None else "none"
+        method = ("obs" if self.importance == "obspa" else "none") if self.compensate == "auto" else self.compensate
+        return "obs" if method == "lsq" else method
+
+    def replace(self, **changes) -> PruneOptions:
+        return dataclasses.replace(self, **changes).validate()
+
+    def settings(self) -> dict:
+        """The options a plan records, so a replay can say how it was made."""
+        return {"ratio": self.effective_ratio, "importance": self.importance, "round_to": self.round_to,
+                "min_channels": self.min_channels, "exclude": list(self.exclude), "seed": self.seed,
+                "whole_heads": self.whole_heads, "scope": self.scope, "target_macs": self.target_macs,
+                "target_params": self.target_params, "compensate": self.compensate,
+                "calib": str(self.calib) if self.calib is not None else None}
+
+    # ---- validation -----------------------------------------------------------------------------------------
+    def validate(self) -> PruneOptions:
+        """Check every value once; returns self so `PruneOptions(...).validate()` chains."""
+        _number("ratio", self.ratio, lo=0.0, hi=1.0, hi_open=True, optional=True)
+        _number("target_macs", self.target_macs, lo=0.0, hi=1.0, lo_open=True, optional=True)
+        _number("target_params", self.target_params, lo=0.0, hi=1.0, lo_open=True, optional=True)
+        if self.target_macs is not None and self.target_params is not None:
+            raise OptionError("give target_macs or target_params, not both")
+        _number("max_ratio", self.max_ratio, lo=0.0, hi=1.0, lo_open=True)
+        _number("sparsity", self.sparsity, lo=0.0, hi=1.0, lo_open=True, hi_open=True, optional=True)
+        for name in ("round_to", "min_channels", "calib_samples", "verify_samples", "sensitivity_samples"):
+            _integer(name, getattr(self, name), lo=1)
+        _integer("holdout", self.holdout, lo=0)
+        _integer("seed", self.seed, lo=0)
+        _integer("sparse_threads", self.sparse_threads, lo=1, optional=True)
+        for name in ("importance", "scope", "global_norm", "proxy", "compensate", "sparse_format"):
+            choices = _FIELDS[name].metadata["choices"]
+            value = getattr(self, name)
+            if value not in choices:
+                raise OptionError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        if not isinstance(self.exclude, tuple) or not all(isinstance(p, str) for p in self.exclude):
+            raise OptionError("exclude must be a sequence of node-name patterns")
+        if not isinstance(self.input_dims, dict):
+            raise OptionError("input_dims must be a dict of dim name -> positive integer")
+        for name, value in self.input_dims.items():
+            if not isinstance(name, str) or not name:
+                raise OptionError(f"input_dims: dim names must be non-empty strings, got {name!r}")
+            _integer(f"input_dims[{name!r}]", value, lo=1, hi=1 << 20)
+        if self.bn_recalibrate and self.calib is None:
+            raise OptionError("bn_recalibrate needs calibration data (calib=...)")
+        if self.scope == "sensitivity" and self.plan is None and self.target is None:
+            raise OptionError("scope 'sensitivity' allocates to a budget: give target_macs or target_params")
+        if self.plan is not None:
+            from .plan import RewritePlan
+            if not isinstance(self.plan, RewritePlan):
+                raise OptionError(f"plan must be a RewritePlan, got {type(self.plan).__name__}")
+        return self
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> PruneOptions:
+        """The API's keyword arguments -> validated options; unknown names are an OptionError, not a TypeError."""
+        unknown = sorted(set(kwargs) - set(_FIELDS))
+        if unknown:
+            raise OptionError(f"unknown option(s): {', '.join(unknown)}")
+        if kwargs.get("exclude") is not None:
+            exclude = kwargs["exclude"]
+            kwargs["exclude"] = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        else:
+            kwargs.pop("exclude", None)
+        if kwargs.get("input_dims") is None:
+            kwargs.pop("input_dims", None)
+        if isinstance(kwargs.get("calib"), Path):
+            kwargs["calib"] = str(kwargs["calib"])
+        return cls(**kwargs).validate()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(PruneOptions)}
+
+
+def option_fields():
+    """The dataclass fields, in declaration order, for front ends that expose them."""
+    return dataclasses.fields(PruneOptions)
+
+
+def parse_dim(item: str) -> tuple[str, int]:
+    """'NAME=VALUE' -> (NAME, VALUE) with VALUE a positive ASCII integer."""
+    name, sep, value = item.partition("=")
+    if not sep or not name or not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise OptionError(f"--dim expects NAME=VALUE with a positive integer, got {item!r}")
+    return name, int(value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(name, value, lo, hi, lo_open=False, hi_open=False, optional=False) -> None:
+    if value is None and optional:
+        return
+    if not _is_number(value):
+        raise OptionError(f"{name} must be a finite number, got {value!r}")
+    if (value < lo or (lo_open and value == lo)) or (value > hi or (hi_open and value == hi)):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise OptionError(f"{name} must be in {interval}, got {value}")
+
+
+def _integer(name, value, lo, hi=None, optional=False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise OptionError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise OptionError(f"{name} must be {bound}, got {value}")

@@ -1,0 +1,367 @@
+"""The prune pipeline: named stages over one context, each declaring what it needs and provides.
+
+    load -> canonicalize -> add biases -> analyze -> calibrate -> score -> sensitivity -> allocate | check plan
+    -> compensate -> rewrite -> check -> verify -> reconstruct -> bn re-estimation -> sparsify -> fidelity
+
+A stage whose condition is false is logged as skipped. The passes themselves live in `passes/` and
+`graphprune/*`; this module only says in which order they run and what flows between them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .analysis import Analysis, analyze
+from .ir import Graph, load_model
+from .metrics import count, count_after
+from .options import PruneOptions
+from .passmanager import PassManager, Stage
+from .plan import RewritePlan, check_plan
+from .report import PruneReport
+from .rewrite import apply_removal
+
+
+@dataclass
+class Context:
+    """Everything the stages hand to each other. A field is None until the stage that provides it has run."""
+    options: PruneOptions
+    source: object                                   # path or ModelProto, as given
+    report: PruneReport = field(default_factory=PruneReport)
+    progress: object = None                          # callable(str) for long stages, or None
+    graph: Graph | None = None                       # the working graph (pruned in place by 'rewrite')
+    counts_before: dict | None = None                # params/MACs/per-node MACs of the canonical dense graph
+    analysis: Analysis | None = None
+    criterion: object = None                         # passes.importance Criterion (None when replaying a plan)
+    stats: object = None                             # calibration.Statistics (data or data-free proxy)
+    feeds: dict | None = None                        # calibration/proxy samples the statistics came from
+    heldout: dict | None = None                      # held-out calibration samples (empty without --calib)
+    scores: dict | None = None                       # group id -> unit scores
+    sensitivity: object = None                       # passes.sensitivity.SensitivityAllocation
+    plan: RewritePlan | None = None
+    removed: dict | None = None                      # (tensor, axis) -> removed indices
+    updates: dict | None = None                      # initializer name -> compensated weights
+    original: Graph | None = None                    # the dense graph, kept for verification and fidelity
+    pruned: onnx.ModelProto | None = None
+
+    @property
+    def name(self) -> str:
+        if isinstance(self.source, (str, Path)):
+            return str(self.source)
+        return self.graph.model.graph.name if self.graph is not None else "model"
+
+
+# ---- stage bodies -------------------------------------------------------------------------------------------
+
+def _load(ctx: Context) -> str:
+    model, _external = load_model(ctx.source)
+    ctx.graph = Graph(model)
+    return f"{len(model.graph.node)} nodes, opset {ctx.graph.opset('')}"
+
+
+def _canonicalize(ctx: Context) -> str:
+    from .passes.canonicalize import canonicalize
+    canonicalize(ctx.graph)
+    ctx.counts_before = count(ctx.graph)
+    return f"{len(ctx.graph.nodes)} nodes after folding"
+
+
+def _add_biases(ctx: Context) -> str:
+    from .passes.compensate import ensure_biases
+    added = ensure_biases(ctx.graph)  # an intercept for the refit; zero, so outputs are unchanged
+    return f"{added} zero biases added"
+
+
+def _analyze(ctx: Context) -> str:
+    o = ctx.options
+    ctx.analysis = analyze(ctx.graph, exclude=list(o.exclude), whole_heads=o.whole_heads)
+    ctx.report.add_analysis(ctx.analysis)
+    ctx.report.diagnostics = list(ctx.analysis.diagnostics)
+    return f"{len(ctx.analysis.groups)} groups, {len(ctx.analysis.frozen_groups)} frozen"
+
+
+def _needs_statistics(ctx: Context) -> bool:
+    o = ctx.options
+    return ((ctx.criterion is not None and ctx.criterion.needs_data) or o.compensation != "none"
+            or o.bn_recalibrate or (o.scope == "sensitivity" and o.plan is None) or o.sparsity is not None
+            or o.reconstruct)
+
+
+def _calibrate(ctx: Context) -> str:
+    ctx.stats, ctx.heldout, ctx.feeds = _statistics(ctx.graph, ctx.analysis, ctx.criterion, ctx.options,
+                                                     ctx.progress)
+    ctx.report.calibration = ctx.stats.source
+    return ctx.stats.source
+
+
+def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None):
+    """Statistics for the criterion and the compensation, from calibration data or a data-free proxy.
+    Returns (Statistics, held-out feeds for the fidelity check, the feeds the statistics came from)."""
+    from .calibration import collect, load_feeds, split, synthetic_feeds
+    from .passes.importance.data import group_consumers
+    if o.calib is not None:
+        feeds, heldout = split(load_feeds(o.calib, graph, o.calib_samples + o.holdout), o.holdout)
+        source = (f"{o.calib} ({len(next(iter(feeds.values())))} samples, "
+                  f"{len(next(iter(heldout.values()), []))} held out)")
+    else:
+        feeds = synthetic_feeds(graph, min(o.calib_samples, 64), seed=o.seed, dims=o.input_dims)
+        heldout = {}
+        source = "synthetic proxy: 64 standard-normal input samples (data-free)"
+    wanted = dict(criterion.wanted(analysis)) if criterion is not None else {}
+    if o.compensation != "none":
+        for g in analysis.groups:
+            for cons in group_consumers(g, analysis):
+                key = (cons.x, cons.x_axis)
+                wanted[key] = wanted.get(key, False) or o.compensation == "obs"
+    closed = {}
+    if o.calib is None and o.proxy != "synthetic":
+        from .bn_proxy import closed_form_stats
+        closed = closed_form_stats(graph, wanted)
+        if o.proxy == "bn":
+            source = f"BatchNorm closed form for {len(closed)} of {len(wanted)} consumer inputs (data-free)"
+            wanted = {}
+        else:
+            if closed:
+                source = (f"BatchNorm closed form for {len(closed)} consumer inputs, synthetic proxy (64 "
+                          f"standard-normal input samples) for the other {len(wanted) - len(closed)} (data-free)")
+            wanted = {k: v for k, v in wanted.items() if k not in closed}
+    stats = collect(graph, wanted, feeds, progress=progress, source=source)
+    stats.tensors.update(closed)
+    return stats, heldout, feeds
+
+
+def _score(ctx: Context) -> str:
+    ctx.criterion.stats = ctx.stats
+    ctx.scores = {g.id: ctx.criterion.scores(g, ctx.analysis) for g in ctx.analysis.groups}
+    ctx.report.diagnostics += ctx.criterion.notes
+    return f"{ctx.options.importance} over {len(ctx.scores)} groups"
+
+
+def _sensitivity(ctx: Context) -> str:
+    from .passes.sensitivity import SensitivityAllocation, measure
+    o = ctx.options
+    sample = {k: v[:o.sensitivity_samples] for k, v in ctx.feeds.items()}
+    curves = measure(ctx.analysis, ctx.scores, sample, progress=ctx.progress)
+    ctx.sensitivity = SensitivityAllocation(curves)
+    ctx.report.sensitivity = {g.name: [round(float(e), 6) for e in curves[g.id]] for g in ctx.analysis.groups}
+    return f"{len(curves)} groups probed on {len(next(iter(sample.values())))} samples"
+
+
+def _allocate(ctx: Context) -> str:
+    from .passes.allocate import build_plan, fit_target, select
+    o = ctx.options
+    if o.target is not None:
+        metric, target = o.target
+        ctx.plan, achieved = fit_target(ctx.analysis, ctx.scores, target, metric, o.scope, o.round_to,
+                                        o.min_channels, o.max_ratio, o.global_norm, ctx.name, o.settings(),
+                                        sensitivity=ctx.sensitivity)
+        if abs(achieved - target) > 0.01 * target:
+            ctx.report.diagnostics.append(
+                f"target {metric} {target:g} not reached: the plan keeps {achieved:.3f} of the dense {metric} "
+                f"(frozen groups, --max-ratio {o.max_ratio:g}, --min-channels {o.min_channels} and --round-to "
+                f"{o.round_to} bound what can go)")
+        return f"{o.scope} to {metric} {target:g}: reached {achieved:.3f}"
+    drops = select(ctx.analysis, ctx.scores, o.effective_ratio, o.scope, o.round_to, o.min_channels,
+                   max_ratio=1.0 if o.scope == "uniform" else o.max_ratio, norm=o.global_norm)
+    ctx.plan = build_plan(ctx.analysis, drops, ctx.name, o.settings())
+    return f"{o.scope}, ratio {o.effective_ratio:g}"
+
+
+def _check_plan(ctx: Context) -> str:
+    check_plan(ctx.options.plan, ctx.analysis)
+    ctx.plan = ctx.options.plan
+    return "replayed plan fits the model"
+
+
+def _removed(ctx: Context) -> None:
+    ctx.removed = ctx.plan.removed_elements()
+    ctx.updates = {}
+    r = ctx.report
+    r.plan = ctx.plan
+    r.groups_pruned = sum(1 for g in ctx.plan.groups if g.removed_units)
+    r.channels_removed = ctx.plan.removed_channels
+    r.params_before, r.macs_before = ctx.counts_before["params"], ctx.counts_before["macs"]
+    r.kept_widths = [(g.group, g.channels, g.kept_channels) for g in ctx.plan.groups]
+
+
+def _compensate(ctx: Context) -> str:
+    from .passes.compensate import bias_updates, obs_updates
+    fn = obs_updates if ctx.options.compensation == "obs" else bias_updates
+    ctx.updates, notes = fn(ctx.analysis, ctx.removed, ctx.stats)
+    ctx.report.diagnostics += notes
+    ctx.report.compensated = len(ctx.updates)
+    return f"{ctx.options.compensation}: {len(ctx.updates)} weights"
+
+
+def _dry_run_counts(ctx: Context) -> str:
+    after = count_after(ctx.graph, ctx.removed)
+    ctx.report.params_after, ctx.report.macs_after = after["params"], after["macs"]
+    return f"MACs {ctx.report.macs_ratio:.3f} of dense (nothing written)"
+
+
+def _rewrite(ctx: Context) -> str:
+    if ctx.options.verify or ctx.options.calib is not None or ctx.options.reconstruct:
+        ctx.original = ctx.graph.clone()
+    apply_removal(ctx.graph, ctx.analysis.fixups, ctx.removed, ctx.updates)
+    ctx.pruned = ctx.graph.to_model(with_value_info=True)
+    after = count(ctx.graph)
+    r = ctx.report
+    r.params_after, r.macs_after = after["params"], after["macs"]
+    before = ctx.counts_before["per_node"]
+    r.per_layer = [(n, before[n], after["per_node"].get(n, 0)) for n in before if before[n]]
+    return f"{r.channels_removed} channels removed; MACs {r.macs_ratio:.3f}, params {r.params_ratio:.3f} of dense"
+
+
+def _check(ctx: Context) -> str:
+    """onnx.checker's full check of the pruned model. A complaint the dense input model draws as well (e.g.
+    an op onnx calls deprecated that onnxruntime runs) is the input's, not the rewrite's: a note, not a failure."""
+    if ctx.pruned.ByteSize() >= (1 << 31) - (1 << 20):
+        return "over 2 GiB: full check skipped"
+    try:
+        onnx.checker.check_model(ctx.pruned, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        dense = (ctx.original or ctx.graph).to_model(with_value_info=False) if ctx.original is not None else None
+        try:
+            if dense is None:
+                raise exc
+            onnx.checker.check_model(dense, full_check=True)
+        except onnx.checker.ValidationError as dense_exc:
+            if str(dense_exc).strip().splitlines()[:1] == [first]:
+                ctx.report.diagnostics.append(f"onnx.checker rejects the input model too, so the pruned one is "
+                                              f"written anyway: {first}")
+                return "input model fails the same check (noted)"
+        raise
+    return "onnx.checker full check passed"
+
+
+def _verify(ctx: Context) -> str:
+    from .verify import compare, masked_reference, random_feeds
+    o = ctx.options
+    reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.coupler.oracle_masks, ctx.updates)
+    feeds = random_feeds(ctx.original, o.verify_samples, seed=o.seed, dims=o.input_dims)
+    ctx.report.verification = compare(reference, ctx.pruned, feeds)
+    return f"max abs diff {ctx.report.verification['max_abs_diff']:.2e} on {o.verify_samples} inputs"
+
+
+def _reconstruct(ctx: Context) -> str:
+    """Sequential output-matched refit (passes/reconstruct.py), after verification checked the structure against
+    the masked original."""
+    from .passes.reconstruct import reconstruct
+    result = reconstruct(ctx.original, ctx.graph, ctx.removed, ctx.feeds, ctx.report.calibration,
+                         ctx.options.seed, ctx.progress)
+    r = ctx.report
+    r.reconstruction = result.summary()
+    r.diagnostics += result.notes
+    r.compensated += result.refit
+    if result.refit:
+        ctx.pruned = ctx.graph.to_model(with_value_info=True)
+    return f"{result.refit} of {len(result.layers)} layers refit in {result.waves} waves"
+
+
+def _bn_recalibrate(ctx: Context) -> str:
+    from .calibration import load_feeds, split
+    from .passes.bn_recalibrate import recalibrate_batchnorm
+    from .verify import fidelity
+    o, r = ctx.options, ctx.report
+    feeds, _ = split(load_feeds(o.calib, ctx.graph, o.calib_samples + o.holdout), o.holdout)
+    kept_graph = ctx.graph.clone()
+    r.bn_recalibrated = recalibrate_batchnorm(ctx.graph, feeds, ctx.progress)
+    candidate = ctx.graph.to_model(with_value_info=True)
+    if ctx.heldout and r.bn_recalibrated:
+        dense = ctx.original.to_model(with_value_info=False)
+        before = _mean_rel_error(fidelity(dense, ctx.pruned, ctx.heldout))
+        after = _mean_rel_error(fidelity(dense, candidate, ctx.heldout))
+        if after > before:
+            r.diagnostics.append(f"bn re-estimation: held-out output error {after:.4f} > {before:.4f} without it "
+                                 f"(calibration data unlike the model's?); running statistics left as they were")
+            r.bn_recalibrated = 0
+            ctx.graph = kept_graph
+            return "reverted: held-out error grew"
+    ctx.pruned = candidate
+    return f"{r.bn_recalibrated} BatchNorms re-estimated"
+
+
+def _sparsify(ctx: Context) -> str:
+    from .passes.sparsify import sparsify_for_prune
+    o = ctx.options
+    ctx.pruned = sparsify_for_prune(ctx.graph, ctx.report, ctx.feeds, o.calib, o.sparsity, o.sparse_format,
+                                    o.sparse_force, o.sparse_threads, o.seed, o.input_dims, o.verify,
+                                    o.verify_samples, ctx.progress)
+    s = ctx.report.sparse or {}
+    return f"{s.get('sparse_layers', '?')} sparse layers"
+
+
+def _fidelity(ctx: Context) -> str:
+    from .verify import fidelity
+    dense = ctx.original.to_model(with_value_info=False)
+    ctx.report.fidelity = fidelity(dense, ctx.pruned, ctx.heldout)
+    return f"{ctx.report.fidelity['samples']} held-out samples"
+
+
+def _mean_rel_error(fid: dict) -> float:
+    errs = [o["rel_error"] for o in fid.get("outputs", {}).values() if "rel_error" in o]
+    return float(np.mean(errs)) if errs else 0.0
+
+
+# ---- the pipeline ---------------------------------------------------------------------------------------------
+
+def stages() -> list[Stage]:
+    """The stages in order, with their contracts."""
+    def writing(ctx):
+        return not ctx.options.dry_run
+
+    return [
+        Stage("load", _load, needs=("source",), provides=("graph",)),
+        Stage("canonicalize", _canonicalize, needs=("graph",), provides=("counts_before",)),
+        Stage("add biases", _add_biases, needs=("graph",),
+              when=lambda c: c.options.compensation in ("obs", "bias") or c.options.reconstruct),
+        Stage("analyze", _analyze, needs=("graph",), provides=("analysis",)),
+        Stage("calibrate", _calibrate, needs=("graph", "analysis"), provides=("stats", "feeds", "heldout"),
+              when=_needs_statistics),
+        Stage("score", _score, needs=("analysis", "criterion"), provides=("scores",),
+              when=lambda c: c.options.plan is None),
+        Stage("sensitivity", _sensitivity, needs=("analysis", "scores", "feeds"), provides=("sensitivity",),
+              when=lambda c: c.options.plan is None and c.options.scope == "sensitivity"),
+        Stage("allocate", _allocate, needs=("analysis", "scores", "counts_before"), provides=("plan",),
+              when=lambda c: c.options.plan is None),
+        Stage("check plan", _check_plan, needs=("analysis",), provides=("plan",),
+              when=lambda c: c.options.plan is not None),
+        Stage("plan summary", _removed, needs=("plan", "counts_before"), provides=("removed", "updates")),
+        Stage("compensate", _compensate, needs=("analysis", "removed", "stats"),
+              when=lambda c: c.options.compensation != "none" and c.stats is not None),
+        Stage("count", _dry_run_counts, needs=("graph", "removed"), when=lambda c: c.options.dry_run),
+        Stage("rewrite", _rewrite, needs=("graph", "analysis", "removed", "updates"), provides=("pruned",),
+              when=writing),
+        Stage("check", _check, needs=("pruned",), when=writing),
+        Stage("verify", _verify, needs=("original", "pruned", "removed"),
+              when=lambda c: writing(c) and c.options.verify),
+        Stage("reconstruct", _reconstruct, needs=("original", "graph", "removed", "feeds"), provides=("pruned",),
+              when=lambda c: writing(c) and c.options.reconstruct),
+        Stage("bn re-estimation", _bn_recalibrate, needs=("graph", "pruned", "original"),
+              when=lambda c: writing(c) and c.options.bn_recalibrate),
+        Stage("sparsify", _sparsify, needs=("graph", "feeds"), provides=("pruned",),
+              when=lambda c: writing(c) and c.options.sparsity is not None),
+        Stage("fidelity", _fidelity, needs=("original", "pruned", "heldout"),
+              when=lambda c: writing(c) and bool(c.heldout)),
+    ]
+
+
+def run(source, options: PruneOptions, progress=None) -> Context:
+    """Run every stage on `source` (path or ModelProto); returns the context (ctx.pruned, ctx.report)."""
+    start = time.perf_counter()
+    ctx = Context(options=options, source=source, progress=progress)
+    if options.plan is None:
+        from .passes.importance import get_criterion
+        ctx.criterion = get_criterion(options.importance, seed=options.seed)
+        ctx.criterion.intercept = options.compensation == "obs"  # obspa's ΔL assumes the refit may move the bias
+    pm = PassManager(progress=progress)
+    pm.run_stages(stages(), ctx)
+    ctx.report.timings = pm.timings()
+    ctx.report.stage_log = pm.log()
+    ctx.report.seconds = time.perf_counter() - start
+    ctx.report.plan = ctx.plan
+    return ctx
