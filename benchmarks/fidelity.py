@@ -531,13 +531,24 @@ def render(store: dict) -> str:
              "BatchNormalization nodes); `calib + sensitivity allocation` rows use `scope='sensitivity'` "
              "(per-group ratios from measured output sensitivity on 32 calibration samples); "
              "`none` rows read no data; `none (calib: not read, same)` means the run with calibration data gave the "
-             "identical result because the criterion reads no data and the API compensates nothing for it.", ""]
+             "identical result because the criterion reads no data and the API compensates nothing for it. "
+             "`compensate=X` in the data column: the run passed compensate=X — `reconstruct`: sequential "
+             "output-matched reconstruction after the rewrite (passes/reconstruct.py: every layer downstream of a "
+             "pruned one refit in graph order to the dense model's layer output, on the calibration samples or, "
+             "data-free, on 64 synthetic standard-normal inputs; obspa starts it from its OBS-compensated weights); "
+             "`obs`: independent least-squares refit of each consumer on the dense model's statistics; `none`: "
+             "plain slicing. Each section was run at one graphprune revision (given below); a cell from another "
+             "revision would carry `@revision`. The full criterion grid of the previous revision (890464c, before "
+             "reconstruction existed) is in this file's git history (commit 84f97ec).", ""]
     for name, entry in store.items():
         lines.append(f"- **{name}**: {entry['info'].get('description', '')}. Data: {entry['info'].get('data', '')}. "
                      f"Run {entry['info'].get('when', '')} at graphprune {entry['info'].get('git', '')}"
                      + (f"; {entry['info']['merged']}" if entry["info"].get("merged") else "") + ".")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines += ["", f"Machine: {os.cpu_count()} CPU cores, {platform.python_version()}, onnxruntime "
-              f"{onnxruntime.__version__}.", ""]
+              f"{onnxruntime.__version__}; shared with other jobs (load average {load:.0f} when this file was "
+              f"written), so the seconds below are upper bounds for an idle machine. "
+              f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}.", ""]
     for name, entry in store.items():
         lines += render_model(name, [Run(**r) for r in entry["runs"]], entry["info"])
     return "\n".join(lines) + "\n"
