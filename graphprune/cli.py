@@ -144,7 +144,8 @@ def prune(model, output, plan_out, plan_in, no_verify, dims, verbose, **fields):
         options = PruneOptions.from_kwargs(verify=not no_verify, input_dims=input_dims, **fields)
     except GraphpruneError as exc:
         _fail(str(exc))
-    _check_paths(model, None if dry_run else output, plan_out, plan_in, options.calib)
+    _check_paths(model, None if dry_run else output, plan_out, plan_in, options.calib,
+                 options.sparse_plan_out, options.sparse_plan_in)
 
     def progress(msg):
         if verbose:
@@ -176,10 +177,13 @@ def prune(model, output, plan_out, plan_in, no_verify, dims, verbose, **fields):
         print_sparse(out, report, model, None if dry_run else output, verbose)
 
 
-def _check_paths(model: Path, output: Path | None, plan_out: Path | None, plan_in: Path | None, calib) -> None:
+def _check_paths(model: Path, output: Path | None, plan_out: Path | None, plan_in: Path | None, calib,
+                 sparse_plan_out=None, sparse_plan_in=None) -> None:
     """No output may be an input, or another output of the same run."""
-    inputs = {"the input model": model, "--plan-in": plan_in, "--calib": Path(calib) if calib else None}
-    outputs = {"-o": output, "--plan-out": plan_out}
+    inputs = {"the input model": model, "--plan-in": plan_in, "--calib": Path(calib) if calib else None,
+              "--sparse-plan-in": Path(sparse_plan_in) if sparse_plan_in else None}
+    outputs = {"-o": output, "--plan-out": plan_out,
+               "--sparse-plan-out": Path(sparse_plan_out) if sparse_plan_out else None}
     seen: dict[Path, str] = {}
     for label, path in outputs.items():
         if path is None:
@@ -296,7 +300,9 @@ def _print_summary(report, output, verbose: bool) -> None:
 @click.option("--exclude", multiple=True, help="Node-name glob pattern whose channels stay (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-v", "--verbose", is_flag=True, help="List every group and every frozen group with its reason.")
-def analyze(model, exclude, as_json, verbose):
+@click.option("--graph", "graph_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the groups and the tensors and nodes they touch as GraphML.")
+def analyze(model, exclude, as_json, verbose, graph_out):
     """Show MODEL's channel groups, their sizes, and frozen channels with reasons."""
     from .api import analyze_model
     from .report import PruneReport
@@ -308,6 +314,9 @@ def analyze(model, exclude, as_json, verbose):
         _fail(str(exc))
     report = PruneReport()
     report.add_analysis(analysis)
+    if graph_out is not None:
+        import networkx as nx
+        nx.write_graphml(analysis.group_graph(), str(graph_out))
     if as_json:
         data = {
             "groups": [{"name": g.name, "units": len(g.units), "channels": g.channels,

@@ -241,7 +241,8 @@ def _check(ctx: Context) -> str:
 def _verify(ctx: Context) -> str:
     from .verify import compare, masked_reference, random_feeds
     o = ctx.options
-    reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.coupler.oracle_masks, ctx.updates)
+    reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.oracle_masks, ctx.updates,
+                                 ctx.analysis.mask_fills)
     feeds = random_feeds(ctx.original, o.verify_samples, seed=o.seed, dims=o.input_dims)
     ctx.report.verification = compare(reference, ctx.pruned, feeds)
     return f"max abs diff {ctx.report.verification['max_abs_diff']:.2e} on {o.verify_samples} inputs"
@@ -290,7 +291,8 @@ def _sparsify(ctx: Context) -> str:
     o = ctx.options
     ctx.pruned = sparsify_for_prune(ctx.graph, ctx.report, ctx.feeds, o.calib, o.sparsity, o.sparse_format,
                                     o.sparse_force, o.sparse_threads, o.seed, o.input_dims, o.verify,
-                                    o.verify_samples, ctx.progress)
+                                    o.verify_samples, ctx.progress, plan_in=o.sparse_plan_in,
+                                    plan_out=o.sparse_plan_out, no_measure=o.sparse_no_measure)
     s = ctx.report.sparse or {}
     return f"{s.get('sparse_layers', '?')} sparse layers"
 

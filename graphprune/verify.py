@@ -20,8 +20,10 @@ _WHERE_WIDER = {onnx.TensorProto.INT16: onnx.TensorProto.INT32, onnx.TensorProto
 
 
 def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], oracle_masks=(),
-                     weight_updates: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """The original model with removed channels zeroed wherever a node reads them."""
+                     weight_updates: dict[str, np.ndarray] | None = None, mask_fills=()) -> onnx.ModelProto:
+    """The original model with removed channels zeroed wherever a node reads them. `mask_fills` ((node, tensor,
+    zero point) triples) name quantized inputs whose removed channels read the zero point instead of 0."""
+    fills = {(f[0], f[1]): f[2] for f in mask_fills}
     model = graph.to_model(with_value_info=False)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -33,9 +35,10 @@ def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], o
     masked_names: dict[str, str] = {}
     counter = [0]
 
-    def mask_for(name):
-        if name in masked_names:
-            return masked_names[name]
+    def mask_for(name, fill=""):
+        key = (name, fill)
+        if key in masked_names:
+            return masked_names[key]
         shape = graph.shape(name)
         mask = np.ones([d if ax in by_tensor[name] else 1 for ax, d in enumerate(shape)], dtype=bool)
         for ax, idx in by_tensor[name].items():
@@ -47,15 +50,18 @@ def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], o
         zname = f"__gp_zero_{counter[0]}"
         g.initializer.append(numpy_helper.from_array(mask, mname))
         elem = graph.dtypes.get(name, onnx.TensorProto.FLOAT)
-        out = f"{name}__gp_masked"
+        out = f"{name}__gp_masked" + (f"_{counter[0]}" if fill else "")
         if elem == onnx.TensorProto.BOOL:  # onnxruntime's CPU Where has no bool kernel: mask with And
             new_nodes.append(helper.make_node("And", [mname, name], [out], name=f"__gp_where_{counter[0]}"))
-            masked_names[name] = out
+            masked_names[key] = out
             return out
         # nor int16/uint16/uint64/bfloat16 kernels: mask in a wider type (exact) and cast back
         wide = _WHERE_WIDER.get(elem)
         dtype = helper.tensor_dtype_to_np_dtype(wide or elem)
-        g.initializer.append(numpy_helper.from_array(np.zeros((), dtype=dtype), zname))
+        if fill:  # the zero point (same type as the quantized tensor), broadcast by Where
+            zname = fill
+        else:
+            g.initializer.append(numpy_helper.from_array(np.zeros((), dtype=dtype), zname))
         src = name
         if wide:
             src = f"{name}__gp_wide"
@@ -65,19 +71,19 @@ def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], o
                                           name=f"__gp_where_{counter[0]}"))
         if wide:
             new_nodes.append(helper.make_node("Cast", [where_out], [out], to=elem, name=f"__gp_narrow_{counter[0]}"))
-        masked_names[name] = out
+        masked_names[key] = out
         return out
 
     for node in list(g.node):
         for i, name in enumerate(node.input):
             if name in by_tensor and name not in inits:
-                node.input[i] = mask_for(name)
+                node.input[i] = mask_for(name, fills.get((node.name, name), ""))
         new_nodes.append(node)
     del g.node[:]
     g.node.extend(new_nodes)
     for name, arr in (weight_updates or {}).items():
         _replace_init(g, name, arr)
-    for weight, axis, like, like_axis in oracle_masks:
+    for weight, axis, like, like_axis, *rest in oracle_masks:
         idx = removed.get((like, like_axis))
         if idx is None or not len(idx):
             continue
@@ -85,9 +91,26 @@ def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], o
             else np.array(weight_updates[weight])
         index = [slice(None)] * arr.ndim
         index[axis] = idx
-        arr[tuple(index)] = 0
+        fill = rest[0] if rest and rest[0] else ""
+        arr[tuple(index)] = _fill_value(numpy_helper.to_array(inits[fill]), arr, axis, idx) if fill else 0
         _replace_init(g, weight, arr)
     return model
+
+
+def _fill_value(fill: np.ndarray, arr: np.ndarray, axis: int, idx: np.ndarray) -> np.ndarray:
+    """The zero point for arr's entries at `idx` along `axis`, shaped to broadcast into them. A zero point is a
+    scalar, one value per leading index (per direction), or arr's shape without one axis (DynamicQuantizeLSTM's
+    [directions, 4·hidden] for W [directions, input, 4·hidden])."""
+    if fill.size == 1:
+        return fill.reshape(())
+    if fill.ndim == 1 and fill.shape[0] == arr.shape[0]:
+        full = fill.reshape((-1,) + (1,) * (arr.ndim - 1))
+    else:
+        missing = next((m for m in range(arr.ndim) if arr.shape[:m] + arr.shape[m + 1:] == fill.shape), None)
+        if missing is None:
+            raise VerificationError(f"zero point of shape {fill.shape} does not fit a weight of shape {arr.shape}")
+        full = np.expand_dims(fill, missing)
+    return full if full.shape[axis] == 1 else np.take(full, idx, axis=axis)
 
 
 def _replace_init(g, name, arr):

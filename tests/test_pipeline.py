@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 from click.testing import CliRunner
+from onnx import helper
 
 import graphprune
 from graphprune import cli, pipeline
@@ -13,7 +14,6 @@ from graphprune.options import OptionError, PruneOptions, option_fields, parse_d
 from graphprune.passmanager import PassManager, Stage
 
 from helpers import make_model, rand
-from onnx import helper
 
 BAD_OPTIONS = [
     ("ratio", 1.0), ("ratio", -0.1), ("ratio", float("nan")), ("ratio", "0.5"),
@@ -112,7 +112,7 @@ def test_stage_log_lists_every_stage_in_order():
     _, report = graphprune.prune(_tiny(), ratio=0.5)
     expected = [s.name for s in pipeline.stages()]
     assert len(report.stage_log) == len(expected)
-    for line, name in zip(report.stage_log, expected):
+    for line, name in zip(report.stage_log, expected, strict=True):
         assert line.startswith(name + " "), (line, name)
     ran = [line for line in report.stage_log if "skipped" not in line]
     assert {line.split()[0] for line in ran} >= {"load", "canonicalize", "analyze", "score", "allocate", "rewrite",
@@ -158,3 +158,10 @@ def _tiny():
              helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
     return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])],
                       {"w1": rand(8, 3, 3, 3, seed=1), "b1": rand(8, seed=2), "w2": rand(4, 8, 3, 3, seed=3)})
+
+
+def test_sparse_plan_out_may_not_be_the_model(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_tiny().SerializeToString())
+    result = CliRunner().invoke(cli.main, [str(model), "--sparsity", "0.5", "--sparse-plan-out", str(model)])
+    assert result.exit_code == 2 and "--sparse-plan-out" in result.output and "input model" in result.output
