@@ -746,6 +746,8 @@ def main(argv=None) -> int:
         grid = sorted(set(speedups) | set(extra_speedups.get(name, [])))
         runs, info = run_model_grid(name, criteria, grid, calib_modes, calib_samples, args.quick, extra,
                                     compensations=compensations)
+        # re-read: another process may have stored runs meanwhile (models or settings run in parallel)
+        store = json.loads(store_path.read_text()) if store_path.exists() else {}
         old = [] if args.fresh or name not in store else store[name]["runs"]
         done = {(r.criterion, r.calib, r.compensate, r.speedup) for r in runs}
         kept = [asdict(Run(**r)) for r in old]
@@ -756,8 +758,6 @@ def main(argv=None) -> int:
             info["merged"] = (f"{len(kept)} earlier runs kept from {prev.get('merged_from') or prev.get('when', '?')} "
                               f"at graphprune {prev.get('git', '?')} (--fresh drops them)")
             info["merged_from"] = prev.get("merged_from") or prev.get("when")
-        # re-read: another process may have stored other models meanwhile (models run in parallel)
-        store = json.loads(store_path.read_text()) if store_path.exists() else {}
         store[name] = {"info": info, "runs": kept + [asdict(r) for r in runs]}
         store = {k: store[k] for k in fm.MODEL_NAMES if k in store}
         store_path.parent.mkdir(parents=True, exist_ok=True)
