@@ -122,7 +122,7 @@ def build_case(case: str, batch: int) -> onnx.ModelProto:
 
 # ============================================================================ latency
 def latency_runs(cases, sparsities, batches, threads_list) -> list[dict]:
-    from graphprune.calibration import synthetic_feeds
+    from graphprune.feeds import synthetic_feeds
     from graphprune.ir import Graph
     from graphprune.passes.canonicalize import canonicalize
     from graphprune.passes.sparse_cost import dense_model, sparse_model, time_interleaved

@@ -57,7 +57,7 @@ def models() -> dict:
 
 
 def prepared(model):
-    from graphprune.calibration import synthetic_feeds
+    from graphprune.feeds import synthetic_feeds
     from graphprune.ir import Graph
     from graphprune.passes.canonicalize import canonicalize
     from graphprune.passes.sparse_layers import find_layers
@@ -101,8 +101,8 @@ def plan_model(model, plan) -> onnx.ModelProto:
 
 
 def end_to_end(dense, sparse, g, threads) -> dict:
+    from graphprune.feeds import random_feeds
     from graphprune.timing import SessionBench, compare
-    from graphprune.verify import random_feeds
     feed = random_feeds(g, 1, seed=0)[0]
     r = compare(SessionBench({"dense": dense, "sparse": sparse}, feed, threads), "dense", ["sparse"], margin=1.0,
                 looks=(24, 48, 96), time_cap_s=20.0)["sparse"]
@@ -114,7 +114,7 @@ def full_compiles(model, cache_dir: Path, n: int = 2) -> list:
     """n compiles of the sparsify pass as prune runs it (data-free calibration, SparseGPT, verification, the
     end-to-end timing) sharing one timing cache."""
     from graphprune import timing
-    from graphprune.calibration import synthetic_feeds
+    from graphprune.feeds import synthetic_feeds
     from graphprune.passes.sparsify import sparsify
     out = []
     for _ in range(n):

@@ -18,19 +18,16 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphprune.calibration import batches, static_batch
+from graphprune.feeds import batches, static_batch
 from graphprune.ir import Graph, subgraph_outer_names
 
 FRONTIER_BUDGET = 256 << 20        # bytes of cached frontier tensors per PrefixCache
 
 
 def session(model: onnx.ModelProto, optimize: bool = False):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    """graphprune's one onnxruntime session factory (graphprune/runtime.py)."""
+    from graphprune.runtime import session as runtime_session
+    return runtime_session(model, optimize=optimize)
 
 
 def segment_model(graph: Graph, names, available=()) -> onnx.ModelProto:

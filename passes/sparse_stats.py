@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphprune.calibration import GRAM_ROWS, batches, static_batch
+from graphprune.calibration import GRAM_ROWS
+from graphprune.feeds import batches, static_batch
 from graphprune.ir import Graph
 
 from .layer_stats import Runner, exposing, im2col_rows, session  # noqa: F401  (the shared streaming engine)

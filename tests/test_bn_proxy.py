@@ -21,7 +21,7 @@ def test_bn_recalibration_sets_statistics_of_the_pruned_activations(tmp_path):
     assert not any("left as they were" in d for d in report.diagnostics)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
     # the new running mean is the mean of the pruned conv output over the calibration (not held-out) samples
-    from graphprune.verify import session
+    from graphprune.runtime import session
     conv_only = onnx.helper.make_model(onnx.helper.make_graph(
         [n for n in pruned.graph.node if n.op_type == "Conv"][:1], "c", [pruned.graph.input[0]],
         [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, None)],

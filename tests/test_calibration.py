@@ -4,7 +4,8 @@ import numpy as np
 import onnx
 import pytest
 
-from graphprune.calibration import CalibrationError, ChannelStats, load_feeds
+from graphprune.calibration import ChannelStats
+from graphprune.feeds import CalibrationError, load_feeds
 from graphprune.ir import Graph
 
 from helpers import MNIST

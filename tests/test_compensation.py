@@ -92,7 +92,7 @@ def test_obs_with_intercept_moves_the_removed_mean_into_the_bias():
 
 def test_ensure_biases_adds_zero_biases_that_change_nothing():
     from graphprune.passes.compensate import ensure_biases
-    from graphprune.verify import session
+    from graphprune.runtime import session
     model = conv_bn_model(np.linspace(0.5, 2.0, 8).astype(np.float32))
     graph = Graph(onnx.ModelProto.FromString(model.SerializeToString()))  # Graph edits the nodes it is given
     assert ensure_biases(graph) == 2

@@ -71,7 +71,8 @@ def test_attention_query_key_dims_are_scored_by_their_share_of_the_product():
     for name in ("obspa", "hessian", "activation", "fluctuation"):
         analysis = graphprune.analyze_model(model)
         crit = get_criterion(name)
-        from graphprune.calibration import collect, synthetic_feeds
+        from graphprune.calibration import collect
+        from graphprune.feeds import synthetic_feeds
         crit.stats = collect(analysis.graph, crit.wanted(analysis), synthetic_feeds(analysis.graph, 16))
         qk = next(g for g in analysis.groups if ("q", 2) in g.members)
         scores = crit.scores(qk, analysis)

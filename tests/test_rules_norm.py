@@ -158,7 +158,7 @@ def test_layer_norm_float16_computes_in_float32():
         elif t.name == "down.w":
             arr[removed, :] = 0
         t.CopyFrom(numpy_helper.from_array(arr, t.name))
-    from graphprune.verify import session
+    from graphprune.runtime import session
     x = np.random.default_rng(0).standard_normal((2, 5, 10)).astype(np.float32)
     want = session(masked).run(None, {"x": x})[0]
     got = session(pruned).run(None, {"x": x})[0]

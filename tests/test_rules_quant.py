@@ -94,7 +94,8 @@ def test_zero_point_fill_is_what_makes_the_oracle_exact():
     import graphprune
     from graphprune.analysis import analyze
     from graphprune.api import load_graph
-    from graphprune.verify import masked_reference, session
+    from graphprune.runtime import session
+    from graphprune.verify import masked_reference
     model = _dynamic_int8_mlp()
     _, report = graphprune.prune(model, ratio=0.5)
     graph, _ = load_graph(model)

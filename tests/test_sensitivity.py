@@ -29,7 +29,7 @@ def test_masked_model_measures_zero_error_unpruned_and_growing_error_pruned():
     analysis = graphprune.analyze_model(str(MNIST))
     feeds = {"input": np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)}
     masked = MaskedModel(analysis)
-    from graphprune.verify import session
+    from graphprune.runtime import session
     dense = session(onnx.load(str(MNIST))).run(None, feeds)
     assert relative_error(masked.run(feeds), dense) < 1e-10
     crit = get_criterion("l2")

@@ -67,7 +67,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
 
-from graphprune.calibration import synthetic_feeds  # noqa: E402
+from graphprune.feeds import synthetic_feeds  # noqa: E402
 from graphprune.ir import Graph  # noqa: E402
 from graphprune.kernels import ops  # noqa: E402
 from graphprune.passes.canonicalize import canonicalize  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 from graphprune import timing
-from graphprune.calibration import synthetic_feeds
+from graphprune.feeds import synthetic_feeds
 from graphprune.ir import Graph
 from graphprune.passes.canonicalize import canonicalize
 from graphprune.passes.sparse_cost import layer_work
