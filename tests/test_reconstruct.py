@@ -201,7 +201,7 @@ def test_prefix_cache_resumes_from_frontiers_with_the_same_values():
     full = [Runner(graph, names)(feed) for feed in feeds]
     for budget, resumed in ((1 << 30, True), (0, False)):
         cache = PrefixCache(graph, feeds, budget=budget, optimize=False)
-        for name, pos in zip(names, positions):
+        for name, pos in zip(names, positions, strict=True):
             got = dict(cache.values([name], pos))
             for b, values in got.items():
                 np.testing.assert_allclose(values[name], full[b][name], rtol=1e-5, atol=1e-6)
@@ -220,11 +220,13 @@ def test_fidelity_reports_top5_kl_and_cosine_per_output():
     other = w + rand(4, 7, seed=2)
     got = fidelity(mm(w), mm(other), {"x": x})["outputs"]["y"]
     a, b = x.astype(np.float64) @ w, x.astype(np.float64) @ other
-    pa = np.exp(a - a.max(1, keepdims=True)); pa /= pa.sum(1, keepdims=True)
-    pb = np.exp(b - b.max(1, keepdims=True)); pb /= pb.sum(1, keepdims=True)
+    pa = np.exp(a - a.max(1, keepdims=True))
+    pa /= pa.sum(1, keepdims=True)
+    pb = np.exp(b - b.max(1, keepdims=True))
+    pb /= pb.sum(1, keepdims=True)
     np.testing.assert_allclose(got["kl"], np.mean(np.sum(pa * np.log(pa / pb), axis=1)), rtol=1e-4)
     top5 = np.argsort(-b, axis=1)[:, :5]
-    assert got["top5_agreement"] == pytest.approx(np.mean([t in row for t, row in zip(a.argmax(1), top5)]))
+    assert got["top5_agreement"] == pytest.approx(np.mean([t in row for t, row in zip(a.argmax(1), top5, strict=True)]))
     assert got["top1_agreement"] == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
     assert got["top1_agreement"] <= got["top5_agreement"] and -1 <= got["cosine"] < 1
 
