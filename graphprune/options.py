@@ -44,7 +44,8 @@ class PruneOptions:
     target_macs: float | None = _opt(None, "Keep this fraction of the dense MACs, in (0, 1]; overrides --ratio.")
     target_params: float | None = _opt(None, "Keep this fraction of the dense parameters, in (0, 1].")
     # -- ranking and allocation -----------------------------------------------------------------------------
-    importance: str = _opt("l1", "Importance criterion.", choices=IMPORTANCE)
+    importance: str = _opt("obspa", "Importance criterion (obspa: structured OBS loss with compensation, from "
+                                    "--calib or the data-free proxy).", choices=IMPORTANCE)
     scope: str = _opt("uniform", "Same fraction per group; one ranking across groups; or per-group ratios from "
                                  "measured output sensitivity (needs a MACs/params target).", choices=SCOPES)
     global_norm: str = _opt("mean", "Per-group score normalisation for --scope global.", choices=GLOBAL_NORMS)

@@ -91,7 +91,7 @@ def test_corpus_model(entry):
         if np.issubdtype(out.dtype, np.floating):
             assert np.all(np.isfinite(out)), "refilled model gives non-finite outputs"
 
-    pruned, report = graphprune.prune(model, ratio=0.5, verify=True, verify_samples=1)
+    pruned, report = graphprune.prune(model, ratio=0.5, verify=True, verify_samples=1, importance="l1")
     onnx.checker.check_model(pruned, full_check=True)
     assert report.verification is not None and report.verification["samples"] == 1
     assert report.verification["max_rel_diff"] < 1e-3
@@ -104,7 +104,7 @@ def test_corpus_model(entry):
     if entry["file"] in RATIO_ZERO:
         # canonicalisation and the rewrite alone: verification compares against the canonicalised graph, this
         # against the exported one
-        same, report0 = graphprune.prune(model, ratio=0.0, verify=False)
+        same, report0 = graphprune.prune(model, ratio=0.0, verify=False, importance="l1")
         assert report0.params_after == report0.params_before
         for x, y in zip(dense_outputs, _run(same, feeds), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
