@@ -6,7 +6,6 @@ strict re-inference. The wrapper never mutates an array in place: setting an ini
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UnsupportedModelError
 
 # Write weights to a side file above this size; protobuf cannot hold more than 2 GiB.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -38,107 +37,406 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
-def _check_external_locations(model: onnx.ModelProto, base_dir: Path) -> bool:
-    """Refuse external data that points outside the model's folder. Returns whether any tensor is external."""
-    has_external = False
-    base = base_dir.resolve()
+# ---- reading untrusted models -------------------------------------------------------------------------------
+
+# Protobuf cannot parse a message of 2 GiB or more, so a bigger .onnx file cannot be a model.
+MAX_MODEL_BYTES = (1 << 31) - 1
+# A declared dim (graph input, value_info, inferred) above this is treated as unknown: analysis sizes index
+# arrays by static dims, and a 4 KB file may declare 10⁹. Weights are real data and keep their sizes.
+MAX_STATIC_DIM = 1 << 22
+# Sum of all static dims of all tensors (the analysis allocates one index per position): past it, refuse.
+MAX_STATIC_POSITIONS = 1 << 26
+
+_T = onnx.TensorProto
+# bits per element of every fixed-size element type (0: strings, not fixed-size)
+_ELEMENT_BITS = {_T.FLOAT: 32, _T.UINT8: 8, _T.INT8: 8, _T.UINT16: 16, _T.INT16: 16, _T.INT32: 32, _T.INT64: 64,
+                 _T.STRING: 0, _T.BOOL: 8, _T.FLOAT16: 16, _T.DOUBLE: 64, _T.UINT32: 32, _T.UINT64: 64,
+                 _T.COMPLEX64: 64, _T.COMPLEX128: 128, _T.BFLOAT16: 16}
+for _name, _bits in (("FLOAT8E4M3FN", 8), ("FLOAT8E4M3FNUZ", 8), ("FLOAT8E5M2", 8), ("FLOAT8E5M2FNUZ", 8),
+                     ("FLOAT8E8M0", 8), ("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2)):
+    if hasattr(_T, _name):
+        _ELEMENT_BITS[getattr(_T, _name)] = _bits
+
+# ai.onnx.ml ops that are whole classical models (no channels, nothing graphprune can remove)
+CLASSICAL_ML_OPS = ("TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble", "SVMClassifier",
+                    "SVMRegressor", "LinearClassifier", "LinearRegressor")
+
+
+def tensor_elements(tensor: onnx.TensorProto, where: str = "") -> int:
+    dims = list(tensor.dims)
+    if any(d < 0 for d in dims):
+        raise ModelLoadError(f"{where}tensor '{tensor.name}' has negative dims {dims}")
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def tensor_nbytes(tensor: onnx.TensorProto, where: str = "") -> int | None:
+    """Bytes the tensor's raw data must hold (None: strings, which have no fixed size)."""
+    bits = _ELEMENT_BITS.get(tensor.data_type)
+    if bits is None:
+        raise ModelLoadError(f"{where}tensor '{tensor.name}' has unknown element type {tensor.data_type}")
+    if bits == 0:
+        return None
+    return (tensor_elements(tensor, where) * bits + 7) // 8
+
+
+def _typed_count(tensor: onnx.TensorProto) -> tuple[int, int]:
+    """(values stored in the typed field, values the dims need) for a tensor without raw_data."""
+    n = tensor_elements(tensor)
+    dt = tensor.data_type
+    bits = _ELEMENT_BITS[dt]
+    if dt == _T.STRING:
+        return len(tensor.string_data), n
+    if dt in (_T.COMPLEX64, _T.COMPLEX128):
+        field = tensor.float_data if dt == _T.COMPLEX64 else tensor.double_data
+        return len(field), 2 * n
+    if dt == _T.FLOAT:
+        return len(tensor.float_data), n
+    if dt == _T.DOUBLE:
+        return len(tensor.double_data), n
+    if dt == _T.INT64:
+        return len(tensor.int64_data), n
+    if dt in (_T.UINT32, _T.UINT64):
+        return len(tensor.uint64_data), n
+    # everything else lives in int32_data, sub-byte types packed per byte
+    return len(tensor.int32_data), (n * bits + 7) // 8 if bits < 8 else n
+
+
+def check_tensor_data(tensor: onnx.TensorProto, where: str = "") -> None:
+    """An embedded tensor's data must be exactly what its dims and type need (never trust dims to size arrays)."""
+    if tensor.data_location == _T.EXTERNAL:
+        return
+    need = tensor_nbytes(tensor, where)
+    if tensor.HasField("raw_data"):
+        if need is None:
+            raise ModelLoadError(f"{where}string tensor '{tensor.name}' has raw_data")
+        if len(tensor.raw_data) != need:
+            raise ModelLoadError(f"{where}tensor '{tensor.name}': raw_data holds {len(tensor.raw_data)} bytes but "
+                                 f"dims {list(tensor.dims)} of type {_T.DataType.Name(tensor.data_type)} need {need}")
+        return
+    have, want = _typed_count(tensor)
+    if have != want:
+        raise ModelLoadError(f"{where}tensor '{tensor.name}' holds {have} values but dims {list(tensor.dims)} need "
+                             f"{want}")
+
+
+def _external_info(tensor: onnx.TensorProto, where: str) -> tuple[str, int, int | None]:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    if not location:
+        raise ModelLoadError(f"{where}tensor '{tensor.name}' is external but names no data location")
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise ModelLoadError(f"{where}tensor '{tensor.name}': external offset/length are not integers") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelLoadError(f"{where}tensor '{tensor.name}': negative external offset or length")
+    return location, offset, length
+
+
+def _resolve_location(tensor: onnx.TensorProto, location: str, base: Path, where: str) -> Path:
+    """The data file of an external tensor, which must be a file inside the model's folder (after symlinks)."""
+    shown = location.encode("unicode_escape").decode("ascii")
+    if "\x00" in location:
+        raise ModelLoadError(f"{where}tensor '{tensor.name}': data location '{shown}' contains a NUL byte: refused")
+    if os.path.isabs(location) or location.startswith(("\\", "/")) or (len(location) > 1 and location[1] == ":"):
+        raise ModelLoadError(f"{where}tensor '{tensor.name}' points at absolute data location '{shown}': refused")
+    target = (base / location).resolve()
+    if base != target and base not in target.parents:
+        raise ModelLoadError(
+            f"{where}tensor '{tensor.name}' points at data location '{shown}' outside the model's folder: refused")
+    return target
+
+
+def external_data_files(model: onnx.ModelProto, base_dir) -> list[Path]:
+    """The resolved data files a model's external tensors read (each checked to lie in the model's folder)."""
+    base = Path(base_dir).resolve()
+    files = []
     for tensor in _all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        has_external = True
-        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-        if not location:
-            raise ModelLoadError(f"tensor '{tensor.name}' is external but names no data location")
-        if os.path.isabs(location):
-            raise ModelLoadError(f"tensor '{tensor.name}' points at absolute data location '{location}': refused")
-        target = (base / location).resolve()
-        if base != target and base not in target.parents:
-            raise ModelLoadError(
-                f"tensor '{tensor.name}' points at data location '{location}' outside the model's folder: refused")
-        if not target.is_file():
-            raise ModelLoadError(f"tensor '{tensor.name}': external data file '{location}' is missing")
-    return has_external
+        if tensor.data_location == _T.EXTERNAL:
+            location, _, _ = _external_info(tensor, "")
+            target = _resolve_location(tensor, location, base, "")
+            if target not in files:
+                files.append(target)
+    return files
+
+
+def _load_external(model: onnx.ModelProto, base_dir: Path, where: str) -> bool:
+    """Read every external tensor's bytes into it, after checking location, offset and length against the
+    file. Returns whether any tensor was external."""
+    from .fileio import open_regular
+    base = base_dir.resolve()
+    external = [t for t in _all_tensors(model) if t.data_location == _T.EXTERNAL]
+    opened: dict[Path, tuple[int, int]] = {}
+    try:
+        for tensor in external:
+            location, offset, length = _external_info(tensor, where)
+            target = _resolve_location(tensor, location, base, where)
+            need = tensor_nbytes(tensor, where)
+            if need is None:
+                raise ModelLoadError(f"{where}string tensor '{tensor.name}' cannot live in external data")
+            if length is not None and length != need:
+                raise ModelLoadError(f"{where}tensor '{tensor.name}': external data length {length} but dims "
+                                     f"{list(tensor.dims)} need {need} bytes")
+            if target not in opened:
+                opened[target] = open_regular(target, ModelLoadError, f"{where}external data file of '{tensor.name}'")
+            fd, size = opened[target]
+            if offset + need > size:
+                raise ModelLoadError(f"{where}tensor '{tensor.name}': needs bytes {offset}..{offset + need} of "
+                                     f"'{location}', which has {size}")
+            data = os.pread(fd, need, offset) if need else b""
+            if len(data) != need:
+                raise ModelLoadError(f"{where}tensor '{tensor.name}': short read from '{location}'")
+            tensor.raw_data = data
+            del tensor.external_data[:]
+            tensor.data_location = _T.DEFAULT
+    finally:
+        for fd, _ in opened.values():
+            os.close(fd)
+    return bool(external)
 
 
 def _all_tensors(model: onnx.ModelProto):
+    """Every TensorProto a model can hold: initializers, sparse initializers, tensor(s) and sparse-tensor(s)
+    attributes, at every graph depth, in the main graph and in model-local functions."""
+    def from_attribute(a):
+        if a.type == onnx.AttributeProto.TENSOR:
+            yield a.t
+        elif a.type == onnx.AttributeProto.TENSORS:
+            yield from a.tensors
+        elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
+            yield a.sparse_tensor.values
+            yield a.sparse_tensor.indices
+        elif a.type == onnx.AttributeProto.SPARSE_TENSORS:
+            for s in a.sparse_tensors:
+                yield s.values
+                yield s.indices
+        elif a.type == onnx.AttributeProto.GRAPH:
+            yield from walk(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for g in a.graphs:
+                yield from walk(g)
+        else:  # a mistyped attribute may still carry a tensor or graph in its other fields
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from walk(a.g)
+            for g in a.graphs:
+                yield from walk(g)
+
+    def nodes(node_list):
+        for node in node_list:
+            for a in node.attribute:
+                yield from from_attribute(a)
+
     def walk(graph):
         yield from graph.initializer
-        for node in graph.node:
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    yield a.t
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        yield from walk(g)
+        for s in graph.sparse_initializer:
+            yield s.values
+            yield s.indices
+        yield from nodes(graph.node)
+
     yield from walk(model.graph)
+    for function in model.functions:
+        yield from nodes(function.node)
+
+
+def refuse_classical_ml(model: onnx.ModelProto, where: str) -> None:
+    """Tree ensembles, SVMs and linear classifiers (ai.onnx.ml) have no channels: say so at once, before any
+    shape inference or canonicalisation runs on their (possibly huge) attribute lists."""
+    ml_nodes = [n for n in model.graph.node if n.domain == "ai.onnx.ml"]
+    if not ml_nodes:
+        return
+    classical = next((n for n in ml_nodes if n.op_type in CLASSICAL_ML_OPS), None)
+    if classical is not None or len(ml_nodes) == len(model.graph.node):
+        node = classical or ml_nodes[0]
+        raise UnsupportedModelError(
+            f"{where}a classical ONNX-ML model ({node.op_type} node '{node.name}', domain ai.onnx.ml): it has no "
+            f"neural-network channels to prune, so graphprune leaves it unchanged")
+
+
+def _toposorted(graph: onnx.GraphProto) -> list | None:
+    """The graph's nodes in dependency order, or None when there is a cycle."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
+    deps = [{producer[i] for i in n.input if i in producer and i not in available} for n in graph.node]
+    users = defaultdict(list)
+    for k, d in enumerate(deps):
+        for p in d:
+            users[p].append(k)
+    indeg = [len(d) for d in deps]
+    ready = [k for k, d in enumerate(indeg) if d == 0]
+    order = []
+    while ready:
+        k = ready.pop()
+        order.append(k)
+        for u in users[k]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                ready.append(u)
+    return [graph.node[k] for k in order] if len(order) == len(graph.node) else None
+
+
+def check_input_model(model, where: str = "") -> None:
+    """Refuse an invalid input with onnx.checker's reason (duplicate names, undefined inputs, cycles, ...)
+    before graphprune's own rewrites could silently 'repair' it. Nodes merely out of order are accepted
+    (onnxruntime sorts them, and so does canonicalisation); onnx's 'deprecated op' complaint is no reason to
+    refuse a model onnxruntime runs."""
+    try:
+        onnx.checker.check_model(model)
+        return
+    except onnx.checker.ValidationError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except ValueError:  # a proto over 2 GiB: weights were embedded (only API callers get here); skip
+        return
+    if "deprecated" in reason:
+        return
+    if "topologically sorted" in reason and isinstance(model, onnx.ModelProto):
+        order = _toposorted(model.graph)
+        if order is None:
+            raise ModelLoadError(f"{where}invalid model: the graph has a cycle or reads a tensor nothing "
+                                 f"defines ({reason})")
+        copy = onnx.ModelProto()
+        _copy_shell(model, copy)
+        del copy.graph.node[:]
+        copy.graph.node.extend(order)
+        copy.graph.initializer.extend(t for t in model.graph.initializer if t.data_location == _T.EXTERNAL
+                                      or tensor_nbytes(t) is None or len(t.raw_data) <= 4096)
+        for t in model.graph.initializer:  # big weights: declared as inputs, so the check copies no bytes
+            if not (t.data_location == _T.EXTERNAL or tensor_nbytes(t) is None or len(t.raw_data) <= 4096):
+                if t.name not in {i.name for i in copy.graph.input}:
+                    copy.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        try:
+            onnx.checker.check_model(copy)
+            return
+        except onnx.checker.ValidationError as exc:
+            reason = str(exc).strip().splitlines()[0]
+            if "deprecated" in reason:
+                return
+    raise ModelLoadError(f"{where}invalid model (onnx.checker): {reason}")
+
+
+def _check_model_tensors(model: onnx.ModelProto, where: str) -> None:
+    for tensor in _all_tensors(model):
+        check_tensor_data(tensor, where)
+    names = [t.name for t in model.graph.initializer]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ModelLoadError(f"{where}invalid model: two initializers are named '{dup}'")
 
 
 def load_model(source) -> tuple[onnx.ModelProto, bool]:
-    """Load a ModelProto from a path or take a given one. Returns (model, had_external_data)."""
+    """Load a ModelProto from a path or take a given one. Returns (model, had_external_data).
+
+    The path must be a regular file (a FIFO or device is refused without reading it) of less than 2 GiB;
+    every tensor's data must match its dims; external data must lie in the model's folder and be as long as
+    the tensor needs; classical ONNX-ML models are refused at once; onnx.checker must accept the input."""
+    from .fileio import read_regular
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
+        refuse_classical_ml(model, "")
+        if any(t.data_location == _T.EXTERNAL for t in _all_tensors(model)):
+            raise ModelLoadError("the model has tensors in external data: pass its path instead of a ModelProto")
+        _check_model_tensors(model, "")
+        check_input_model(model, "")
         return model, False
     path = Path(source)
-    if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}")
-    if path.is_dir():
-        raise ModelLoadError(f"expected an ONNX file, got a folder: {path}")
+    where = f"{path}: "
+    data = read_regular(path, MAX_MODEL_BYTES, ModelLoadError, "model file")
+    model = onnx.ModelProto()
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError and friends
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    del data
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (empty or truncated file)")
-    has_external = _check_external_locations(model, path.parent)
-    if has_external:
-        try:
-            onnx.load_external_data_for_model(model, str(path.parent))
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: could not read external data ({exc})") from exc
+    refuse_classical_ml(model, where)
+    _check_model_tensors(model, where)
+    for tensor in _all_tensors(model):  # locations first: never open anything outside the model's folder
+        if tensor.data_location == _T.EXTERNAL:
+            location, _, _ = _external_info(tensor, where)
+            _resolve_location(tensor, location, path.parent.resolve(), where)
+    has_external = _load_external(model, path.parent, where)
+    if model.ByteSize() < MAX_MODEL_BYTES - (1 << 20):
+        check_input_model(model, where)
+    else:  # over 2 GiB with its weights loaded: the checker reads the file itself (external data beside it)
+        check_input_model(str(path), where)
     return model, has_external
 
 
-def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> None:
-    """Write atomically: a reader never sees a half-written file, and a failure leaves no output behind."""
+def input_files(path) -> list[Path]:
+    """The files a run reads for the model at `path`: the model and its external data files (resolved).
+    Unreadable or invalid models give just the model itself (loading reports the problem)."""
+    from .fileio import read_regular
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OSError(f"output folder does not exist: {folder}")
+    files = [path.resolve()]
+    try:
+        model = onnx.ModelProto()
+        model.ParseFromString(read_regular(path, MAX_MODEL_BYTES, ModelLoadError, "model file"))
+        files += [f for f in external_data_files(model, path.parent) if f not in files]
+    except Exception:
+        pass
+    return files
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
+
+def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> None:
+    """Write atomically through graphprune.fileio: fresh O_EXCL temp files in the output's folder, then
+    renames; a failure or SIGTERM leaves no temp file and the previous outputs as they were. With external
+    data, weights of 1 KiB or more go to PATH.data (replaced first, then the model that points at it)."""
+    from .fileio import temp_files
+    path = Path(path)
     if external_data is None:
         external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _small_enough(model) else True
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
     data_name = path.name + ".data"
-    tmp_data = None
-    try:
-        if external_data:
-            tmp_data = folder / f".{data_name}.tmp"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            # Point the tensors at the final data file name, then rename both.
-            final = onnx.load(tmp, load_external_data=False)
-            for tensor in _all_tensors(final):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            with open(tmp, "wb") as f:
-                f.write(final.SerializeToString())
-            os.replace(tmp_data, folder / data_name)
-            tmp_data = None
-        else:
-            with open(tmp, "wb") as f:
+    with temp_files() as new:
+        model_tmp = new(path)
+        if not external_data:
+            with model_tmp.open("wb") as f:
                 f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        for leftover in (tmp, tmp_data):
-            if leftover and os.path.exists(leftover):
-                os.unlink(leftover)
-        raise
+            model_tmp.commit()
+            return
+        data_tmp = new(path.with_name(data_name))
+        moved = []  # (tensor, raw bytes) whose data was moved out of the proto, restored in any case
+        try:
+            with data_tmp.open("wb") as f:
+                offset = 0
+                for tensor in _all_tensors(model):
+                    if tensor.data_location == _T.EXTERNAL or tensor.data_type == _T.STRING:
+                        continue
+                    raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+                    if len(raw) < 1024:
+                        continue
+                    pad = (-offset) % 64
+                    f.write(b"\0" * pad)
+                    offset += pad
+                    f.write(raw)
+                    saved = onnx.TensorProto()
+                    saved.CopyFrom(tensor)
+                    moved.append((tensor, saved))
+                    tensor.ClearField("raw_data")
+                    for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                        tensor.ClearField(field_name)
+                    tensor.data_location = _T.EXTERNAL
+                    del tensor.external_data[:]
+                    for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                        entry = tensor.external_data.add()
+                        entry.key, entry.value = key, value
+                    offset += len(raw)
+            with model_tmp.open("wb") as f:
+                f.write(model.SerializeToString())
+        finally:
+            for tensor, saved in moved:
+                tensor.CopyFrom(saved)
+        data_tmp.commit()
+        model_tmp.commit()
 
 
 def _small_enough(model: onnx.ModelProto) -> bool:
@@ -271,9 +569,19 @@ class Graph:
             self.dtypes[v.name] = tt.elem_type
             if tt.HasField("shape"):
                 self.shapes[v.name] = tuple(_dim(d) for d in tt.shape.dim)
+        positions = 0
+        for name, dims in self.shapes.items():
+            if any(isinstance(d, int) and (d < 0 or d > MAX_STATIC_DIM) for d in dims):
+                # declared, not backed by data: a huge (or negative) dim is treated as unknown
+                dims = self.shapes[name] = tuple(None if isinstance(d, int) and (d < 0 or d > MAX_STATIC_DIM)
+                                                 else d for d in dims)
+            positions += sum(d for d in dims if isinstance(d, int))
         for name, arr in self.initializers.items():
             self.shapes[name] = tuple(int(d) for d in arr.shape)
             self.dtypes[name] = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        if positions > MAX_STATIC_POSITIONS:
+            raise ModelLoadError(f"the model declares {positions} static tensor positions (sum of all dims of all "
+                                 f"tensors), more than the {MAX_STATIC_POSITIONS} graphprune analyses")
 
     def _skeleton(self) -> onnx.ModelProto:
         """The model for shape inference: big weights become typed graph inputs, so no weight bytes are copied
@@ -313,6 +621,12 @@ class Graph:
                              if name in used)
         del g.input[:]
         g.input.extend(self.inputs)
+        if out.ir_version and out.ir_version < 4:
+            # IR 3 (opset <= 8 exporters): every initializer must also be listed as a graph input
+            listed = set(self.input_names)
+            for t in g.initializer:
+                if t.name not in listed:
+                    g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         del g.output[:]
         g.output.extend(self.outputs)
         del g.value_info[:]

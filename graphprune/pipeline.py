@@ -242,7 +242,7 @@ def _verify(ctx: Context) -> str:
     o = ctx.options
     reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.coupler.oracle_masks, ctx.updates)
     feeds = random_feeds(ctx.original, o.verify_samples, seed=o.seed, dims=o.input_dims)
-    ctx.report.verification = compare(reference, ctx.pruned, feeds)
+    ctx.report.verification = compare(reference, ctx.pruned, feeds, removed=ctx.removed)
     return f"max abs diff {ctx.report.verification['max_abs_diff']:.2e} on {o.verify_samples} inputs"
 
 
