@@ -32,12 +32,8 @@ def load_feeds(path, graph: Graph, samples: int = 256, image_scale: float = 1 / 
     if not path.exists():
         raise CalibrationError(f"calibration data not found: {path}")
     names = [vi.name for vi in graph.inputs]
-    if path.is_file() and path.suffix == ".npz":
-        with np.load(path) as data:
-            missing = [n for n in names if n not in data.files]
-            if missing:
-                raise CalibrationError(f"{path}: no array for model input(s) {missing}; it has {data.files}")
-            feeds = {n: np.asarray(data[n])[:samples] for n in names}
+    if path.suffix == ".npz" and not path.is_dir():
+        feeds = _load_npz(path, names, samples)
     elif path.is_dir():
         if len(names) != 1:
             raise CalibrationError(f"a folder of samples needs a single-input model; this one has {names}")
@@ -49,8 +45,96 @@ def load_feeds(path, graph: Graph, samples: int = 256, image_scale: float = 1 / 
         raise CalibrationError(f"{path}: inputs have different sample counts {sorted(counts)}")
     for vi in graph.inputs:
         want = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
-        feeds[vi.name] = feeds[vi.name].astype(want, copy=False)
+        have = feeds[vi.name]
+        if have.dtype.kind not in "biufc" or (have.dtype.kind == "c" and want.kind != "c"):
+            raise CalibrationError(f"{path}: array for input '{vi.name}' has dtype {have.dtype}, not numbers")
+        if have.ndim == 0:
+            raise CalibrationError(f"{path}: array for input '{vi.name}' is a scalar; the first axis is samples")
+        rank = len(vi.type.tensor_type.shape.dim)
+        if vi.type.tensor_type.HasField("shape") and have.ndim != rank:
+            raise CalibrationError(f"{path}: array for input '{vi.name}' has shape {list(have.shape)}; the "
+                                   f"input has {rank} dims (the first one counts samples)")
+        feeds[vi.name] = have.astype(want, copy=False)
     return feeds
+
+
+# Calibration arrays are read into memory: refuse more than this (per array, decompressed) up front.
+MAX_CALIB_BYTES = 4 << 30
+# PIL's decompression-bomb bound, set explicitly (Pillow raises DecompressionBombError above 2x this).
+MAX_IMAGE_PIXELS = 64 << 20
+
+
+def _npz_member_size(zf, member: str, path) -> None:
+    """Bound an .npz member before numpy decompresses it (a zip bomb inflates kilobytes to gigabytes)."""
+    info = zf.getinfo(member)
+    if info.file_size > MAX_CALIB_BYTES:
+        raise CalibrationError(f"{path}: array '{member[:-4]}' is {info.file_size} bytes uncompressed, more "
+                               f"than the {MAX_CALIB_BYTES} accepted")
+
+
+def _load_npz(path: Path, names, samples: int) -> dict:
+    """Arrays of an .npz without pickles (allow_pickle=False), sizes bounded before decompression."""
+    import zipfile
+    from .fileio import open_regular
+    fd, _size = open_regular(path, CalibrationError, "calibration file")
+    with open(fd, "rb") as handle:
+        try:
+            zf = zipfile.ZipFile(handle)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CalibrationError(f"{path}: not an .npz archive ({exc})") from None
+        with zf:
+            files = {m[:-4]: m for m in zf.namelist() if m.endswith(".npy")}
+            missing = [n for n in names if n not in files]
+            if missing:
+                raise CalibrationError(f"{path}: no array for model input(s) {missing}; it has {sorted(files)}")
+            feeds = {}
+            for n in names:
+                _npz_member_size(zf, files[n], path)
+                try:
+                    with zf.open(files[n]) as member:
+                        arr = _read_npy(member, zf.getinfo(files[n]).file_size, f"{path}: array '{n}'")
+                except CalibrationError:
+                    raise
+                except Exception as exc:  # zlib/zip errors, bad CRC
+                    raise CalibrationError(f"{path}: array '{n}' is corrupt ({type(exc).__name__}: {exc})") from None
+                feeds[n] = arr[:samples]
+    return feeds
+
+
+def _read_npy(handle, size: int, where: str) -> np.ndarray:
+    """One .npy array from a stream of `size` bytes: the header is checked before any allocation (its shape
+    must fit in the bytes there are), object arrays are refused (they need pickles), no pickle is ever loaded."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(handle)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = fmt.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except Exception as exc:
+        raise CalibrationError(f"{where}: not a .npy array ({type(exc).__name__}: {exc})") from None
+    if dtype.hasobject:
+        raise CalibrationError(f"{where}: holds Python objects, which would need unpickling: refused")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    need = count * dtype.itemsize
+    if need > min(size, MAX_CALIB_BYTES):
+        raise CalibrationError(f"{where}: header declares shape {list(shape)} ({need} bytes) but the file holds "
+                               f"{size}" + (f" (at most {MAX_CALIB_BYTES} accepted)" if need > MAX_CALIB_BYTES else ""))
+    data = handle.read(need)
+    if len(data) != need:
+        raise CalibrationError(f"{where}: truncated ({len(data)} of {need} data bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _load_npy(f: Path) -> np.ndarray:
+    from .fileio import open_regular
+    fd, size = open_regular(f, CalibrationError, "calibration array")
+    with open(fd, "rb") as handle:
+        return _read_npy(handle, size, str(f))
 
 
 def _load_folder(folder: Path, vi, samples, scale, mean, std) -> np.ndarray:
@@ -58,7 +142,7 @@ def _load_folder(folder: Path, vi, samples, scale, mean, std) -> np.ndarray:
     arrays = []
     for f in sorted(folder.iterdir()):
         if f.suffix == ".npy":
-            a = np.load(f)
+            a = _load_npy(f)
             arrays.extend(a if a.ndim == len(dims) else [a])
         elif f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
             arrays.append(_load_image(f, dims, scale, mean, std))
@@ -66,6 +150,9 @@ def _load_folder(folder: Path, vi, samples, scale, mean, std) -> np.ndarray:
             break
     if not arrays:
         raise CalibrationError(f"{folder}: no .npy or image files")
+    shapes = {np.shape(a) for a in arrays[:samples]}
+    if len(shapes) != 1:
+        raise CalibrationError(f"{folder}: samples have different shapes {sorted(shapes)[:4]}")
     return np.stack(arrays[:samples])
 
 
@@ -75,7 +162,17 @@ def _load_image(f: Path, dims, scale, mean, std) -> np.ndarray:
     except ImportError as exc:
         raise CalibrationError("reading images needs Pillow (pip install pillow), or pass .npy arrays") from exc
     channels, height, width = dims[1:4] if len(dims) == 4 else (None, None, None)
-    img = Image.open(f).convert("L" if channels == 1 else "RGB")
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        img = Image.open(f)
+        if img.width * img.height > MAX_IMAGE_PIXELS:  # checked before decoding a pixel
+            raise CalibrationError(f"{f}: {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                                   f"accepted (decompression bomb?)")
+        img = img.convert("L" if channels == 1 else "RGB")
+    except CalibrationError:
+        raise
+    except Exception as exc:  # DecompressionBombError, truncated or not an image
+        raise CalibrationError(f"{f}: not a readable image ({type(exc).__name__}: {exc})") from None
     if height and width:
         img = img.resize((width, height), Image.BICUBIC)
     a = np.asarray(img, dtype=np.float32) * scale
@@ -204,7 +301,7 @@ def collect(graph: Graph, wanted: dict[tuple[str, int], bool], feeds: dict, batc
             model.graph.output.append(helper.make_tensor_value_info(name, graph.dtypes.get(name, 1), None))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors are reported by graphprune, in one line
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     for key, gram in wanted.items():
         stats.tensors[key] = ChannelStats(want_gram=gram)

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .errors import VerificationError
-from .ir import MAX_STATIC_DIM, Graph, attr
+from .ir import Graph, attr
 
 
 # element types onnxruntime's CPU Where lacks -> a type it has that holds them exactly
@@ -107,7 +107,7 @@ def session(model: onnx.ModelProto, optimize: bool = False) -> ort.InferenceSess
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors are reported by graphprune, in one line
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -214,7 +214,7 @@ def feed_shapes(graph: Graph, dims: dict | None = None) -> tuple[dict[str, list[
         fixed = _fixed_by_weights(graph, vi.name, rank)
         for k, d in enumerate(dim_protos):
             name = d.dim_param if d.HasField("dim_param") and d.dim_param else None
-            value = int(d.dim_value) if d.HasField("dim_value") and 0 < d.dim_value <= MAX_STATIC_DIM else None
+            value = int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None  # -1: Paddle's "any"
             if value is None and k < len(inferred) and isinstance(inferred[k], int) and 0 < inferred[k]:
                 value = inferred[k]
             if value is None and k in fixed:
