@@ -460,11 +460,13 @@ class Graph:
         self.initializers: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         init_names = set(self.initializers)
         # Old exporters list initializers as graph inputs: they are weights, not feeds.
-        self.inputs: list[onnx.ValueInfoProto] = [v for v in g.input if v.name not in init_names]
+        self.inputs: list[onnx.ValueInfoProto] = [_dynamic_negative_dims(v) for v in g.input
+                                                  if v.name not in init_names]
         self.outputs: list[onnx.ValueInfoProto] = list(g.output)
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, int] = {}
         self.shape_hints: dict[str, tuple] = {}  # shapes measured or derived where onnx's inference gives up
+        self.oversized: dict[str, tuple] = {}  # tensors inferred with a dim > MAX_STATIC_DIM (never run these)
         self._name_counter = 0
         self._taken = None
         self.reindex()
@@ -485,6 +487,7 @@ class Graph:
         other.shapes = dict(self.shapes)
         other.dtypes = dict(self.dtypes)
         other.shape_hints = dict(self.shape_hints)
+        other.oversized = dict(getattr(self, "oversized", {}))
         other._name_counter = self._name_counter
         other._taken = None
         other.reindex()
@@ -557,6 +560,8 @@ class Graph:
             if name in self.dtypes:
                 model.graph.value_info.append(helper.make_tensor_value_info(name, self.dtypes[name], list(dims)))
         try:
+            if not self._data_propagation_is_bounded(model):
+                raise MemoryError("data propagation could materialise a huge Range/Tile")
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception:
             inferred = onnx.shape_inference.infer_shapes(model)
@@ -570,7 +575,10 @@ class Graph:
             if tt.HasField("shape"):
                 self.shapes[v.name] = tuple(_dim(d) for d in tt.shape.dim)
         positions = 0
+        self.oversized = {}
         for name, dims in self.shapes.items():
+            if any(isinstance(d, int) and d > MAX_STATIC_DIM for d in dims):
+                self.oversized[name] = dims
             if any(isinstance(d, int) and (d < 0 or d > MAX_STATIC_DIM) for d in dims):
                 # declared, not backed by data: a huge (or negative) dim is treated as unknown
                 dims = self.shapes[name] = tuple(None if isinstance(d, int) and (d < 0 or d > MAX_STATIC_DIM)
@@ -582,6 +590,28 @@ class Graph:
         if positions > MAX_STATIC_POSITIONS:
             raise ModelLoadError(f"the model declares {positions} static tensor positions (sum of all dims of all "
                                  f"tensors), more than the {MAX_STATIC_POSITIONS} graphprune analyses")
+
+    def _data_propagation_is_bounded(self, model: onnx.ModelProto) -> bool:
+        """onnx's data propagation computes the values of 1-D integer Range/Tile outputs in C++, unbounded: a
+        4 KB model can make it allocate gigabytes. Allow it only where every Range/Tile reads constants whose
+        result is small (computed inputs may carry declared dims of any size)."""
+        for node in model.graph.node:
+            if node.op_type not in ("Range", "Tile"):
+                continue
+            arrays = [self.initializers.get(i) for i in node.input]
+            if any(a is None for a in arrays):
+                return False
+            try:
+                if node.op_type == "Range":
+                    start, limit, delta = (float(np.asarray(a).reshape(-1)[0]) for a in arrays[:3])
+                    count = abs((limit - start) / delta) if delta else float("inf")
+                else:
+                    count = arrays[0].size * float(np.prod(arrays[1].astype(np.float64)))
+            except Exception:
+                return False
+            if not count <= MAX_STATIC_DIM:
+                return False
+        return True
 
     def _skeleton(self) -> onnx.ModelProto:
         """The model for shape inference: big weights become typed graph inputs, so no weight bytes are copied
@@ -637,6 +667,19 @@ class Graph:
                 if name in self.dtypes:
                     g.value_info.append(helper.make_tensor_value_info(name, self.dtypes[name], list(dims)))
         return out
+
+
+def _dynamic_negative_dims(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """A dim declared negative (Paddle writes -1 for "any") is not a size: make it an unnamed dynamic dim."""
+    dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+    if not any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+        return vi
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(vi)
+    for d in copy.type.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value < 0:
+            d.Clear()
+    return copy
 
 
 def _copy_shell(model: onnx.ModelProto, shell: onnx.ModelProto) -> None:

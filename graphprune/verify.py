@@ -203,6 +203,11 @@ def feed_shapes(graph: Graph, dims: dict | None = None) -> tuple[dict[str, list[
     """(input name -> concrete shape, dim name -> value chosen). One value per dim name everywhere; sizes a
     weight fixes win over defaults; spatial dims are at least what the model's kernels need; `dims` (--dim)
     wins over everything. Raises VerificationError naming the `--dim` to pass when a shape stays unusable."""
+    oversized = getattr(graph, "oversized", {})
+    if oversized:
+        name, shape = next(iter(oversized.items()))
+        raise VerificationError(f"tensor '{name}' would have shape {list(shape)}: running the model on random inputs "
+                                f"would allocate from that dim, so it is not run (pass --no-verify to skip the check)")
     given = dict(dims or {})
     chosen: dict[str, int] = {}
     spatial = _min_spatial(graph)

@@ -53,8 +53,8 @@ def conv_model(opset=17, ir=None, x_shape=("N", 3, 8, 8), names=("x", "w1", "h",
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = ir or min(onnx.helper.find_min_ir_version_for([helper.make_opsetid("", opset)]) + 1, 10)
     if model.ir_version < 4:  # IR 3: every initializer is a graph input too
-        for t in graph.initializer:
-            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        for t in model.graph.initializer:
+            model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return model
 
 
@@ -719,3 +719,543 @@ def test_calibration_folders(tmp_path, kind):
             (folder / "a.npy").write_bytes(z.read("x.npy"))
         (tmp_path / "tmp.zip").unlink()
     run_checked(tmp_path, [model, "--importance", "activation", "--calib", folder, "-o", tmp_path / "o.onnx"])
+
+
+# ---- I. huge declared dims: bounded memory (a subprocess under RLIMIT_AS) --------------------------------------------
+
+def _big_models(folder: Path) -> list[Path]:
+    big = 10 ** 9
+    out = []
+
+    def graph_model(name, nodes, inputs, outputs, inits=()):
+        g = helper.make_graph(nodes, name, inputs, outputs, list(inits))
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        out.append(save(m, folder / f"{name}.onnx"))
+
+    for name, shape in (("batch", [big, 3, 8, 8]), ("spatial", [1, 3, big, 8]), ("both", [big, 3, 8, big])):
+        m = conv_model(x_shape=shape)
+        out.append(save(m, folder / f"{name}.onnx"))
+    vi = helper.make_tensor_value_info
+    graph_model("reshape", [helper.make_node("Reshape", ["x", "s"], ["r"], name="rs"),
+                            helper.make_node("Relu", ["r"], ["y"], name="relu")],
+                [vi("x", 1, ["n"])], [vi("y", 1, [1, big])], [numpy_helper.from_array(np.array([1, big]), "s")])
+    graph_model("constantofshape", [helper.make_node("ConstantOfShape", ["s"], ["c"], name="cos"),
+                                    helper.make_node("Add", ["x", "c"], ["y"], name="add")],
+                [vi("x", 1, [1, big])], [vi("y", 1, [1, big])], [numpy_helper.from_array(np.array([1, big]), "s")])
+    graph_model("expand", [helper.make_node("Expand", ["one", "s"], ["c"], name="ex"),
+                           helper.make_node("Mul", ["x", "c"], ["y"], name="mul")],
+                [vi("x", 1, [big, big])], [vi("y", 1, [big, big])],
+                [numpy_helper.from_array(np.array([big, big]), "s"), numpy_helper.from_array(np.ones(1, np.float32),
+                                                                                              "one")])
+    graph_model("range", [helper.make_node("Range", ["a", "b", "d"], ["c"], name="range"),
+                          helper.make_node("Cast", ["c"], ["y"], name="cast", to=1)],
+                [vi("x", 1, [1])], [vi("y", 1, [big])],
+                [numpy_helper.from_array(np.array(0, np.int64), "a"), numpy_helper.from_array(np.array(big), "b"),
+                 numpy_helper.from_array(np.array(1, np.int64), "d")])
+    graph_model("tile", [helper.make_node("Tile", ["one", "s"], ["c"], name="tile"),
+                         helper.make_node("Add", ["x", "c"], ["y"], name="add")],
+                [vi("x", 1, [big])], [vi("y", 1, [big])],
+                [numpy_helper.from_array(np.array([big]), "s"), numpy_helper.from_array(np.ones(1, np.float32),
+                                                                                         "one")])
+    graph_model("matmul-1e9", [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                               helper.make_node("Relu", ["h"], ["y"], name="relu")],
+                [vi("x", 1, [1, 4])], [vi("y", 1, [1, big])], [numpy_helper.from_array(_w(4, 4), "w")])
+    return out
+
+
+_BOUNDED_RUNNER = r"""
+import json, resource, signal, sys
+resource.setrlimit(resource.RLIMIT_AS, (__LIMIT__, __LIMIT__))
+signal.alarm(120)
+from click.testing import CliRunner
+from graphprune.cli import main
+results = []
+for args in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(main, args)
+    results.append({"args": args, "code": r.exit_code, "stderr": r.stderr, "exc": repr(r.exception)})
+results.append({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
+print(json.dumps(results))
+"""
+
+
+def test_huge_declared_dims_stay_within_a_memory_bound(tmp_path):
+    models = _big_models(tmp_path)
+    runs = []
+    for m in models:
+        runs.append(["analyze", str(m)])
+        runs.append(["prune", str(m), "-o", str(tmp_path / f"out-{m.stem}.onnx")])
+    limit = 3 << 30
+    proc = subprocess.run([sys.executable, "-c", _BOUNDED_RUNNER.replace("__LIMIT__", str(limit)), json.dumps(runs)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results[-1]["maxrss_kb"] < 1_500_000, results[-1]
+    for r in results[:-1]:
+        assert r["code"] in (0, 2), r
+        if r["code"] == 2:
+            lines = r["stderr"].splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error:"), r
+            assert "out of memory" not in lines[0] and "MemoryError" not in lines[0], r
+    # the declared-but-impossible inputs are refused with the dims they declare
+    by_args = {tuple(r["args"][:2]): r for r in results[:-1]}
+    assert "1000000000" in by_args[("prune", str(tmp_path / "batch.onnx"))]["stderr"]
+
+
+def test_big_dims_are_unknown_to_the_analysis():
+    from graphprune.ir import MAX_STATIC_DIM, Graph
+    g = Graph(conv_model(x_shape=[1, 3, 10 ** 9, 8]))
+    g.infer_shapes()
+    assert g.shape("x")[2] is None and g.shape("h")[2] is None
+    assert all(d is None or d <= MAX_STATIC_DIM for s in g.shapes.values() for d in s)
+
+
+# ---- J. classical ONNX-ML -------------------------------------------------------------------------------------------
+
+def _tree_ensemble(n_nodes=200_000):
+    ids = np.arange(n_nodes)
+    leaf = ids >= n_nodes // 2
+    node = helper.make_node(
+        "TreeEnsembleClassifier", ["x"], ["label", "probabilities"], domain="ai.onnx.ml", name="trees",
+        nodes_treeids=[0] * n_nodes, nodes_nodeids=ids.tolist(), nodes_featureids=(ids % 4).tolist(),
+        nodes_values=np.linspace(0, 1, n_nodes).tolist(), nodes_modes=["LEAF" if l else "BRANCH_LEQ" for l in leaf],
+        nodes_truenodeids=np.minimum(2 * ids + 1, n_nodes - 1).tolist(),
+        nodes_falsenodeids=np.minimum(2 * ids + 2, n_nodes - 1).tolist(),
+        class_treeids=[0] * (n_nodes // 2), class_nodeids=ids[leaf].tolist(), class_ids=(ids[leaf] % 2).tolist(),
+        class_weights=[1.0] * (n_nodes // 2), classlabels_int64s=[0, 1])
+    g = helper.make_graph([node], "trees", [helper.make_tensor_value_info("x", 1, ["N", 4])],
+                          [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+                           helper.make_tensor_value_info("probabilities", 1, ["N", 2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    m.ir_version = 8
+    return m
+
+
+def test_classical_onnx_ml_is_recognised_at_once(tmp_path):
+    import time
+    path = save(_tree_ensemble(), tmp_path / "trees.onnx")
+    start = time.perf_counter()
+    for args in (["analyze", path], [path, "-o", tmp_path / "o.onnx"]):
+        run_checked(tmp_path, args, needles=["ONNX-ML", "TreeEnsembleClassifier"])
+    assert time.perf_counter() - start < 10
+    from graphprune.errors import UnsupportedModelError
+    with pytest.raises(UnsupportedModelError):
+        graphprune.prune(str(path), ratio=0.5)
+
+
+# ---- K. names are data ------------------------------------------------------------------------------------------------
+
+NAMES = {
+    "markup": "[bold red]w[/bold red]",
+    "ansi": "\x1b[31mred\x1b[0m",
+    "newline": "a\nb",
+    "carriage-return": "a\rb",
+    "format": "%s{0}{x}",
+    "unicode": "名前✓",
+    "rtl-override": "a\u202eb",
+    "backslash": "a\\nb",
+}
+
+
+@pytest.mark.parametrize("kind", list(NAMES))
+def test_names_with_markup_and_escapes(tmp_path, kind):
+    name = NAMES[kind]
+    m = conv_model(names=("x", name + "_w1", name + "_h", "r", "w2", "y"),
+                   node_names=(name + "_conv1", "relu", "conv2"))
+    path = save(m, tmp_path / "m.onnx")
+    result = cli(path, "-o", tmp_path / "o.onnx", "-v")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\u202e" not in result.output
+    assert_error_or_valid(result, tmp_path / "o.onnx")
+    result = cli("analyze", path, "-v")
+    assert result.exit_code == 0 and "\x1b" not in result.output
+    # an error about such a name is still one line
+    bad = conv_model(names=("x", name + "_w1", name + "_h", "r", "w2", "y"))
+    bad.graph.initializer.append(numpy_helper.from_array(_w(8, 3, 3, 3), name + "_w1"))
+    run_checked(tmp_path, [save(bad, tmp_path / "bad.onnx"), "-o", tmp_path / "o2.onnx"])
+
+
+@pytest.mark.parametrize("fname", ["\x1b[31mm.onnx", "m\nx.onnx", "[red]m[/red].onnx"])
+def test_file_names_with_escapes(tmp_path, fname):
+    run_checked(tmp_path, [tmp_path / fname])  # missing: one line, escapes shown as text
+
+
+# ---- L. every element type ------------------------------------------------------------------------------------------
+
+DTYPES = {
+    "float": (TensorProto.FLOAT, np.float32), "double": (TensorProto.DOUBLE, np.float64),
+    "float16": (TensorProto.FLOAT16, np.float16), "bfloat16": (TensorProto.BFLOAT16, None),
+    "int8": (TensorProto.INT8, np.int8), "uint8": (TensorProto.UINT8, np.uint8),
+    "int16": (TensorProto.INT16, np.int16), "uint16": (TensorProto.UINT16, np.uint16),
+    "int32": (TensorProto.INT32, np.int32), "int64": (TensorProto.INT64, np.int64),
+    "uint32": (TensorProto.UINT32, np.uint32), "uint64": (TensorProto.UINT64, np.uint64),
+    "bool": (TensorProto.BOOL, np.bool_), "string": (TensorProto.STRING, object),
+    "complex64": (TensorProto.COMPLEX64, np.complex64), "float8e4m3fn": (TensorProto.FLOAT8E4M3FN, None),
+    "int4": (TensorProto.INT4, None), "uint4": (TensorProto.UINT4, None),
+}
+EXOTIC = {"complex64", "float8e4m3fn", "int4", "uint4", "bfloat16"}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_every_dtype(tmp_path, dtype):
+    """A constant and an input of each element type pass through Identity next to the prunable path."""
+    elem, np_type = DTYPES[dtype]
+    if np_type is None:
+        const = helper.make_tensor("k", elem, [2], [1, 0])
+    elif np_type is object:
+        const = numpy_helper.from_array(np.array(["a", "b"], dtype=object), "k")
+    else:
+        const = numpy_helper.from_array(np.array([1, 0], dtype=np_type), "k")
+    m = conv_model(opset=21, extra_nodes=[helper.make_node("Identity", ["k"], ["k_out"], name="ident"),
+                                          helper.make_node("Identity", ["t_in"], ["t_out"], name="ident2")],
+                   extra_outputs=[helper.make_tensor_value_info("k_out", elem, [2]),
+                                  helper.make_tensor_value_info("t_out", elem, ["N", 2])])
+    m.graph.initializer.append(const)
+    m.graph.input.append(helper.make_tensor_value_info("t_in", elem, ["N", 2]))
+    path = save(m, tmp_path / "m.onnx")
+    result = run_checked(tmp_path, [path, "-o", tmp_path / "o.onnx"], allowed={"o.onnx"}, expect_error=False)
+    if dtype in EXOTIC:
+        assert_error_or_valid(result, tmp_path / "o.onnx")
+    else:
+        assert result.exit_code == 0, result.output
+        assert_error_or_valid(result, tmp_path / "o.onnx")
+
+
+def test_float16_model_verifies_on_a_float16_tolerance(tmp_path):
+    h = np.float16
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "fp16", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 8])],
+                          [numpy_helper.from_array(_w(64, 256).astype(h) * 4, "w1"),
+                           numpy_helper.from_array(_w(256, 8).astype(h) * 4, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    pruned, report = graphprune.prune(m, ratio=0.5, verify_samples=4, compensate="none")
+    assert report.verification["rtol"] >= 1e-3  # not float32's 1e-4
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+# ---- M. opsets 7-23 ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opset", range(7, 24))
+def test_every_opset(opset):
+    ir = onnx.helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    m = conv_model(opset=opset, ir=ir)
+    onnx.checker.check_model(m)
+    pruned, report = graphprune.prune(m, ratio=0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert pruned.ir_version == ir and pruned.opset_import[0].version == opset
+    assert report.params_after < report.params_before and report.verification["compared"] == ["y"]
+    if ir < 4:  # initializers still listed as inputs, with their pruned shapes
+        listed = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input}
+        for t in pruned.graph.initializer:
+            assert listed[t.name] == list(t.dims)
+
+
+def test_ir3_model_through_the_cli(tmp_path):
+    path = save(conv_model(opset=7, ir=3), tmp_path / "m.onnx")
+    result = cli(path, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0, result.output
+    assert_error_or_valid(result, tmp_path / "o.onnx")
+
+
+# ---- N. control flow ------------------------------------------------------------------------------------------------------
+
+def _control_flow(kind):
+    vi = helper.make_tensor_value_info
+    if kind == "If":
+        branch = lambda op: helper.make_graph([helper.make_node(op, ["r"], ["b"], name=f"{op}_b")], op, [],
+                                              [vi("b", 1, None)])
+        extra = [helper.make_node("If", ["cond"], ["cf"], name="if", then_branch=branch("Relu"),
+                                  else_branch=branch("Sigmoid"))]
+        inits = {"cond": np.array(True)}
+    elif kind == "Loop":
+        body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"], name="lc"),
+                                  helper.make_node("Add", ["acc_in", "r"], ["acc_out"], name="la")], "body",
+                                 [vi("i", TensorProto.INT64, []), vi("c_in", TensorProto.BOOL, []),
+                                  vi("acc_in", 1, None)], [vi("c_out", TensorProto.BOOL, []), vi("acc_out", 1, None)])
+        extra = [helper.make_node("Loop", ["trip", "cond", "r"], ["cf"], name="loop", body=body)]
+        inits = {"cond": np.array(True), "trip": np.array(2, np.int64)}
+    else:
+        body = helper.make_graph([helper.make_node("Add", ["s_in", "e"], ["s_out"], name="sa"),
+                                  helper.make_node("Identity", ["s_out"], ["e_out"], name="si")], "body",
+                                 [vi("s_in", 1, [8, 8]), vi("e", 1, [8, 8])], [vi("s_out", 1, [8, 8]),
+                                                                              vi("e_out", 1, [8, 8])])
+        extra = [helper.make_node("Squeeze", ["r", "ax"], ["r3"], name="sq"),
+                 helper.make_node("Scan", ["init", "r3"], ["cf", "scan_out"], name="scan", body=body,
+                                  num_scan_inputs=1)]
+        inits = {"init": np.zeros((8, 8), np.float32), "ax": np.array([0], np.int64)}
+    return conv_model(x_shape=(1, 3, 8, 8), extra_nodes=extra, extra_inits=inits,
+                      extra_outputs=[vi("cf", 1, None)])
+
+
+@pytest.mark.parametrize("kind", ["If", "Loop", "Scan"])
+def test_control_flow(tmp_path, kind):
+    m = _control_flow(kind)
+    m.graph.output[-1].type.tensor_type.shape.SetInParent()
+    path = save(m, tmp_path / "m.onnx")
+    result = run_checked(tmp_path, [path, "-o", tmp_path / "o.onnx"], allowed={"o.onnx"}, expect_error=False)
+    assert_error_or_valid(result, tmp_path / "o.onnx")
+
+
+# ---- O. writes: atomic, unique temp files, SIGTERM, modes, planted symlinks ----------------------------------------
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_sigterm_during_a_save_cleans_up_and_keeps_the_old_output(tmp_path, monkeypatch):
+    from graphprune import fileio
+    from graphprune.ir import save_model
+    out = tmp_path / "o.onnx"
+    save_model(conv_model(), out, external_data=True)
+    before = snapshot(tmp_path)
+    real_commit = fileio.TempFile.commit
+
+    def commit_then_die(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_commit(self)
+
+    monkeypatch.setattr(fileio.TempFile, "commit", commit_then_die)
+    with pytest.raises(Terminated):
+        save_model(conv_model(opset=13), out, external_data=True)
+    assert snapshot(tmp_path) == before and not _leftovers(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or not callable(
+        signal.getsignal(signal.SIGTERM)) or signal.getsignal(signal.SIGTERM).__name__ != "handler"
+
+
+def test_sigterm_in_the_cli_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from graphprune import fileio
+    model = save(conv_model(), tmp_path / "m.onnx")
+
+    def die(self):
+        raise Terminated("terminated by SIGTERM")
+
+    monkeypatch.setattr(fileio.TempFile, "commit", die)
+    run_checked(tmp_path, [model, "-o", tmp_path / "o.onnx", "--plan-out", tmp_path / "p.json"],
+                needles=["SIGTERM"])
+
+
+def test_sigterm_to_a_real_process_mid_save(tmp_path):
+    """A subprocess saving a 64 MB model gets SIGTERM: it exits, no temp file stays, no partial output."""
+    script = (
+        "import numpy as np, sys, os\n"
+        "from onnx import helper, numpy_helper\n"
+        "from graphprune.ir import save_model\n"
+        "w = [numpy_helper.from_array(np.ones((1 << 20,), np.float32), f'w{i}') for i in range(16)]\n"
+        "g = helper.make_graph([], 'g', [], [helper.make_tensor_value_info('w0', 1, [1 << 20])], w)\n"
+        "m = helper.make_model(g)\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    save_model(m, sys.argv[1], external_data=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "o.onnx")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    import time
+    time.sleep(0.8)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    assert not _leftovers(tmp_path), _leftovers(tmp_path)
+    if (tmp_path / "o.onnx").exists():  # a completed earlier save: whole and loadable
+        m = onnx.load(str(tmp_path / "o.onnx"))
+        assert len(m.graph.initializer) == 16
+
+
+def test_concurrent_saves_to_one_path(tmp_path):
+    from graphprune.ir import save_model
+    out = tmp_path / "o.onnx"
+    errors = []
+
+    def worker(opset):
+        try:
+            for _ in range(5):
+                save_model(conv_model(opset=opset), out, external_data=True)
+        except Exception as exc:  # pragma: no cover - the failure being tested for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(op,)) for op in (13, 17)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not _leftovers(tmp_path)
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_stale_temp_files_are_neither_used_nor_deleted(tmp_path):
+    from graphprune.ir import save_model
+    stale = [tmp_path / ".o.onnx.data.tmp", tmp_path / ".o.onnx.abc123.tmp"]
+    for s in stale:
+        s.write_text("someone else's")
+    save_model(conv_model(), tmp_path / "o.onnx", external_data=True)
+    assert all(s.read_text() == "someone else's" for s in stale)
+    onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
+
+
+def test_failed_save_removes_only_its_own_temp_files(tmp_path, monkeypatch):
+    from graphprune.ir import save_model
+    (tmp_path / ".o.onnx.data.tmp").write_text("not mine")
+    (tmp_path / "o.onnx").write_bytes(b"previous")
+    model = conv_model()
+    monkeypatch.setattr(onnx.ModelProto, "SerializeToString", lambda self: (_ for _ in ()).throw(OSError(28, "full")))
+    with pytest.raises(OSError):
+        save_model(model, tmp_path / "o.onnx", external_data=True)
+    monkeypatch.undo()
+    assert (tmp_path / ".o.onnx.data.tmp").read_text() == "not mine"
+    assert (tmp_path / "o.onnx").read_bytes() == b"previous"
+    assert _leftovers(tmp_path) == [".o.onnx.data.tmp"]
+    # the caller's model is unchanged (weights moved out for writing are restored)
+    assert all(t.data_location == TensorProto.DEFAULT and t.raw_data for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("umask,existing,expected", [(0o022, None, 0o644), (0o077, None, 0o600),
+                                                     (0o022, 0o640, 0o640), (0o002, None, 0o664)])
+def test_output_modes_follow_open(tmp_path, umask, existing, expected):
+    model = save(conv_model(), tmp_path / "m.onnx")
+    outputs = [tmp_path / "o.onnx", tmp_path / "p.json"]
+    if existing is not None:
+        for p in outputs:
+            p.write_text("old")
+            os.chmod(p, existing)
+    old = os.umask(umask)
+    try:
+        result = cli(model, "-o", outputs[0], "--plan-out", outputs[1])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    for p in outputs:
+        assert stat.S_IMODE(p.stat().st_mode) == expected, (p, oct(p.stat().st_mode))
+
+
+@pytest.mark.parametrize("planted", ["o.onnx", "o.onnx.data", ".o.onnx.data.tmp", "p.json"])
+def test_planted_symlinks_are_replaced_not_followed(tmp_path, planted):
+    from graphprune.ir import save_model
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / planted)
+    model = save(conv_model(), tmp_path / "m.onnx")
+    if planted == "o.onnx.data":
+        save_model(conv_model(), tmp_path / "o.onnx", external_data=True)
+    else:
+        result = cli(model, "-o", tmp_path / "o.onnx", "--plan-out", tmp_path / "p.json")
+        assert result.exit_code == 0, result.output
+    assert victim.read_text() == "precious"
+    if planted != ".o.onnx.data.tmp":
+        assert not (tmp_path / planted).is_symlink()
+
+
+# ---- P. random verification inputs follow the graph ------------------------------------------------------------------
+
+def test_paddle_minus_one_dim(tmp_path):
+    m = conv_model()
+    m.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    pruned, report = graphprune.prune(m, ratio=0.5)
+    assert report.verification["compared"]
+
+
+def test_one_value_per_dim_name():
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("MatMul", ["b", "a"], ["ab"], name="mm0"),
+             helper.make_node("MatMul", ["ab", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "names", [vi("a", 1, ["N", 8]), vi("b", 1, [4, "N"])], [vi("y", 1, [4, 4])],
+                          [numpy_helper.from_array(_w(8, 16), "w1"), numpy_helper.from_array(_w(16, 4), "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    pruned, report = graphprune.prune(m, ratio=0.5)
+    assert report.verification["compared"] == ["y"]
+
+
+def test_feature_axis_fixed_by_a_gru_weight():
+    vi = helper.make_tensor_value_info
+    hidden, feat = 16, 24
+    nodes = [helper.make_node("GRU", ["x", "W", "R"], ["Y", "Y_h"], name="gru", hidden_size=hidden),
+             helper.make_node("Squeeze", ["Y_h", "ax"], ["hs"], name="sq"),
+             helper.make_node("MatMul", ["hs", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "gru", [vi("x", 1, ["T", "N", "F"])], [vi("y", 1, ["N", 4])],
+                          [numpy_helper.from_array(_w(1, 3 * hidden, feat), "W"),
+                           numpy_helper.from_array(_w(1, 3 * hidden, hidden), "R"),
+                           numpy_helper.from_array(np.array([0], np.int64), "ax"),
+                           numpy_helper.from_array(_w(hidden, 32), "w1"), numpy_helper.from_array(_w(32, 4), "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    from graphprune.ir import Graph
+    from graphprune.verify import feed_shapes
+    shapes, dims = feed_shapes(Graph(m))
+    assert shapes["x"][2] == feat and dims["F"] == feat
+    pruned, report = graphprune.prune(m, ratio=0.5)
+    assert report.verification["compared"] == ["y"]
+
+
+def test_raw_audio_input_is_long_enough_for_the_kernel():
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Unsqueeze", ["wave", "ax"], ["w3"], name="unsq"),
+             helper.make_node("Conv", ["w3", "k1"], ["h"], name="conv1", strides=[160]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Conv", ["r", "k2"], ["y"], name="conv2",
+                                                                      kernel_shape=[3])]
+    g = helper.make_graph(nodes, "audio", [vi("wave", 1, ["N", "T"])], [vi("y", 1, ["N", 4, "F"])],
+                          [numpy_helper.from_array(np.array([1], np.int64), "ax"),
+                           numpy_helper.from_array(_w(8, 1, 512), "k1"), numpy_helper.from_array(_w(4, 8, 3), "k2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    from graphprune.ir import Graph
+    from graphprune.verify import feed_shapes
+    shapes, _ = feed_shapes(Graph(m))
+    assert shapes["wave"][1] >= 512 + 2 * 160
+    pruned, report = graphprune.prune(m, ratio=0.5)
+    assert report.verification["compared"] == ["y"]
+
+
+def test_unrunnable_random_inputs_name_the_dims(tmp_path):
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["xr"], name="rs"),
+             helper.make_node("MatMul", ["xr", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "rs", [vi("x", 1, ["L"])], [vi("y", 1, [1, 4])],
+                          [numpy_helper.from_array(np.array([1, 96]), "s"), numpy_helper.from_array(_w(96, 16), "w1"),
+                           numpy_helper.from_array(_w(16, 4), "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = save(m, tmp_path / "m.onnx")
+    run_checked(tmp_path, [path, "-o", tmp_path / "o.onnx"], needles=["--dim", "L=1"])
+    result = cli(path, "-o", tmp_path / "o.onnx", "--dim", "L=96")
+    assert result.exit_code == 0, result.output
+
+
+# ---- Q. verification that proves nothing -----------------------------------------------------------------------------
+
+def test_zero_head_is_verified_on_the_tensor_feeding_it(tmp_path):
+    m = conv_model()
+    m.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.zeros((4, 8, 1, 1), np.float32), "w2"))
+    path = save(m, tmp_path / "m.onnx")
+    result = cli(path, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.stdout and "at tensor 'r'" in result.stdout and "all zero" in result.stdout
+
+
+def test_nan_outputs_are_not_evidence():
+    m = conv_model(extra_nodes=[helper.make_node("Div", ["y", "zero"], ["yn"], name="div")],
+                   extra_inits={"zero": np.zeros(1, np.float32)},
+                   extra_outputs=[])
+    m.graph.output[0].name = "yn"
+    pruned, report = graphprune.prune(m, ratio=0.5)
+    v = report.verification
+    assert v["degenerate"] == {"yn": "NaN/Inf"} and v["compared"] == ["y"] and v["intermediate"]
+
+
+def test_nothing_to_compare_is_not_verified(tmp_path):
+    m = conv_model(extra_nodes=[helper.make_node("Mul", ["x0", "zeros"], ["x"], name="kill")],
+                   extra_inits={"zeros": np.zeros(1, np.float32)}, names=("x", "w1", "h", "r", "w2", "y"))
+    m.graph.input[0].name = "x0"
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend([nodes[-1]] + nodes[:-1])
+    path = save(m, tmp_path / "m.onnx")
+    result = cli(path, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0, result.output
+    assert "not verified" in result.stdout
+    assert not any(line.startswith("verified") for line in result.stdout.splitlines())
