@@ -281,6 +281,30 @@ def _toposorted(graph: onnx.GraphProto) -> list | None:
     return [graph.node[k] for k in order] if len(order) == len(graph.node) else None
 
 
+# onnx.checker complaints about models onnxruntime runs (its own ops in the ONNX domain, ops onnx deprecated,
+# graph outputs declared without a shape): not a reason to refuse the input
+_TOLERATED = ("No Op registered for", "deprecated", "Field 'shape' of 'type' is required but missing")
+
+
+def _structural_check(graph: onnx.GraphProto, where: str) -> None:
+    """What the checker would have gone on to check in the main graph: every name defined once, every node
+    input defined, no cycle."""
+    defined: set[str] = set()
+    for name in [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}] + \
+            [t.name for t in graph.initializer] + [o for n in graph.node for o in n.output if o]:
+        if name in defined:
+            raise ModelLoadError(f"{where}invalid model: '{name}' is defined more than once (graph must be in "
+                                 f"single static assignment form)")
+        defined.add(name)
+    for node in graph.node:
+        for i in node.input:
+            if i and i not in defined:
+                raise ModelLoadError(f"{where}invalid model: node '{node.name}' ({node.op_type}) reads '{i}', which "
+                                     f"nothing defines")
+    if _toposorted(graph) is None:
+        raise ModelLoadError(f"{where}invalid model: the graph has a cycle")
+
+
 def check_input_model(model, where: str = "") -> None:
     """Refuse an invalid input with onnx.checker's reason (duplicate names, undefined inputs, cycles, ...)
     before graphprune's own rewrites could silently 'repair' it. Nodes merely out of order are accepted
@@ -293,7 +317,8 @@ def check_input_model(model, where: str = "") -> None:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     except ValueError:  # a proto over 2 GiB: weights were embedded (only API callers get here); skip
         return
-    if "deprecated" in reason:
+    if any(t in reason for t in _TOLERATED) and isinstance(model, onnx.ModelProto):
+        _structural_check(model.graph, where)  # the checker stopped at the tolerated complaint: finish its job
         return
     if "topologically sorted" in reason and isinstance(model, onnx.ModelProto):
         order = _toposorted(model.graph)
@@ -315,7 +340,8 @@ def check_input_model(model, where: str = "") -> None:
             return
         except onnx.checker.ValidationError as exc:
             reason = str(exc).strip().splitlines()[0]
-            if "deprecated" in reason:
+            if any(t in reason for t in _TOLERATED):
+                _structural_check(copy.graph, where)
                 return
     raise ModelLoadError(f"{where}invalid model (onnx.checker): {reason}")
 

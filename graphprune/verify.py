@@ -365,7 +365,8 @@ def _check_pair(name, a, b, rtol, atol, worst, what="output"):
         if not np.array_equal(a, b):
             raise VerificationError(f"{what} '{name}': integer values differ", name, float("inf"))
         return
-    diff = np.abs(a.astype(np.complex128 if a.dtype.kind == "c" else np.float64) - b)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(a.astype(np.complex128 if a.dtype.kind == "c" else np.float64) - b)
     finite = np.isfinite(a)
     scale = max(1.0, float(np.max(np.abs(a[finite])))) if finite.any() else 1.0
     m = float(np.max(diff[finite])) if finite.any() else 0.0
