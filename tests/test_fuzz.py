@@ -1,0 +1,197 @@
+"""Property-based fuzzing: random valid graphs built from registered ops, pruned at a random ratio, either refuse
+cleanly (GraphpruneError) or give a checker-valid model that equals the masked original (graphprune's own
+verification) and keeps the original's output shapes; at ratio 0 the outputs are unchanged.
+
+CI runs a fixed, derandomized budget. A longer run:
+    GRAPHPRUNE_FUZZ_EXAMPLES=2000 python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
+(GRAPHPRUNE_FUZZ_SEED=random drops the fixed seed to explore new graphs.)
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import graphprune  # noqa: E402
+from graphprune.errors import GraphpruneError  # noqa: E402
+from graphprune.verify import session  # noqa: E402
+
+EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "40"))
+DERANDOMIZE = os.environ.get("GRAPHPRUNE_FUZZ_SEED", "fixed") != "random"
+TRIED: dict[str, int] = {}
+
+
+class Builder:
+    """Grows a graph one op at a time, tracking every tensor's static shape so each op gets valid inputs."""
+
+    def __init__(self, draw, rng):
+        self.draw, self.rng = draw, rng
+        self.nodes, self.inits, self.shapes = [], {}, {}
+        self.count = 0
+
+    def name(self, base):
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def weight(self, *shape, positive=False):
+        a = (self.rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[1:]))))).astype(np.float32)
+        if positive:
+            a = np.abs(a) + 0.5
+        n = self.name("w")
+        self.inits[n] = a
+        return n
+
+    def const(self, array):
+        n = self.name("k")
+        self.inits[n] = np.asarray(array)
+        return n
+
+    def add(self, op, inputs, out_shapes, **attrs):
+        outs = [self.name("t") for _ in out_shapes]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(op.lower() + "_"), **attrs))
+        for o, s in zip(outs, out_shapes):
+            self.shapes[o] = tuple(s)
+        return outs[0] if len(outs) == 1 else outs
+
+    def pick(self, rank, pred=lambda s: True):
+        choices = [t for t, s in self.shapes.items() if len(s) == rank and pred(s)]
+        return self.draw(st.sampled_from(choices)) if choices else None
+
+    # ---- one random op ---------------------------------------------------------------------------------------
+    def step(self):
+        four = self.pick(4)
+        op = self.draw(st.sampled_from(
+            ["Conv", "Conv", "ConvDW", "BatchNormalization", "Relu", "Sigmoid", "Add", "Mul", "Concat", "Split",
+             "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Transpose", "Gemm", "MatMul",
+             "ReluFC"] if four else ["Gemm", "MatMul", "ReluFC", "Add", "Concat2"]))
+        if op in ("Conv", "ConvDW") and four:
+            n, c, h, w = self.shapes[four]
+            k = self.draw(st.sampled_from([1, 3]))
+            out = c if op == "ConvDW" else self.draw(st.integers(2, 12))
+            group = c if op == "ConvDW" else 1
+            ins = [four, self.weight(out, c // group, k, k)]
+            if self.draw(st.booleans()):
+                ins.append(self.weight(out))
+            return self.add("Conv", ins, [(n, out, h, w)], pads=[k // 2] * 4, group=group)
+        if op == "BatchNormalization":
+            n, c, h, w = self.shapes[four]
+            return self.add(op, [four, self.weight(c, positive=True), self.weight(c), self.weight(c),
+                                 self.weight(c, positive=True)], [(n, c, h, w)])
+        if op in ("Relu", "Sigmoid"):
+            return self.add(op, [four], [self.shapes[four]])
+        if op in ("Add", "Mul"):
+            rank = len(self.shapes[four]) if four else 2
+            a = self.pick(rank)
+            b = self.pick(rank, lambda s: s == self.shapes[a])
+            return self.add(op, [a, b], [self.shapes[a]])
+        if op == "Concat":
+            n, c, h, w = self.shapes[four]
+            b = self.pick(4, lambda s: s[2:] == (h, w))
+            return self.add(op, [four, b], [(n, c + self.shapes[b][1], h, w)], axis=1)
+        if op == "Concat2":
+            a = self.pick(2)
+            b = self.pick(2, lambda s: s[0] == self.shapes[a][0])
+            return self.add("Concat", [a, b], [(self.shapes[a][0], self.shapes[a][1] + self.shapes[b][1])], axis=1)
+        if op == "Split":
+            n, c, h, w = self.shapes[four]
+            if c < 2 or c % 2:
+                return None
+            outs = self.add(op, [four, self.const(np.array([c // 2, c // 2], np.int64))],
+                            [(n, c // 2, h, w)] * 2, axis=1)
+            return outs[self.draw(st.integers(0, 1))]
+        if op in ("MaxPool", "AveragePool"):
+            n, c, h, w = self.shapes[four]
+            if h < 2 or w < 2:
+                return None
+            return self.add(op, [four], [(n, c, h // 2, w // 2)], kernel_shape=[2, 2], strides=[2, 2])
+        if op == "GlobalAveragePool":
+            n, c, h, w = self.shapes[four]
+            return self.add(op, [four], [(n, c, 1, 1)])
+        if op == "Flatten":
+            n, c, h, w = self.shapes[four]
+            return self.add(op, [four], [(n, c * h * w)], axis=1)
+        if op == "Reshape":
+            n, c, h, w = self.shapes[four]
+            return self.add(op, [four, self.const(np.array([n, -1], np.int64))], [(n, c * h * w)])
+        if op == "Transpose":
+            n, c, h, w = self.shapes[four]
+            return self.add(op, [four], [(n, c, w, h)], perm=[0, 1, 3, 2])
+        two = self.pick(2)
+        if two is None:
+            return None
+        n, f = self.shapes[two]
+        out = self.draw(st.integers(2, 16))
+        if op == "Gemm":
+            return self.add(op, [two, self.weight(out, f), self.weight(out)], [(n, out)], transB=1)
+        if op == "MatMul":
+            return self.add(op, [two, self.weight(f, out)], [(n, out)])
+        return self.add("Relu", [two], [(n, f)])
+
+
+@st.composite
+def graphs(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 31)))
+    b = Builder(draw, rng)
+    c0 = draw(st.integers(2, 6))
+    hw = draw(st.sampled_from([4, 6, 8]))
+    b.shapes["x"] = (1, c0, hw, hw)
+    last = "x"
+    for _ in range(draw(st.integers(3, 12))):
+        out = b.step()
+        if out is not None:
+            last = out
+    if last == "x" or draw(st.booleans()):  # a fixed-width head, so the layers before it have free channels
+        shape = b.shapes[last]
+        if len(shape) == 4:
+            last = b.add("Conv", [last, b.weight(4, shape[1], 1, 1)], [(shape[0], 4, shape[2], shape[3])])
+        else:
+            last = b.add("Gemm", [last, b.weight(4, shape[1])], [(shape[0], 4)], transB=1)
+    outputs = [last]
+    extra = [t for t in b.shapes if t not in ("x", last)]
+    if extra and draw(st.booleans()):
+        outputs.append(draw(st.sampled_from(extra)))
+    g = helper.make_graph(b.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, b.shapes["x"])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, b.shapes[o]) for o in outputs],
+                          [numpy_helper.from_array(v, k) for k, v in b.inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", draw(st.sampled_from([13, 17, 21])))])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@settings(max_examples=EXAMPLES, derandomize=DERANDOMIZE, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(model=graphs(), ratio=st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9]),
+       importance=st.sampled_from(["l1", "l2", "bn-scale", "random"]), seed=st.integers(0, 3))
+def test_random_graphs_prune_to_equivalent_models(model, ratio, importance, seed):
+    TRIED["graphs"] = TRIED.get("graphs", 0) + 1
+    try:
+        pruned, report = graphprune.prune(model, ratio=ratio, importance=importance, seed=seed, verify_samples=2)
+    except GraphpruneError as exc:
+        event(f"refused: {type(exc).__name__}: {str(exc)[:160]}")
+        TRIED["refused"] = TRIED.get("refused", 0) + 1
+        return
+    event("pruned" if report.params_after < report.params_before else "unchanged")
+    onnx.checker.check_model(pruned, full_check=True)
+    v = report.verification
+    assert v is not None and (v["compared"] or v["degenerate"]), v
+    x = np.random.default_rng(seed + 11).standard_normal(
+        [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
+    before = session(model).run(None, {"x": x})
+    after = session(pruned).run(None, {"x": x})
+    assert [a.shape for a in before] == [a.shape for a in after]
+    if ratio == 0.0:
+        for a, b in zip(before, after):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fuzz_budget_was_spent():
+    """Runs after the property (file order): the budget really produced graphs (not all filtered away)."""
+    assert TRIED.get("graphs", 0) >= min(EXAMPLES, 20), TRIED
