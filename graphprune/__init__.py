@@ -3,7 +3,9 @@
     import graphprune
     pruned, report = graphprune.prune("model.onnx", ratio=0.5)
 """
-from .api import PruneReport, analyze_model, prune, save  # noqa: F401
+from .api import analyze_model, prune, save  # noqa: F401
+from .options import OptionError, PruneOptions  # noqa: F401
+from .report import PruneReport  # noqa: F401
 from .errors import GraphpruneError, ModelLoadError, PassError, PlanError, VerificationError  # noqa: F401
 from .plan import RewritePlan  # noqa: F401
 

@@ -497,7 +497,10 @@ def _build_groups(graph: Graph, c: Coupler, root: np.ndarray, root_reason: np.nd
         name = key[0]
         real[k] = not name.startswith("#")
         arr = graph.initializers.get(name)
-        weighty[k] = arr is not None and arr.dtype.kind == "f" and arr.size > 1 or (
+        # float weights, and quantized ones (int8/uint8/int16 behind a DequantizeLinear); int32/int64 initializers
+        # are shape constants or quantized biases, which alone never make a unit worth removing
+        weighty[k] = arr is not None and arr.size > 1 and (
+            arr.dtype.kind == "f" or (arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2)) or (
             arr is not None and c.roles.get(name) in ("weight",))
     if n == 0:
         return [], []

@@ -86,7 +86,7 @@ class PassManager:
         lines = []
         for r in self.history:
             if r.skipped:
-                lines.append(f"{r.name:<16} skipped")
+                lines.append(f"{r.name:<18} skipped")
             else:
-                lines.append(f"{r.name:<16} {r.seconds:7.2f} s" + (f"  {r.summary}" if r.summary else ""))
+                lines.append(f"{r.name:<18} {r.seconds:7.2f} s" + (f"  {r.summary}" if r.summary else ""))
         return lines

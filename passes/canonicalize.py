@@ -12,7 +12,8 @@ from graphprune.ir import Graph, attr, subgraph_outer_names
 
 NON_FOLDABLE = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform",
                 "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
-# Folding a big weight transform just moves bytes around; folding shape arithmetic is what rules need.
+# Folding a big weight transform just moves bytes around; folding shape arithmetic is what rules need. Low-bit
+# weights stay quantized: folding their DequantizeLinear/Cast/Mul would store them as float, 4x larger.
 FOLD_LIMIT = 1 << 22
 LOW_BIT_TYPES = {np.int8, np.uint8, np.int16, np.uint16}
 # Shared float initializers up to this size are copied apart (untie_small_shared); larger ones are real ties.
@@ -376,7 +377,7 @@ def _try_fold(graph: Graph, node):
     if not inputs or not all(graph.is_const(i) for i in inputs):
         return None
     arrays = [graph.const(i) for i in inputs]
-    if op in ("Cast", "Mul") and any(a.dtype.type in LOW_BIT_TYPES for a in arrays):
+    if op in ("Cast", "Mul", "DequantizeLinear") and any(a.dtype.type in LOW_BIT_TYPES for a in arrays):
         return None
     # A large float weight that a non-foldable node reads too (tied embedding read by Gather and, through a
     # Transpose, by the LM head) must stay one tensor: folding would store a second copy and silently untie the
