@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -224,7 +225,7 @@ def _check_paths(model: Path, output: Path | None, plan_out: Path | None, plan_i
         real = path.resolve()
         for in_label, in_paths in inputs.items():
             for in_path in in_paths:
-                if real == in_path or (in_label == "--calib" and in_path in real.parents):
+                if real == in_path or (in_label == "--calib" and in_path in real.parents) or _same_file(real, in_path):
                     _fail(f"{label} {path} would overwrite {in_label}; choose another path")
         if real in seen:
             _fail(f"{label} and {seen[real]} name the same file {path}")
@@ -233,6 +234,14 @@ def _check_paths(model: Path, output: Path | None, plan_out: Path | None, plan_i
             _fail(f"output folder does not exist: {path.parent}")
         if path.exists() and not path.is_file():
             _fail(f"{label} {path} exists and is not a regular file")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Two names of one file (a hard link resolves to itself, not to the other name)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -605,7 +605,7 @@ def test_output_whose_data_file_is_the_inputs_data_is_refused(tmp_path):
 
 @pytest.mark.parametrize("case", ["model", "symlink-to-model", "plan-in", "plan-out-is-model", "plan-out-is-output",
                                   "calib", "inside-calib-folder", "output-is-folder", "no-folder",
-                                  "dotdot-to-model"])
+                                  "dotdot-to-model", "hardlink-to-model", "hardlink-to-data"])
 def test_outputs_never_overwrite_inputs(tmp_path, case):
     model = save(conv_model(), tmp_path / "m.onnx")
     cli(model, "--dry-run", "--plan-out", tmp_path / "plan.json")
@@ -625,7 +625,15 @@ def test_outputs_never_overwrite_inputs(tmp_path, case):
         "output-is-folder": [model, "-o", tmp_path / "calibdir"],
         "no-folder": [model, "-o", tmp_path / "nope" / "o.onnx"],
         "dotdot-to-model": [model, "-o", tmp_path / "calibdir" / ".." / "m.onnx"],
+        "hardlink-to-model": [model, "-o", tmp_path / "hard.onnx"],
+        "hardlink-to-data": [tmp_path / "ext" / "m.onnx", "-o", tmp_path / "hard.onnx"],
     }[case]
+    if case == "hardlink-to-model":
+        os.link(model, tmp_path / "hard.onnx")
+    if case == "hardlink-to-data":
+        (tmp_path / "ext").mkdir()
+        save_external(conv_model(), tmp_path / "ext")
+        os.link(tmp_path / "ext" / "m.onnx.data", tmp_path / "hard.onnx")
     if case == "symlink-to-model":
         os.symlink(model, tmp_path / "link.onnx")
     run_checked(tmp_path, args)
