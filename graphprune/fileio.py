@@ -47,6 +47,9 @@ def sigterm_cleans_up():
         return
 
     def handler(signum, frame):
+        if _state["critical"]:  # between the renames of a model and its data file: finish them first
+            _state["pending"] = True
+            return
         raise Terminated("terminated by SIGTERM")
 
     try:
@@ -58,6 +61,22 @@ def sigterm_cleans_up():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_state = {"critical": 0, "pending": False}
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """SIGTERM is held back while this runs (renames that must happen together) and raised right after."""
+    _state["critical"] += 1
+    try:
+        yield
+    finally:
+        _state["critical"] -= 1
+        if not _state["critical"] and _state["pending"]:
+            _state["pending"] = False
+            raise Terminated("terminated by SIGTERM")
 
 
 class TempFile:

@@ -417,7 +417,7 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) 
     """Write atomically through graphprune.fileio: fresh O_EXCL temp files in the output's folder, then
     renames; a failure or SIGTERM leaves no temp file and the previous outputs as they were. With external
     data, weights of 1 KiB or more go to PATH.data (replaced first, then the model that points at it)."""
-    from .fileio import temp_files
+    from .fileio import temp_files, uninterrupted
     path = Path(path)
     if external_data is None:
         external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _small_enough(model) else True
@@ -461,8 +461,9 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) 
         finally:
             for tensor, saved in moved:
                 tensor.CopyFrom(saved)
-        data_tmp.commit()
-        model_tmp.commit()
+        with uninterrupted():  # the model and its data file are replaced together, even on SIGTERM
+            data_tmp.commit()
+            model_tmp.commit()
 
 
 def _small_enough(model: onnx.ModelProto) -> bool:

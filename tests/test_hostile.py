@@ -1020,13 +1020,14 @@ def test_sigterm_during_a_save_cleans_up_and_keeps_the_old_output(tmp_path, monk
     out = tmp_path / "o.onnx"
     save_model(conv_model(), out, external_data=True)
     before = snapshot(tmp_path)
-    real_commit = fileio.TempFile.commit
+    real_open = fileio.TempFile.open
 
-    def commit_then_die(self):
-        os.kill(os.getpid(), signal.SIGTERM)
-        real_commit(self)
+    def open_then_die(self, mode="wb"):  # SIGTERM once the data file is written, while the model is
+        if self.dest.name == "o.onnx":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_open(self, mode)
 
-    monkeypatch.setattr(fileio.TempFile, "commit", commit_then_die)
+    monkeypatch.setattr(fileio.TempFile, "open", open_then_die)
     with pytest.raises(Terminated):
         save_model(conv_model(opset=13), out, external_data=True)
     assert snapshot(tmp_path) == before and not _leftovers(tmp_path)
@@ -1268,3 +1269,24 @@ def test_nothing_to_compare_is_not_verified(tmp_path):
     assert result.exit_code == 0, result.output
     assert "not verified" in result.stdout
     assert not any(line.startswith("verified") for line in result.stdout.splitlines())
+
+
+def test_sigterm_between_the_two_renames_is_held_back(tmp_path, monkeypatch):
+    """The model and its data file are replaced together: SIGTERM after the data rename waits for the model's."""
+    from graphprune import fileio
+    from graphprune.ir import save_model
+    out = tmp_path / "o.onnx"
+    real_commit = fileio.TempFile.commit
+    calls = []
+
+    def commit(self):
+        real_commit(self)
+        calls.append(self.dest.name)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(fileio.TempFile, "commit", commit)
+    with pytest.raises(Terminated):
+        save_model(conv_model(), out, external_data=True)
+    assert calls == ["o.onnx.data", "o.onnx"] and not _leftovers(tmp_path)
+    onnx.checker.check_model(str(out), full_check=True)
