@@ -117,6 +117,12 @@ MAX_FEED_ELEMENTS = 1 << 26
 DEFAULT_DIM = 32
 
 
+# element types numpy holds only through ml_dtypes, which onnxruntime's Python binding does not accept
+_UNFEEDABLE = {getattr(onnx.TensorProto, n) for n in ("BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
+                                                      "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "UINT4", "INT4", "FLOAT4E2M1",
+                                                      "UINT2", "INT2") if hasattr(onnx.TensorProto, n)}
+
+
 class Feeds(list):
     """Random feeds (one dict per sample) that remember the value chosen for every dynamic dim, so a failing
     run can say which `--dim` to pass."""
@@ -264,6 +270,10 @@ def random_feeds(graph: Graph, n: int, seed: int = 0, dims: dict | None = None) 
         for vi in graph.inputs:
             tt = vi.type.tensor_type
             shape = shapes[vi.name]
+            if tt.elem_type in _UNFEEDABLE:
+                raise VerificationError(f"input '{vi.name}' has element type "
+                                        f"{onnx.TensorProto.DataType.Name(tt.elem_type)}, which onnxruntime's Python "
+                                        f"API cannot be fed: random inputs cannot check this model (pass --no-verify)")
             try:
                 dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
             except Exception:
