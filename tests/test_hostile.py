@@ -1292,3 +1292,57 @@ def test_sigterm_between_the_two_renames_is_held_back(tmp_path, monkeypatch):
         save_model(conv_model(), out, external_data=True)
     assert calls == ["o.onnx.data", "o.onnx"] and not _leftovers(tmp_path)
     onnx.checker.check_model(str(out), full_check=True)
+
+
+# ---- R. nesting, and the API never raises anything but GraphpruneError -------------------------------------------
+
+def _leaf_branch():
+    return helper.make_graph([helper.make_node("Identity", ["r"], ["o"], name="leaf")], "leaf", [],
+                             [helper.make_tensor_value_info("o", 1, [1, 8, 8, 8])])
+
+
+def test_nested_ifs_prune(tmp_path):
+    g = _leaf_branch()
+    for k in range(25):
+        node = helper.make_node("If", ["cond"], ["o"], name=f"if{k}", then_branch=g, else_branch=_leaf_branch())
+        g = helper.make_graph([node], f"g{k}", [], [helper.make_tensor_value_info("o", 1, [1, 8, 8, 8])])
+    m = conv_model(x_shape=(1, 3, 8, 8), extra_nodes=list(g.node), extra_inits={"cond": np.array(True)},
+                   extra_outputs=[helper.make_tensor_value_info("o", 1, [1, 8, 8, 8])])
+    path = save(m, tmp_path / "m.onnx")
+    result = cli(path, "-o", tmp_path / "o.onnx")
+    assert_error_or_valid(result, tmp_path / "o.onnx")
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field, encoded by hand (protobuf's own encoder refuses this depth)."""
+    def varint(n):
+        out = b""
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out += bytes([byte | (0x80 if n else 0)])
+            if not n:
+                return out
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def test_nesting_deeper_than_protobuf_allows(tmp_path):
+    graph = _field(2, b"leaf")
+    for _ in range(200):  # GraphProto.node -> NodeProto.attribute -> AttributeProto.g -> GraphProto ...
+        attribute = _field(1, b"then_branch") + _field(6, graph) + b"\xa0\x01\x05"  # type = GRAPH
+        node = _field(4, b"If") + _field(5, attribute)
+        graph = _field(1, node)
+    model = b"\x08\x08" + _field(7, graph) + _field(8, b"\x10\x11")
+    path = tmp_path / "deep.onnx"
+    path.write_bytes(model)
+    for args in (["analyze", path], [path, "-o", tmp_path / "o.onnx"]):
+        run_checked(tmp_path, args)
+
+
+@pytest.mark.parametrize("name", list(INVALID))
+def test_api_raises_only_graphprune_errors(name):
+    model = INVALID[name][0]()
+    for call in (lambda: graphprune.analyze_model(model), lambda: graphprune.prune(model, ratio=0.5)):
+        try:
+            call()
+        except GraphpruneError:
+            pass
