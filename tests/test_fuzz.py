@@ -60,9 +60,64 @@ class Builder:
             self.shapes[o] = tuple(s)
         return outs[0] if len(outs) == 1 else outs
 
+    def step_more(self, op, four):
+        """The second batch of ops; False when `op` is not one of them."""
+        if op == "LayerNormalization":
+            two = self.pick(2)
+            if two is None or self.opset < 17:
+                return None
+            n, f = self.shapes[two]
+            return self.add(op, [two, self.weight(f, positive=True), self.weight(f)], [(n, f)], axis=-1)
+        if four is None:
+            return False
+        n, c, h, w = self.shapes[four]
+        if op == "GroupConv":
+            if c % 2:
+                return None
+            out = 2 * self.draw(st.integers(1, 6))
+            return self.add("Conv", [four, self.weight(out, c // 2, 3, 3)], [(n, out, h, w)], pads=[1] * 4, group=2)
+        if op == "ConvTranspose":
+            out = self.draw(st.integers(2, 8))
+            return self.add(op, [four, self.weight(c, out, 2, 2)], [(n, out, 2 * h, 2 * w)], strides=[2, 2])
+        if op == "LeakyRelu":
+            return self.add(op, [four], [(n, c, h, w)], alpha=0.1)
+        if op == "Clip":
+            return self.add(op, [four, self.const(np.float32(-1)), self.const(np.float32(1))], [(n, c, h, w)])
+        if op == "Pad":
+            return self.add(op, [four, self.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))],
+                            [(n, c, h + 2, w + 2)])
+        if op == "Resize":
+            return self.add(op, [four, "", self.const(np.array([1, 1, 2, 2], np.float32))], [(n, c, 2 * h, 2 * w)],
+                            mode="nearest")
+        if op == "ReduceMean":
+            if self.opset >= 18:
+                return self.add(op, [four, self.const(np.array([2, 3], np.int64))], [(n, c, 1, 1)], keepdims=1)
+            return self.add(op, [four], [(n, c, 1, 1)], axes=[2, 3], keepdims=1)
+        if op == "Softmax":
+            return self.add(op, [four], [(n, c, h, w)], axis=1)
+        if op == "InstanceNormalization":
+            return self.add(op, [four, self.weight(c, positive=True), self.weight(c)], [(n, c, h, w)])
+        if op == "PRelu":
+            return self.add(op, [four, self.weight(c, 1, 1)], [(n, c, h, w)])
+        if op == "ScaleShift":
+            scaled = self.add("Mul", [four, self.weight(1, c, 1, 1, positive=True)], [(n, c, h, w)])
+            return self.add("Sub", [scaled, self.weight(1, c, 1, 1)], [(n, c, h, w)])
+        if op == "SliceChannels":
+            if c < 2:
+                return None
+            return self.add("Slice", [four, self.const(np.array([0], np.int64)), self.const(np.array([c // 2],
+                            np.int64)), self.const(np.array([1], np.int64))], [(n, c // 2, h, w)])
+        if op == "Concat3":
+            others = [self.pick(4, lambda s: s[2:] == (h, w)) for _ in range(2)]
+            return self.add("Concat", [four, *others], [(n, c + sum(self.shapes[o][1] for o in others), h, w)],
+                            axis=1)
+        return False
+
     def pick(self, rank, pred=lambda s: True):
         choices = [t for t, s in self.shapes.items() if len(s) == rank and pred(s)]
         return self.draw(st.sampled_from(choices)) if choices else None
+
+    opset = 17
 
     # ---- one random op ---------------------------------------------------------------------------------------
     def step(self):
@@ -70,7 +125,12 @@ class Builder:
         op = self.draw(st.sampled_from(
             ["Conv", "Conv", "ConvDW", "BatchNormalization", "Relu", "Sigmoid", "Add", "Mul", "Concat", "Split",
              "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Transpose", "Gemm", "MatMul",
-             "ReluFC"] if four else ["Gemm", "MatMul", "ReluFC", "Add", "Concat2"]))
+             "ReluFC", "GroupConv", "ConvTranspose", "LeakyRelu", "Clip", "Pad", "Resize", "ReduceMean",
+             "Softmax", "InstanceNormalization", "PRelu", "ScaleShift", "SliceChannels", "Concat3"]
+            if four else ["Gemm", "MatMul", "ReluFC", "Add", "Concat2", "LayerNormalization"]))
+        extra = self.step_more(op, four)
+        if extra is not False:
+            return extra
         if op in ("Conv", "ConvDW") and four:
             n, c, h, w = self.shapes[four]
             k = self.draw(st.sampled_from([1, 3]))
@@ -139,6 +199,7 @@ class Builder:
 def graphs(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 31)))
     b = Builder(draw, rng)
+    b.opset = draw(st.sampled_from([13, 17, 21]))
     c0 = draw(st.integers(2, 6))
     hw = draw(st.sampled_from([4, 6, 8]))
     b.shapes["x"] = (1, c0, hw, hw)
@@ -160,7 +221,7 @@ def graphs(draw):
     g = helper.make_graph(b.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, b.shapes["x"])],
                           [helper.make_tensor_value_info(o, TensorProto.FLOAT, b.shapes[o]) for o in outputs],
                           [numpy_helper.from_array(v, k) for k, v in b.inits.items()])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", draw(st.sampled_from([13, 17, 21])))])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", b.opset)])
     model.ir_version = 10
     onnx.checker.check_model(model, full_check=True)
     return model
