@@ -89,6 +89,13 @@ class PruneOptions:
     sparse_force: bool = _opt(False, "Emit every eligible layer sparse, even where slower or without the native "
                                      "kernel library.", flag=True)
     sparse_threads: int | None = _opt(None, "Intra-op threads for the sparse timings [default: onnxruntime's].")
+    # (timing branch: reproducible sparse decisions; passed straight through to passes/sparsify.py)
+    sparse_plan_out: str | None = _opt(None, "Save the per-layer sparse decisions (layer, format, block, sparse or "
+                                             "dense, how decided) as JSON.")
+    sparse_plan_in: str | None = _opt(None, "Replay the per-layer sparse decisions of a saved sparse plan instead "
+                                            "of timing.")
+    sparse_no_measure: bool = _opt(False, "Decide sparse vs dense by the analytic (roofline) model alone: no "
+                                          "timing, for CI and pipelines.", cli="--no-measure", flag=True)
 
     # ---- derived settings ---------------------------------------------------------------------------------
     @property

@@ -274,7 +274,8 @@ def _sparsify(ctx: Context) -> str:
     o = ctx.options
     ctx.pruned = sparsify_for_prune(ctx.graph, ctx.report, ctx.feeds, o.calib, o.sparsity, o.sparse_format,
                                     o.sparse_force, o.sparse_threads, o.seed, o.input_dims, o.verify,
-                                    o.verify_samples, ctx.progress)
+                                    o.verify_samples, ctx.progress, plan_in=o.sparse_plan_in,
+                                    plan_out=o.sparse_plan_out, no_measure=o.sparse_no_measure)
     s = ctx.report.sparse or {}
     return f"{s.get('sparse_layers', '?')} sparse layers"
 

@@ -15,6 +15,7 @@ class Rewriter:
         self._removed = {k: np.unique(np.asarray(v, dtype=np.int64)) for k, v in removed.items() if len(v)}
         self._old_shapes = dict(graph.shapes)
         self.changed_tensors = {k[0] for k in self._removed}
+        self.replacements: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes spliced in its place
 
     def removed(self, name: str, axis: int) -> np.ndarray:
         shape = self._old_shapes.get(name)
@@ -45,6 +46,23 @@ class Rewriter:
     def set_attr(self, node: onnx.NodeProto, name: str, value) -> None:
         set_attr(node, name, value)
 
+    def fresh_name(self, base: str) -> str:
+        """A tensor or node name no other tensor, initializer or node uses."""
+        return self.graph.fresh_name(base)
+
+    def add_const(self, base: str, array: np.ndarray) -> str:
+        """A new initializer (never shared with an existing one); returns its name."""
+        return self.graph.add_initializer(base, np.asarray(array))
+
+    def replace_node(self, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> None:
+        """Splice `new_nodes` in place of `node` (so topological order holds); they must produce node's outputs
+        under the same names, which keeps every consumer and graph output pointing at the right tensor."""
+        produced = {o for n in new_nodes for o in n.output}
+        missing = [o for o in node.output if o and o not in produced]
+        if missing:
+            raise ValueError(f"replacement of '{node.name}' does not produce {missing}")
+        self.replacements[id(node)] = list(new_nodes)
+
     def drop_attr(self, node: onnx.NodeProto, name: str) -> None:
         for i, a in enumerate(node.attribute):
             if a.name == name:
@@ -63,6 +81,8 @@ def apply_removal(graph: Graph, fixups, removed: dict[tuple[str, int], np.ndarra
     for node, fn in fixups:
         if node_touches(node, rw.changed_tensors):
             fn(rw, node)
+    if rw.replacements:
+        graph.nodes = [n for node in graph.nodes for n in rw.replacements.get(id(node), [node])]
     for name, arr in (weight_updates or {}).items():
         graph.set_initializer(name, arr)
     for name in list(graph.initializers):

@@ -30,7 +30,8 @@ def layer_table(layers, verbose: bool = False) -> Table:
     t.add_column("layer / node", overflow="fold")
     if verbose:
         t.add_column("input")
-    t.add_column("decision", overflow="fold")
+    t.add_column("decision (how: measured ratio [interval] / cached / analytic / replayed / forced)",
+                 overflow="fold")
     t.add_column("sparsity", justify="right")
     t.add_column("dense µs", justify="right")
     t.add_column("sparse µs", justify="right")
@@ -63,12 +64,18 @@ def print_sparse(console, report, model_path, output, verbose: bool = False) -> 
         line += f"; file {_bytes(Path(model_path).stat().st_size)} → {_bytes(Path(output).stat().st_size)}"
     console.print(line)
     console.print(f"sparse statistics: {s['calibration']}")
+    if s.get("decided_by"):
+        console.print(f"sparse decisions: {s['decided_by']} (how: measured = ratio interval cleared the "
+                      f"margin; cached = the same from the timing cache; analytic = roofline model; replayed = "
+                      f"sparse plan; forced = --sparse-force)", style="dim")
     e2e = s.get("end_to_end")
     if e2e:
         how = "native library" if e2e["native"] else "no native library: function fallback"
         threads = s["threads"] if isinstance(s["threads"], int) else "default"
         console.print(f"whole model, batch {e2e['batch']}, {threads} threads: dense {e2e['dense_ms']:.3f} ms, "
-                      f"sparse {e2e['sparse_ms']:.3f} ms ({e2e['speedup']:.2f}×, {how})")
+                      f"sparse {e2e['sparse_ms']:.3f} ms ({e2e['speedup']:.2f}×"
+                      + (f" [{e2e['speedup_lo']:.2f}, {e2e['speedup_hi']:.2f}]" if "speedup_lo" in e2e else "")
+                      + f", {how})")
     v = s.get("verification")
     if v:
         console.print(f"verified: sparse == masked dense model on {v['samples']} random inputs "

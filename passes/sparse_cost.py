@@ -1,37 +1,37 @@
 """Cost model of the sparsify pass: is a layer's sparse op faster than its dense form, on this machine?
 
-Each distinct layer configuration is timed once per process as two (or three) one-node onnxruntime models
-fed the same input: the dense layer as the graph has it (with its fused bias/activation nodes, so onnxruntime
-applies its usual fusions) and the ai.graphprune op at the target sparsity with the native library registered.
-Sessions run interleaved, and the median per call of each is compared. The sparse model's mask is random at
-the exact target block count: speed depends on how many blocks are kept, not on which.
+Each distinct layer configuration is compared as one-node onnxruntime models fed the same input: the dense
+layer as the graph has it (with its fused bias/activation nodes, so onnxruntime applies its usual fusions)
+against the ai.graphprune op at the target sparsity (every candidate format) with the native library
+registered. The timing engine (graphprune/timing.py) runs them interleaved in paired rounds until the
+confidence interval of the speed ratio clears the margin; where it does not (or with no_measure) the
+roofline model decides, from the bytes and multiply-adds computed here. Measurements, the roofline
+calibration and therefore every decision are cached per machine (timing.TimingCache). The sparse model's
+mask is random at the exact target block count: speed depends on how many blocks are kept, not on which.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .sparse_layers import Layer, block_width, sparse_node
+from graphprune import timing
+from graphprune.timing import (DEFAULT_ROOFLINE, MARGIN, Decision, RatioEstimate, Roofline, SessionBench, Work,
+                               compare, decide, estimate_from_json, estimate_to_json, machine_key, median_times,
+                               session_options)
 
-MARGIN = 1.1            # sparse must be at least this much faster than dense to be emitted
-ROUND_SECONDS = 0.002   # each timing sample repeats the call for at least this long
-ROUNDS = 15
+from .sparse_layers import Layer, block_width, find_layers, sparse_node
 
-_CACHE: dict = {}       # (layer signature, x shape, sparsity, formats, threads) -> Measurement
+ENGINE = 1            # bump when what a cached entry means changes (keys of older entries then miss)
+ROOFLINE_VERSION = 1
+CALIBRATION_ROUNDS = 21
+CALIBRATION_QUANTILE = 0.2
 
-
-@dataclass
-class Measurement:
-    dense_s: float
-    sparse_s: dict = field(default_factory=dict)   # format -> seconds per call
-    x_shape: tuple = ()
-
-    def speedup(self, fmt: str) -> float:
-        return self.dense_s / self.sparse_s[fmt] if self.sparse_s.get(fmt) else 0.0
+__all__ = ["MARGIN", "CostModel", "LayerChoice", "candidate_formats", "signature", "layer_work", "dense_model",
+           "sparse_model", "session_options", "time_interleaved", "calibrate_roofline", "random_keep"]
 
 
 def candidate_formats(layer: Layer, sparsity: float, requested: str) -> list[str]:
@@ -44,21 +44,16 @@ def candidate_formats(layer: Layer, sparsity: float, requested: str) -> list[str
     return ["bsr", "csr"] if sparsity >= 0.85 else ["bsr"]
 
 
-def choose(m: Measurement | None, formats: list[str], margin: float = MARGIN) -> tuple[str | None, str]:
-    """(format to emit or None for dense, the reason in words)."""
-    if m is None:
-        return None, "not measured"
-    best = min(formats, key=lambda f: m.sparse_s.get(f, float("inf")))
-    speed = m.speedup(best)
-    if speed >= margin:
-        return best, f"{speed:.2f}× faster"
-    return None, f"sparse {speed:.2f}× of dense"
+def signature(layer: Layer) -> list:
+    """The layer configuration as JSON-able data: op, shape, conv geometry, fused activation and nodes."""
+    conv = [[k, list(v) if isinstance(v, (list, tuple)) else v] for k, v in sorted((layer.conv or {}).items())]
+    lo, hi = layer.clip
+    return [layer.op, layer.rows, layer.outputs, conv, [_finite(lo), _finite(hi)],
+            [n.op_type for n in layer.fused], bool(np.any(layer.bias))]
 
 
-def signature(layer: Layer) -> tuple:
-    conv = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted((layer.conv or {}).items()))
-    return (layer.op, layer.rows, layer.outputs, conv, layer.clip,
-            tuple(n.op_type for n in layer.fused))
+def _finite(v: float):
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
 
 
 def random_keep(rows: int, blocks: int, sparsity: float, seed: int = 0) -> np.ndarray:
@@ -69,29 +64,37 @@ def random_keep(rows: int, blocks: int, sparsity: float, seed: int = 0) -> np.nd
     return keep.reshape(rows, blocks)
 
 
-class CostModel:
-    """Measures and caches dense vs sparse time per layer configuration. `measure(models, feed, threads)`
-    can be replaced (tests inject fake timings); by default it is `time_interleaved`."""
+# ---- the analytic side: what a layer moves and computes ---------------------------------------------------------
+def layer_work(layer: Layer, x_shape, sparsity: float, fmt: str) -> Work:
+    """Bytes and multiply-adds of one call, dense and sparse (float32 values, int32 indices).
+    MatMul/Gemm: M = product of X's leading dims, MACs = M·K·N. Conv: MACs = B·Ho·Wo·(Cin·kh·kw)·Cout.
+    Sparse values kept: (1 − s) of the weights (exact block count); index: one int32 per block (BSR 1×16 or 4
+    output channels) or per value (CSR)."""
+    dims = [int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in x_shape]
+    kept = 1.0 - sparsity
+    weights = layer.rows * layer.outputs
+    if layer.conv:
+        c = layer.conv
+        batch, h, w = dims[0], dims[2], dims[3]
+        (kh, kw), (sh, sw), (dh, dw), p = c["kernel_shape"], c["strides"], c["dilations"], c["pads"]
+        ho = (h + p[0] + p[2] - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + p[1] + p[3] - dw * (kw - 1) - 1) // sw + 1
+        positions = batch * max(ho, 1) * max(wo, 1)
+        act = 4.0 * (batch * c["in_channels"] * h * w + positions * layer.outputs)
+        pointwise = (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any(p)
+        kind = "conv1x1" if pointwise else "convkxk"
+    else:
+        positions = int(np.prod(dims[:-1])) if len(dims) > 1 else 1
+        act = 4.0 * positions * (layer.rows + layer.outputs)
+        kind = "csr_matmul" if fmt == "csr" else "bsr_matmul"
+    width = block_width(layer, fmt)
+    index_per_value = 1.0 / width
+    macs = float(positions) * weights
+    return Work(kind, macs, macs * kept, 4.0 * weights + act + 4.0 * layer.outputs,
+                4.0 * weights * kept * (1.0 + index_per_value) + act + 4.0 * layer.outputs)
 
-    def __init__(self, graph, threads: int | None = None, measure=None, margin: float = MARGIN):
-        self.graph = graph
-        self.threads = threads
-        self.margin = margin
-        self.measure_fn = measure or time_interleaved
-        self.cache = _CACHE if measure is None else {}
 
-    def measure(self, layer: Layer, x_shape: tuple, sparsity: float, formats: list[str]) -> Measurement:
-        key = (signature(layer), tuple(x_shape), round(sparsity, 4), tuple(formats), self.threads or 0)
-        if key not in self.cache:
-            models = {"dense": dense_model(self.graph, layer, x_shape)}
-            for fmt in formats:
-                models[fmt] = sparse_model(self.graph, layer, x_shape, sparsity, fmt)
-            feed = {layer.x: np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
-            times = self.measure_fn(models, feed, self.threads)
-            self.cache[key] = Measurement(times["dense"], {f: times[f] for f in formats}, tuple(x_shape))
-        return self.cache[key]
-
-
+# ---- one-layer models -------------------------------------------------------------------------------------------
 def _opsets(graph) -> list:
     return [helper.make_opsetid(i.domain, i.version) for i in graph.model.opset_import if i.domain in ("", "ai.onnx")]
 
@@ -124,42 +127,147 @@ def sparse_model(graph, layer: Layer, x_shape, sparsity: float, fmt: str) -> onn
     return model
 
 
-def session_options(threads: int | None, native: bool = True):
-    """Optimised CPU session options, with the native kernel library registered when asked and available."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if native:
-        from graphprune import kernels
-        if kernels.available():
-            opts = kernels.session_options(opts)
-    return opts
+def time_interleaved(models: dict, feed: dict, threads: int | None, native: bool = True,
+                     rounds: int = CALIBRATION_ROUNDS) -> dict:
+    """Median seconds per call of each model on `feed` (the timing engine's interleaved rounds)."""
+    return median_times(SessionBench(models, feed, threads, native), list(models), rounds)
 
 
-def time_interleaved(models: dict, feed: dict, threads: int | None, native: bool = True) -> dict:
-    """Median seconds per call of each model on `feed`, the models taking turns round by round so that
-    machine noise hits all of them alike."""
-    import onnxruntime as ort
-    sessions = {k: ort.InferenceSession(m.SerializeToString(), session_options(threads, native),
-                                        providers=["CPUExecutionProvider"]) for k, m in models.items()}
-    reps = {}
-    for k, s in sessions.items():
-        for _ in range(2):
-            s.run(None, feed)
-        t0 = time.perf_counter()
-        s.run(None, feed)
-        reps[k] = max(1, int(ROUND_SECONDS / max(time.perf_counter() - t0, 1e-7)))
-    samples = {k: [] for k in sessions}
-    order = list(sessions)
-    for r in range(ROUNDS):
-        for k in order[r % len(order):] + order[: r % len(order)]:
-            s, n = sessions[k], reps[k]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                s.run(None, feed)
-            samples[k].append((time.perf_counter() - t0) / n)
-    return {k: float(np.median(v)) for k, v in samples.items()}
+# ---- roofline calibration ---------------------------------------------------------------------------------------
+def _probe_layer(kind: str, shape):
+    """(graph, layer, x shape) of one small layer used to calibrate the roofline."""
+    from graphprune.ir import Graph
+
+    from .canonicalize import canonicalize
+    rng = np.random.default_rng(0)
+    if kind in ("gemv", "tiny", "bsr_matmul", "csr_matmul"):
+        m, k, n = shape
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name=f"probe_{kind}")]
+        inits = [numpy_helper.from_array((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), "W")]
+        x_shape, y_shape = [m, k], [m, n]
+    else:
+        cin, cout, ksize, size = shape
+        nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name=f"probe_{kind}", kernel_shape=[ksize, ksize],
+                                  pads=[ksize // 2] * 4)]
+        inits = [numpy_helper.from_array(
+            (rng.standard_normal((cout, cin, ksize, ksize)) / np.sqrt(cin * ksize * ksize)).astype(np.float32), "W")]
+        x_shape, y_shape = [1, cin, size, size], [1, cout, size, size]
+    g = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, y_shape)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    graph = Graph(model)
+    canonicalize(graph)
+    return graph, find_layers(graph)[0][0], x_shape
+
+
+# (kind, probe shape, sparsity, format): MatMul (M, K, N); Conv (Cin, Cout, k, H=W)
+PROBES = (("tiny", (1, 16, 16), None, None),
+          ("gemv", (1, 2048, 2048), None, None),               # 16 MB of weights: streams from memory
+          ("bsr_matmul", (8, 1024, 1024), 0.75, "bsr"),
+          ("csr_matmul", (8, 1024, 1024), 0.9, "csr"),
+          ("conv1x1", (128, 128, 1, 14), 0.75, "bsr"),
+          ("convkxk", (64, 64, 3, 14), 0.75, "bsr"))
+
+
+def calibrate_roofline(measure, threads: int | None) -> Roofline:
+    """Measure the roofline's constants once: per-call overhead (a 16×16 MatMul), bandwidth (a dense GEMV over
+    16 MB of weights, past any cache) and, per kernel class, dense and sparse multiply-add throughput on a
+    compute-bound shape. The 20th percentile of interleaved rounds (timing.median_times says why); the cache
+    keeps the result per machine."""
+    overhead, bandwidth, dense, sparse = 0.0, DEFAULT_ROOFLINE.bandwidth, {}, {}
+    for kind, shape, sparsity, fmt in PROBES:
+        graph, layer, x_shape = _probe_layer(kind, shape)
+        models = {"dense": dense_model(graph, layer, x_shape)}
+        if fmt:
+            models[fmt] = sparse_model(graph, layer, x_shape, sparsity, fmt)
+        feed = {layer.x: np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
+        t = median_times(measure(models, feed, threads), list(models), CALIBRATION_ROUNDS,
+                         quantile=CALIBRATION_QUANTILE)
+        work = layer_work(layer, x_shape, sparsity or 0.0, fmt or "bsr")
+        if kind == "tiny":
+            overhead = t["dense"]
+        elif kind == "gemv":
+            bandwidth = work.dense_bytes / max(t["dense"] - overhead, 1e-9)
+        else:
+            dense[kind] = work.macs / max(t["dense"] - overhead, 1e-9)
+            sparse[kind] = work.kept_macs / max(t[fmt] - overhead, 1e-9)
+    return Roofline(bandwidth, overhead, dense, sparse, "calibrated")
+
+
+# ---- the cost model ---------------------------------------------------------------------------------------------
+@dataclass
+class LayerChoice:
+    """The cost model's answer for one layer: format to emit (None: dense) and how that was decided."""
+    format: str | None
+    best: str                                   # the fastest candidate format (sparse_us refers to it)
+    decision: Decision
+    estimates: dict                             # format -> RatioEstimate (empty when not measured)
+
+    @property
+    def measured(self) -> RatioEstimate | None:
+        return self.estimates.get(self.best)
+
+
+class CostModel:
+    """Decides dense vs sparse per layer configuration. `measure(models, feed, threads)` returns a sample
+    function `sample(name) -> seconds per call` (default timing.SessionBench; tests inject fake timings).
+    no_measure: the roofline alone (cached calibration, else DEFAULT_ROOFLINE), no timing at all."""
+
+    def __init__(self, graph, threads: int | None = None, measure=None, margin: float = MARGIN,
+                 cache: timing.TimingCache | None = None, no_measure: bool = False):
+        self.graph = graph
+        self.threads = threads
+        self.margin = margin
+        self.measure_fn = measure or SessionBench
+        self.cache = cache if cache is not None else timing.TimingCache(enabled=False)
+        self.no_measure = no_measure
+        self._roofline = None
+        self._machine = machine_key(threads)
+
+    # the roofline: from the cache, else calibrated now (measuring allowed) or the defaults (no_measure)
+    def roofline(self) -> Roofline:
+        if self._roofline is None:
+            key = dict(self._machine, roofline=ROOFLINE_VERSION)
+            cached = self.cache.get(key)
+            if cached is not None:
+                self._roofline = Roofline.from_json(cached)
+            elif self.no_measure:
+                self._roofline = DEFAULT_ROOFLINE
+            else:
+                self._roofline = calibrate_roofline(self.measure_fn, self.threads)
+                self.cache.put(key, self._roofline.to_json())
+        return self._roofline
+
+    def analytic(self, layer: Layer, x_shape, sparsity: float, fmt: str) -> float:
+        return self.roofline().ratio(layer_work(layer, x_shape, sparsity, fmt))
+
+    def key(self, layer: Layer, x_shape, sparsity: float, formats: list[str]) -> dict:
+        return dict(self._machine, engine=ENGINE, layer=signature(layer), x=[int(d) for d in x_shape],
+                    sparsity=round(float(sparsity), 4), formats=list(formats), margin=self.margin)
+
+    def choose(self, layer: Layer, x_shape, sparsity: float, formats: list[str]) -> LayerChoice:
+        if self.no_measure:
+            ratios = {f: self.analytic(layer, x_shape, sparsity, f) for f in formats}
+            best = max(formats, key=lambda f: ratios[f])
+            d = decide(None, ratios[best], self.margin)
+            return LayerChoice(best if d.sparse else None, best, d, {})
+        key = self.key(layer, x_shape, sparsity, formats)
+        cached = self.cache.get(key)
+        if cached is not None:
+            estimates = {f: estimate_from_json(e) for f, e in cached["estimates"].items()}
+        else:
+            estimates = self._measure(layer, x_shape, sparsity, formats)
+            self.cache.put(key, {"estimates": {f: estimate_to_json(e) for f, e in estimates.items()}})
+        best = max(formats, key=lambda f: (estimates[f].ratio, -formats.index(f)))
+        d = decide(estimates[best], lambda: self.analytic(layer, x_shape, sparsity, best), self.margin)
+        if cached is not None:
+            d.how = "cached"
+        return LayerChoice(best if d.sparse else None, best, d, estimates)
+
+    def _measure(self, layer: Layer, x_shape, sparsity: float, formats: list[str]) -> dict:
+        models = {"dense": dense_model(self.graph, layer, x_shape)}
+        for fmt in formats:
+            models[fmt] = sparse_model(self.graph, layer, x_shape, sparsity, fmt)
+        feed = {layer.x: np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
+        return compare(self.measure_fn(models, feed, self.threads), "dense", formats, self.margin)

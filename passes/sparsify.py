@@ -1,7 +1,9 @@
 """The sparsify pass: replace weight layers by ai.graphprune block-sparse ops where that is measured faster.
 
     1. find eligible layers and the bias/activation each absorbs            (sparse_layers.py)
-    2. time dense vs sparse per layer configuration on this machine          (sparse_cost.py)
+    2. decide dense vs sparse per layer configuration on this machine: paired timing until the ratio's
+       confidence interval clears the margin, else the roofline; cached per machine (sparse_cost.py,
+       graphprune/timing.py) — or replayed from a sparse plan, or the roofline alone (no_measure)
     3. for the layers that win, in graph order: the Hessian H = XᵀX/n of the layer's input rows from
        calibration data (or the data-free synthetic proxy), taken on the model whose earlier layers are already
        sparse, and the weight that best reproduces the dense model's output from them (sparse_stats.py); then
@@ -15,7 +17,11 @@ A layer that stays dense keeps its original weights: no sparsity, no accuracy lo
 """
 from __future__ import annotations
 
+import json
+import os
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,7 +31,9 @@ from graphprune.calibration import static_batch
 from graphprune.errors import GraphpruneError, VerificationError
 from graphprune.ir import Graph
 
-from .sparse_cost import CostModel, candidate_formats, choose, session_options, time_interleaved
+from graphprune.timing import MARGIN, SessionBench, TimingCache, compare, session_options
+
+from .sparse_cost import CostModel, candidate_formats
 from .sparse_layers import Layer, block_width, find_layers, sparse_node, sparse_op_type
 from .sparse_stats import DAMP, collect as collect_stats, probe_shapes, stats_key
 from .sparsegpt import apply_block_mask, sparsegpt
@@ -46,7 +54,13 @@ class SparseLayerReport:
     x_shape: tuple = ()           # input shape the timings used
     format: str = "dense"         # 'bsr', 'csr' or 'dense'
     sparsity: float = 0.0         # block sparsity actually emitted (0 when dense)
-    decision: str = ""            # e.g. 'bsr (2.10× faster)', 'dense (sparse 0.87× of dense)'
+    decision: str = ""            # e.g. 'bsr (measured 2.10× [1.95, 2.31], 24 rounds)'
+    how: str = ""                 # measured | cached | analytic | replayed | forced | no library
+    ratio: float | None = None    # measured dense/sparse time ratio of the best format, and its interval
+    ratio_lo: float | None = None
+    ratio_hi: float | None = None
+    rounds: int = 0               # paired timing rounds behind the ratio
+    analytic: float | None = None # the roofline's ratio, where it decided
     dense_us: float | None = None
     sparse_us: float | None = None
     rel_error: float | None = None        # ‖S·Ŵ − D·W‖/‖D·W‖ on the calibration rows (sparse_stats.py)
@@ -62,6 +76,7 @@ class SparsifyResult:
     model: onnx.ModelProto
     layers: list = field(default_factory=list)        # SparseLayerReport per eligible layer
     summary: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)          # the per-layer decisions, as a sparse plan (JSON-able)
 
 
 def check_settings(sparsity: float, fmt: str) -> None:
@@ -72,15 +87,20 @@ def check_settings(sparsity: float, fmt: str) -> None:
 
 
 def sparsify_for_prune(graph: Graph, report, feeds: dict, calib, sparsity, fmt, force, threads, seed, input_dims,
-                       verify, verify_samples, progress) -> onnx.ModelProto:
+                       verify, verify_samples, progress, plan_in=None, plan_out=None,
+                       no_measure: bool = False) -> onnx.ModelProto:
     """The API's one call, after channel pruning, with the calibration feeds the channel pruning read (the
     held-out samples left out) or its data-free synthetic proxy. Fills report.sparse_layers and
-    report.sparse; returns the sparsified model."""
+    report.sparse; returns the sparsified model. plan_in: replay a sparse plan file; plan_out: save the
+    decisions as one; no_measure: the analytic model alone."""
     n = len(next(iter(feeds.values())))
     source = (f"{calib} ({n} samples)" if calib is not None
               else f"synthetic proxy: {n} standard-normal input samples (data-free)")
     result = sparsify(graph, sparsity, feeds, source, fmt=fmt, force=force, threads=threads, verify=verify,
-                      verify_samples=verify_samples, seed=seed, input_dims=input_dims, progress=progress)
+                      verify_samples=verify_samples, seed=seed, input_dims=input_dims, progress=progress,
+                      plan_in=load_sparse_plan(plan_in) if plan_in is not None else None, no_measure=no_measure)
+    if plan_out is not None:
+        write_sparse_plan(plan_out, result.plan)
     report.sparse_layers = result.layers
     report.sparse = result.summary
     return result.model
@@ -89,12 +109,17 @@ def sparsify_for_prune(graph: Graph, report, feeds: dict, calib, sparsity, fmt, 
 def sparsify(graph: Graph, sparsity: float, feeds: dict, source: str = "", fmt: str = "auto",
              force: bool = False, threads: int | None = None, verify: bool = True, verify_samples: int = 2,
              seed: int = 0, input_dims: dict | None = None, measure=None, end_to_end: bool = True,
-             sequential: bool = True, progress=None) -> SparsifyResult:
+             sequential: bool = True, progress=None, plan_in: dict | None = None, no_measure: bool = False,
+             cache: TimingCache | None = None) -> SparsifyResult:
     """Sparsify every eligible layer of `graph` (left untouched) at block sparsity `sparsity`.
     feeds: calibration samples {input: array, first axis = samples}; `source` says where they came from.
     fmt: 'auto' (BSR; CSR at ≥ 85 % where measured faster than BSR), 'bsr' or 'csr' (Conv is always BSR).
     force: emit every eligible layer whatever the timing says (also without the native library).
-    measure: replaces the timing function of the cost model (tests).
+    measure: replaces the timing engine's sample source (tests): measure(models, feed, threads) -> sample(name).
+    plan_in: a sparse plan (load_sparse_plan) to replay: its decisions, no timing.
+    no_measure: decide by the roofline model alone (cached calibration or the defaults); no timing at all.
+    cache: the timing cache (default: timing.cache_dir(), i.e. $GRAPHPRUNE_CACHE_DIR or the user cache;
+      none when `measure` is injected, unless given).
     sequential: layer by layer, each fitted on the rows of the model with the earlier layers already sparse to
       the dense output (two calibration runs per distinct layer input, each on the part of the model that
       computes it); False: one run on the dense model for all layers (faster, errors compound)."""
@@ -111,42 +136,65 @@ def sparsify(graph: Graph, sparsity: float, feeds: dict, source: str = "", fmt: 
     summary = {"sparsity": sparsity, "format": fmt, "forced": force, "calibration": source,
                "sequential": sequential,
                "native": native, "native_status": kernels.status(), "threads": threads or "onnxruntime default",
+               "decided_by": "replayed sparse plan" if plan_in is not None else
+               ("analytic model (no measurement)" if no_measure else "measurement, analytic where inconclusive"),
                "notes": []}
     layers, notes = find_layers(graph)
     summary["notes"] += notes
-    if not native:
+    if not native and plan_in is None:
         summary["notes"].append(
             f"native sparse-kernel library not available ({kernels.status()}): "
             + ("emitting anyway (--sparse-force); the model runs through the function fallback at dense speed"
                if force else "no layer can be faster, every layer stays dense (--sparse-force emits anyway)"))
     x_shapes = probe_shapes(graph, layers, feeds)
-    cost = CostModel(graph, threads=threads, measure=measure) if (native or measure) else None
+    cost = None
+    if plan_in is None and (native or measure):
+        if cache is None:       # injected timings (tests) never read or pollute the user's cache
+            cache = TimingCache(enabled=measure is None)
+        if cache.note:
+            summary["notes"].append(cache.note)
+        cost = CostModel(graph, threads=threads, measure=measure, cache=cache, no_measure=no_measure)
+    replay = _replay_index(plan_in, layers, sparsity) if plan_in is not None else None
 
     plans, reports = [], []
     for i, layer in enumerate(layers):
         report = SparseLayerReport(layer.name, layer.op, layer.describe(), x_shapes[layer.x])
         formats = candidate_formats(layer, sparsity, fmt)
-        m = None
-        if cost is not None:
-            say(f"sparsify: timing layer {i + 1}/{len(layers)} {layer.name} ({layer.describe()})")
-            m = cost.measure(layer, x_shapes[layer.x], sparsity, formats)
-            report.dense_us = m.dense_s * 1e6
-        chosen, why = choose(m, formats, cost.margin if cost else 1.1)
-        if chosen is None and force:
-            chosen = min(formats, key=lambda f: m.sparse_s[f]) if m else formats[0]
-            why = f"forced; {why}" if m else "forced; no native library"
-        elif chosen is None and cost is None:
-            why = "no native library"
+        if replay is not None:
+            entry = replay[layer.name]
+            chosen = entry["format"] if entry["sparse"] else None
+            report.how = "replayed"
+            why = f"replayed: {entry.get('reason') or entry.get('decided_by', '')}".rstrip(": ")
+        elif cost is None:
+            chosen = formats[0] if force else None
+            report.how = "forced" if force else "no library"
+            why = "forced; no native library" if force else "no native library"
+        else:
+            if not no_measure:
+                say(f"sparsify: timing layer {i + 1}/{len(layers)} {layer.name} ({layer.describe()})")
+            choice = cost.choose(layer, x_shapes[layer.x], sparsity, formats)
+            d = choice.decision
+            chosen, report.how, why = choice.format, d.how, d.reason()
+            if d.how == "cached":
+                why = f"cached: {why}"
+            if chosen is None and force:
+                chosen, report.how, why = choice.best, "forced", f"forced; {why}"
+            m = choice.measured
+            if m is not None:
+                report.ratio, report.ratio_lo, report.ratio_hi, report.rounds = m.ratio, m.lo, m.hi, m.rounds
+                report.dense_us, report.sparse_us = m.baseline_s * 1e6, m.candidate_s * 1e6
+            report.analytic = d.analytic
         report.decision = f"{chosen or 'dense'} ({why})"
         if chosen:
             report.format = chosen
-            if m:
-                report.sparse_us = m.sparse_s[chosen] * 1e6
             plans.append((layer, chosen))
-        elif m:
-            best = min(formats, key=lambda f: m.sparse_s[f])
-            report.sparse_us = m.sparse_s[best] * 1e6
         reports.append(report)
+    if cost is not None:
+        try:
+            cost.cache.save()
+        except OSError as exc:
+            summary["notes"].append(f"timing cache not saved ({cost.cache.path}: {exc.strerror or exc})")
+    plan = sparse_plan(reports, layers, sparsity, fmt, cost.margin if cost else MARGIN)
 
     before = graph.to_model(with_value_info=False)
     summary["bytes_before"] = before.ByteSize()
@@ -166,7 +214,7 @@ def sparsify(graph: Graph, sparsity: float, feeds: dict, source: str = "", fmt: 
     if end_to_end and plans:
         say("sparsify: timing the whole model, dense vs sparse")
         summary["end_to_end"] = _end_to_end(before, model, graph, threads, input_dims, native)
-    return SparsifyResult(model, reports, summary)
+    return SparsifyResult(model, reports, summary, plan)
 
 
 # ---- SparseGPT per layer --------------------------------------------------------------------------------
@@ -332,9 +380,90 @@ def _mismatch(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> tuple[b
 # ---- whole-model timing -------------------------------------------------------------------------------
 def _end_to_end(dense: onnx.ModelProto, sparse: onnx.ModelProto, graph: Graph, threads, input_dims,
                 native: bool) -> dict:
+    """Whole model, dense vs sparse, paired interleaved rounds of the timing engine: median speed-up and its
+    sign-test interval."""
     from graphprune.verify import random_feeds
     feed = random_feeds(graph, 1, seed=0, dims=input_dims)[0]
-    times = time_interleaved({"dense": dense, "sparse": sparse}, feed, threads, native=native)
-    return {"dense_ms": times["dense"] * 1e3, "sparse_ms": times["sparse"] * 1e3,
-            "speedup": times["dense"] / times["sparse"], "native": native,
+    bench = SessionBench({"dense": dense, "sparse": sparse}, feed, threads, native=native)
+    r = compare(bench, "dense", ["sparse"], margin=1.0, looks=(12, 24, 48))["sparse"]
+    return {"dense_ms": r.baseline_s * 1e3, "sparse_ms": r.candidate_s * 1e3, "speedup": r.ratio,
+            "speedup_lo": r.lo, "speedup_hi": r.hi, "rounds": r.rounds, "native": native,
             "batch": static_batch(graph.inputs) or 1}
+
+
+# ---- sparse plans -------------------------------------------------------------------------------------------
+PLAN_FORMAT = 1
+
+
+def _block(layer: Layer, fmt: str | None) -> list | None:
+    """[rows, outputs] of one block of the emitted format (Conv: 1 tap × 4 output channels)."""
+    return None if fmt is None else [1, block_width(layer, fmt)]
+
+
+def sparse_plan(reports: list, layers: list, sparsity: float, fmt: str, margin: float) -> dict:
+    """The per-layer decisions as JSON-able data: replayable with plan_in / --sparse-plan-in."""
+    entries = []
+    for r, layer in zip(reports, layers):
+        fmt_out = r.format if r.emitted else None
+        entries.append({"layer": r.node, "op": r.op, "shape": r.shape, "sparse": r.emitted,
+                        "format": fmt_out or "dense", "block": _block(layer, fmt_out), "decided_by": r.how,
+                        "reason": r.decision[r.decision.find("(") + 1:-1] if "(" in r.decision else "",
+                        "ratio": r.ratio, "interval": [r.ratio_lo, r.ratio_hi] if r.ratio is not None else None,
+                        "analytic": r.analytic})
+    return {"graphprune_sparse_plan": PLAN_FORMAT, "sparsity": sparsity, "format": fmt, "margin": margin,
+            "layers": entries}
+
+
+def load_sparse_plan(path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise SparsifyError(f"cannot read sparse plan {path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SparsifyError(f"{path}: not a sparse plan (invalid JSON: {exc})") from exc
+    if not isinstance(data, dict) or data.get("graphprune_sparse_plan") != PLAN_FORMAT \
+            or not isinstance(data.get("layers"), list):
+        raise SparsifyError(f"{path}: not a graphprune sparse plan (format {PLAN_FORMAT})")
+    return data
+
+
+def write_sparse_plan(path, plan: dict) -> None:
+    """Atomically: a unique temp file in the same folder, opened with O_EXCL, then os.replace."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(plan, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _replay_index(plan: dict, layers: list, sparsity: float) -> dict:
+    """{layer name: plan entry}, after checking that the plan was made for this model and sparsity."""
+    if abs(float(plan.get("sparsity", -1)) - sparsity) > 1e-9:
+        raise SparsifyError(f"the sparse plan was made at sparsity {plan.get('sparsity')}, not {sparsity}")
+    entries = {}
+    for e in plan["layers"]:
+        if not isinstance(e, dict) or not {"layer", "sparse", "format"} <= set(e):
+            raise SparsifyError(f"sparse plan entry {e!r} lacks layer/sparse/format")
+        entries[e["layer"]] = e
+    names = {layer.name for layer in layers}
+    missing = [layer.name for layer in layers if layer.name not in entries]
+    extra = [n for n in entries if n not in names]
+    if missing or extra:
+        raise SparsifyError("the sparse plan does not fit this model: "
+                            + (f"no entry for layer(s) {', '.join(missing[:5])}" if missing else "")
+                            + ("; " if missing and extra else "")
+                            + (f"layer(s) {', '.join(extra[:5])} not in the model" if extra else ""))
+    for layer in layers:
+        e = entries[layer.name]
+        if e.get("shape") not in (None, layer.describe()):
+            raise SparsifyError(f"sparse plan entry for '{layer.name}' is a {e['shape']}, the model has "
+                                f"{layer.describe()}")
+        if e["sparse"] and e["format"] not in (["bsr"] if layer.conv else ["bsr", "csr"]):
+            raise SparsifyError(f"sparse plan: format {e['format']!r} is not available for '{layer.name}' "
+                                f"({layer.op})")
+    return entries

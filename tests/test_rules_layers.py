@@ -396,21 +396,22 @@ def _ln_model(op, opset=17, axis=-1):
 
 
 @pytest.mark.parametrize("op,opset", [("LayerNormalization", 17), ("RMSNormalization", 23)])
-def test_layer_norm_axis_frozen(op, opset):
+def test_layer_norm_last_axis_prunes(op, opset):
+    """The normalised last axis prunes: the node becomes standard ops dividing by the original width
+    (tests/test_rules_norm.py covers the decomposition); the layer after the norm prunes as before."""
     nodes, init = _ln_model(op, opset)
     model = build(nodes, [("X", [2, 5, 10])], [("Y", None)], init, opset=opset)
-    assert_frozen(model, "h", 2, op, "statistics")
-    assert_frozen(model, "s", 0, op)
-    assert group_sizes(model) == [(16, 16)]          # only the layer after the norm
+    assert group_sizes(model) == [(12, 12), (16, 16)]
     pruned, _ = prune_checked(model)
-    assert shape_of(pruned, "w1") == (10, 12)         # the normalised axis never shrinks
-    assert shape_of(pruned, "s") == (12,)
-    assert shape_of(pruned, "w2") == (12, 8)
+    assert shape_of(pruned, "w1") == (10, 6)
+    assert shape_of(pruned, "w2") == (6, 8)
     assert shape_of(pruned, "w3") == (8, 6)
+    assert op not in {n.op_type for n in pruned.graph.node}
 
 
 def test_layer_norm_leading_axes_pass_through():
-    """LayerNorm over the last axis of [N, C, L] with axis=-1: channel axis 1 passes through."""
+    """LayerNorm over the last axis of [N, C, L] with axis=-1: channel axis 1 passes through; the normalised
+    axis L is spatial (not a channel), so the norm stays as it is."""
     nodes = [conv("c1", "X", "h", "w1", "b1", kernel_shape=[3], pads=[1, 1]),
              mk("LayerNormalization", ["h", "s", "bb"], ["n"], axis=-1),
              conv("c2", "n", "Y", "w2", kernel_shape=[1])]
@@ -421,20 +422,31 @@ def test_layer_norm_leading_axes_pass_through():
     pruned, _ = prune_checked(model)
     assert shape_of(pruned, "w1") == (4, 3, 3)
     assert shape_of(pruned, "s") == (7,)
-    assert_frozen(model, "s", 0, "LayerNormalization")
+    assert "LayerNormalization" in {n.op_type for n in pruned.graph.node}
 
 
-def test_simplified_layer_norm_axis_frozen():
+def test_layer_norm_multi_axis_frozen():
+    """Normalised over the last two axes: those stay frozen, with the reason."""
+    nodes = [conv("c1", "X", "h", "w1", "b1", kernel_shape=[1]),
+             mk("LayerNormalization", ["h", "s", "bb"], ["n"], axis=1),
+             conv("c2", "n", "Y", "w2", kernel_shape=[1])]
+    model = build(nodes, [("X", [2, 3, 7])], [("Y", None)],
+                  {"w1": rand(8, 3, 1), "b1": rand(8), "s": rand(8, 7, positive=True), "bb": rand(8, 7),
+                   "w2": rand(4, 8, 1)})
+    assert_frozen(model, "h", 1, "LayerNormalization", "several axes")
+    assert group_sizes(model) == []
+
+
+def test_simplified_layer_norm_axis_prunes():
     """SimplifiedLayerNormalization is an onnxruntime op in the ONNX domain that onnx.checker rejects, so only
-    the analysis is checked here (prune's full check refuses the model: see the report)."""
+    the analysis is checked here (tests/test_rules_norm.py prunes it: the rewrite leaves standard ops)."""
     nodes, init = _ln_model("SimplifiedLayerNormalization")
     graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("X", F, [2, 5, 10])],
                               [helper.make_tensor_value_info("Y", F, None)],
                               [numpy_helper.from_array(v, k) for k, v in init.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    assert_frozen(model, "h", 2, "SimplifiedLayerNormalization", "statistics")
-    assert group_sizes(model) == [(16, 16)]
+    assert group_sizes(model) == [(12, 12), (16, 16)]
 
 
 @pytest.mark.parametrize("op,attrs,prunable", [
@@ -587,8 +599,8 @@ def _binary_const(op, shape):
 @pytest.mark.parametrize("mode", ["same", "size1", "const"])
 @pytest.mark.parametrize("op", BINARY_OPS)
 def test_binary(op, mode):
-    """same: two coupled conv outputs; size1: a [1,1,H,W] activation broadcast over the channels (its own channel
-    is frozen, the other operand's stay prunable); const: a per-channel [C,1,1] constant that shrinks with them."""
+    """same: two coupled conv outputs; size1: a [1,1,H,W] activation broadcast over the channels (its own single
+    channel is not a channel of this op, the other operand's stay prunable); const: a per-channel [C,1,1] constant that shrinks with them."""
     c = 8
     nodes = [conv("ca", "X", "a", "wa", "ba", kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
     init = {"wa": rand(c, 3, 3, 3), "ba": rand(c), "zero": np.float32(0.0), "four": np.float32(4.0),
@@ -631,8 +643,8 @@ def test_binary(op, mode):
         assert shape_of(pruned, "wb") == (4, 3, 3, 3)
     elif mode == "size1":
         assert shape_of(pruned, "wb") == (1, 3, 3, 3)
-        kind, reason = status(model, "b", 1)
-        assert kind == "frozen" and "size-1 operand broadcast" in reason
+        # the broadcast size-1 channel carries nothing to remove: neither a group nor reported as frozen
+        assert status(model, "b", 1) == ("none", "")
     else:
         assert shape_of(pruned, "k") == (4, 1, 1)
 
@@ -685,10 +697,12 @@ def test_se_block():
     assert shape_of(pruned, "w2") == (5, 8, 1, 1)
 
 
-@pytest.mark.parametrize("reducers,prunable", [(("ReduceMean", "ReduceMax"), False),
+@pytest.mark.parametrize("reducers,prunable", [(("ReduceMean", "ReduceMax"), True),
+                                               (("ReduceProd", "ReduceMax"), False),
                                                (("ReduceSum", "ReduceL2"), True)])
 def test_cbam_spatial_gate(reducers, prunable):
-    """Channel statistics feed a spatial gate: mean/max over the channels freeze them, sums leave them free."""
+    """Channel statistics feed a spatial gate: sums, means and max leave the channels free (means and max are
+    rewritten to see the masked zeros), a product over them freezes them."""
     nodes = [conv("c0", "X", "h0", "w0", "b0", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              mk("Relu", ["h0"], ["r0"]),
              conv("c1", "r0", "h", "w1", "b1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
@@ -869,6 +883,8 @@ REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 # zeroed (masked) elements contribute nothing to these, so reducing over the channels leaves them prunable
 SUM_LIKE = {"ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum"}
+# rewritten by a fixup (ReduceSum / original count; max/min with the masked zeros), so the channels prune too
+PRUNABLE_REDUCES = SUM_LIKE | {"ReduceMean", "ReduceMax", "ReduceMin"}
 
 
 def test_reduce_list_is_complete():
@@ -916,7 +932,7 @@ def test_reduce_over_channels(op):
                         "axes": np.array([1], np.int64), "w2": rand(4, 8, 1, 1)}, opset=18)
     pruned, _ = prune_checked(model)
     assert shape_of(pruned, "w0") == (3, 3, 3, 3)
-    if op in SUM_LIKE:
+    if op in PRUNABLE_REDUCES:
         assert group_sizes(model) == [(6, 6), (8, 8)]
         assert shape_of(pruned, "w1") == (4, 3, 1, 1)
         assert shape_of(pruned, "w2") == (4, 4, 1, 1)

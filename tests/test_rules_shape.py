@@ -590,8 +590,9 @@ def test_decomposed_group_norm_removes_whole_groups(kind):
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
-def test_decomposed_norm_over_channels_last_stays_frozen(kind):
-    """Pre-norm MLP block: the residual width is normalised (frozen); the MLP hidden width inside is pruned."""
+def test_decomposed_norm_over_channels_last_prunes(kind):
+    """Pre-norm MLP block: ReduceMean over the residual width becomes ReduceSum / original width (exact under
+    masking), so the residual width prunes along with the MLP hidden width."""
     g = G(13)
     h = g.matmul("x", 8, 16, "proj")                                   # the residual stream [1, 5, 16]
     if kind == "layernorm":
@@ -607,11 +608,12 @@ def test_decomposed_norm_over_channels_last_stays_frozen(kind):
     mlp = g.matmul(g.add("Relu", [g.matmul(n, 16, 32, "up")]), 32, 16, "down")
     y = g.matmul(g.add("Add", [h, mlp]), 16, 4, "head")
     m = g.model([("x", [1, 5, 8])], [y])
-    assert group_sizes(m) == [(32, 32)]
-    assert any(r.startswith("ReduceMean") for r in frozen_reasons(m))
+    assert group_sizes(m) == [(16, 16), (32, 32)]
+    assert not any(r.startswith("ReduceMean") for r in frozen_reasons(m))
     p, _ = prune_checked(m)
-    assert wshape(p, "up.w") == (16, 16) and wshape(p, "down.w") == (16, 16)
-    assert wshape(p, "proj.w") == (8, 16) and wshape(p, "ln.gamma") == (16,)
+    assert wshape(p, "up.w") == (8, 16) and wshape(p, "down.w") == (16, 8)
+    assert wshape(p, "proj.w") == (8, 8) and wshape(p, "ln.gamma") == (8,)
+    assert "ReduceMean" not in {n.op_type for n in p.graph.node}
 
 
 # ---- Squeeze / Unsqueeze / Transpose -------------------------------------------------------------------------------

@@ -2,6 +2,12 @@
 import numpy as np
 import pytest
 
+
+@pytest.fixture(autouse=True)
+def _private_timing_cache(tmp_path_factory, monkeypatch):
+    """Real timings of these tests go to a throwaway cache, not the user's."""
+    monkeypatch.setenv("GRAPHPRUNE_CACHE_DIR", str(tmp_path_factory.mktemp("timing-cache")))
+
 from graphprune.passes.sparsegpt import apply_block_mask, pruned_per_chunk, sparsegpt
 
 
@@ -230,14 +236,14 @@ def _mlp():
 
 
 def _fake_timing(sparse_factor, csr_factor=None):
-    """A measure function: sparse takes `sparse_factor` × the dense time (CSR `csr_factor` ×)."""
+    """A measure factory: every sample of sparse takes `sparse_factor` × the dense time (CSR `csr_factor` ×)."""
     calls = []
 
     def measure(models, feed, threads):
         calls.append(sorted(models))
         t = {"dense": 1e-4, "bsr": 1e-4 * sparse_factor}
         t["csr"] = 1e-4 * (csr_factor if csr_factor is not None else sparse_factor)
-        return {k: t[k] for k in models}
+        return lambda name: t[name]
     measure.calls = calls
     return measure
 
@@ -249,7 +255,8 @@ def test_cost_model_keeps_slower_layers_dense_with_their_original_weights():
     weights = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     for t in model.graph.initializer:                                       # untouched: no sparsity at all
         np.testing.assert_array_equal(weights[t.name], numpy_helper.to_array(t))
-    assert all(r.format == "dense" and r.decision == "dense (sparse 0.50× of dense)" for r in result.layers)
+    assert all(r.format == "dense" and r.decision == "dense (measured 0.50× [0.50, 0.50], 12 rounds)"
+               and r.how == "measured" for r in result.layers)
     assert [r.dense_us for r in result.layers] == [100.0, 100.0]
     assert result.summary["layers_sparse"] == 0 and result.summary["layers_dense"] == 2
 
@@ -260,7 +267,7 @@ def test_cost_model_emits_only_where_faster_by_the_margin():
     assert all(r.format == "dense" for r in result.layers)
     result = _run_sparsify(_mlp(), force=False, measure=_fake_timing(0.5))
     assert [n.op_type for n in result.model.graph.node] == ["GpBsrMatMul", "GpBsrMatMul"]
-    assert [r.decision for r in result.layers] == ["bsr (2.00× faster)"] * 2
+    assert [r.decision for r in result.layers] == ["bsr (measured 2.00× [2.00, 2.00], 12 rounds)"] * 2
     assert result.layers[0].sparse_us == 50.0
 
 
@@ -353,10 +360,10 @@ def test_old_opset_is_refused_with_the_reason():
 def test_bad_sparse_settings_fail_cleanly():
     with pytest.raises(graphprune.GraphpruneError, match="sparsity must be in"):
         graphprune.prune(str(MNIST), sparsity=1.0)
-    with pytest.raises(graphprune.GraphpruneError, match="sparse format"):
+    with pytest.raises(graphprune.GraphpruneError, match="sparse_format must be one of"):
         graphprune.prune(str(MNIST), sparsity=0.5, sparse_format="2:4")
     result = _cli(MNIST, "--sparsity", "0", "--dry-run")
-    assert result.exit_code == 2 and "--sparsity" in result.output
+    assert result.exit_code == 2 and "sparsity must be in (0, 1)" in result.output
 
 
 # ---- sequential fitting to the dense output ---------------------------------------------------------------

@@ -24,7 +24,7 @@ def unary(node, c):
 
 
 def broadcast(c, inputs, output):
-    """Numpy broadcasting: right-aligned equal dims are coupled; a size-1 dim broadcast to n stays as it is."""
+    """Numpy broadcasting: right-aligned equal dims are coupled; a size-1 dim broadcast to n is not a channel."""
     out_shape = c.shape(output)
     if out_shape is None:
         for x in inputs:
@@ -43,10 +43,11 @@ def broadcast(c, inputs, output):
             if xs[ax] == out_shape[ao]:
                 c.link(x, ax, output, ao)
             elif xs[ax] == 1:
-                if c.const(x) is not None:  # a constant's size-1 axis (layer scale [C,1,1]) is not a channel
-                    c.not_channel(x, [ax])
-                else:
-                    c.freeze(x, ax, reason="size-1 operand broadcast against a larger axis")
+                # A size-1 axis broadcast against a larger one (a constant layer scale [C,1,1], an SE gate's
+                # [N,C,1,1] spatial axes, a [N,1,H,W] spatial-attention map over the channels) has no element this
+                # op could remove: its one element is the whole operand. It carries no channel here, and the other
+                # operand's axis stays free.
+                c.not_channel(x, [ax])
             else:
                 c.freeze(x, ax, reason=f"cannot align axis {ax} with output axis {ao}")
                 c.freeze(output, ao, reason=f"cannot align with axis {ax} of '{x}'")
@@ -97,3 +98,21 @@ def quantize(node, c):
             c.link(p, 0, y, axis % r)
         else:
             c.freeze(p, reason="unexpected quantization parameter rank")
+
+
+@rule("FastGelu", "BiasGelu", "Gelu", "QuickGelu", domain="com.microsoft")
+def contrib_gelu(node, c):
+    """onnxruntime's fused activations gelu(x [+ bias]): elementwise, the optional bias goes with the last axis."""
+    x, y = node.input[0], node.output[0]
+    c.same(x, y)
+    r = c.rank(x)
+    for extra in node.input[1:]:
+        if not extra:
+            continue
+        c.role(extra, "bias")
+        er = c.rank(extra)
+        for k in range(er):  # the bias is right-aligned with x ([H] against [B, S, H])
+            if c.shape(extra)[k] == c.shape(x)[r - er + k]:
+                c.link(extra, k, y, r - er + k)
+            else:
+                c.freeze(extra, k, reason="bias does not match the input's trailing axes")

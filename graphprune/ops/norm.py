@@ -1,11 +1,13 @@
 """Normalisations. Per-channel statistics (BatchNorm, InstanceNorm) are exact under removal; group statistics
-are exact when whole groups go; statistics *over* the channels (LayerNorm, RMSNorm, LRN) change with every
-removed channel, so those axes are frozen."""
+are exact when whole groups go. Statistics *over* the channels change with every removed channel, except that
+LayerNorm / RMSNorm over the last axis are rewritten to divide by the original width, which matches the masked
+original exactly (ops/layernorm.py); LRN, LpNorm, MVN and multi-axis normalisation stay frozen."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..analysis import rule
+from .layernorm import FLOATS, decompose_layer_norm
 
 
 @rule("BatchNormalization")
@@ -58,13 +60,38 @@ def group_norm(node, c):
     c.fixup(fix)
 
 
+# where each last-axis norm keeps its inputs and outputs (ops/layernorm.py decompose_layer_norm's arguments)
+_LAST_AXIS_NORMS = {
+    "LayerNormalization": dict(rms=False, scale_index=1, bias_index=2, mean_output=1, inv_std_output=2),
+    "RMSNormalization": dict(rms=True, scale_index=1, bias_index=None, mean_output=None, inv_std_output=None),
+    "SimplifiedLayerNormalization": dict(rms=True, scale_index=1, bias_index=None, mean_output=None,
+                                         inv_std_output=1),
+    # onnxruntime contrib ops: output = norm(input + skip + bias), output 3 is that sum
+    "SkipLayerNormalization": dict(rms=False, skip_index=1, scale_index=2, bias_index=3, skip_bias_index=4,
+                                   mean_output=1, inv_std_output=2, sum_output=3),
+    "SkipSimplifiedLayerNormalization": dict(rms=True, skip_index=1, scale_index=2, bias_index=None,
+                                             skip_bias_index=3, mean_output=None, inv_std_output=2,
+                                             sum_output=3),
+}
+
+
 @rule("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 def layer_norm(node, c):
-    """Axes before `axis` pass through; the normalised axes are frozen (their statistics would change)."""
+    """Over the last axis: that axis prunes, rewritten to statistics over the original width; multi-axis: frozen.
+
+    The rewrite into standard ops divides by the original width, which equals the masked original exactly
+    (ops/layernorm.py). Normalised over several axes: axes before `axis` pass through, the normalised ones are
+    frozen (their statistics would change)."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     axis = c.attr("axis", -1) % r
-    reason = f"normalised by {node.op_type}: removing a channel changes the statistics of the rest"
+    shape = c.shape(x)
+    if axis == r - 1 and isinstance(shape[-1], int) and c.dtype(x) in FLOATS:
+        _last_axis_norm(node, c, x, y, r)
+        return
+    why = ("normalised over several axes" if axis != r - 1 else
+           "width not static" if not isinstance(shape[-1], int) else "not a float tensor")
+    reason = f"normalised by {node.op_type} ({why}): removing a channel changes the statistics of the rest"
     for ax in range(r):
         if ax < axis:
             c.link(x, ax, y, ax)
@@ -77,13 +104,67 @@ def layer_norm(node, c):
             for extra in node.output[1:]:
                 if extra:
                     c.not_channel(extra, [ax])
-    for p in node.input[1:3]:
+    _norm_params(node, c, x, y, r, node.input[1:3])
+
+
+@rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
+def skip_layer_norm(node, c):
+    """onnxruntime's fused residual add + norm over the last axis: prunes like LayerNorm; removed channels of the
+    sum keep their constant bias in the masked original, and the rewrite counts it in the statistics."""
+    x, y = node.input[0], node.output[0]
+    r = c.rank(x)
+    if not isinstance(c.shape(x)[-1], int) or c.dtype(x) not in FLOATS:
+        c.freeze_all(f"{node.op_type}: width not static or not a float tensor")
+        return
+    if c.const(node.input[1]) is not None:  # masking never zeroes a constant: the statistics would see it
+        c.freeze_all(f"{node.op_type}: constant skip input")
+        return
+    _last_axis_norm(node, c, x, y, r)
+
+
+def _norm_params(node, c, x, y, r, params):
+    for p in params:
         if p:
-            c.role(p, "norm_scale" if p == node.input[1] else "norm_bias")
+            c.role(p, "norm_scale" if p == params[0] else "norm_bias")
             pr = c.rank(p)
             for k in range(pr):
                 # compare with x's shape (y has the same; onnx may have inferred none for y)
-                c.link(p, k, y, r - pr + k) if c.shape(p)[k] == c.shape(x)[r - pr + k] else c.freeze(p, k)
+                if c.shape(p)[k] != c.shape(x)[r - pr + k]:
+                    c.freeze(p, k, reason="parameter does not match the normalised shape")
+                elif k == pr - 1 and c.const(p) is not None:
+                    c.producer(y, r - 1, p, k)
+                else:
+                    c.link(p, k, y, r - pr + k)
+
+
+def _last_axis_norm(node, c, x, y, r):
+    layout = _LAST_AXIS_NORMS[node.op_type]
+    c.same(x, y)
+    skip = layout.get("skip_index")
+    if skip is not None:
+        skip_name = node.input[skip]
+        sr = c.rank(skip_name)
+        for k in range(sr):  # skip may drop leading axes ([S, H] against [B, S, H])
+            c.link(skip_name, k, y, r - sr + k)
+        sum_output = layout["sum_output"]
+        if len(node.output) > sum_output and node.output[sum_output]:
+            c.same(node.output[sum_output], y)
+    stats = {layout.get(k) for k in ("mean_output", "inv_std_output")} - {None}
+    for i in sorted(stats):  # Mean / InvStdDev: one value per row, the normalised axis kept as size 1
+        if len(node.output) > i and node.output[i]:
+            for ax in range(r - 1):
+                c.link(node.output[i], ax, y, ax)
+            c.not_channel(node.output[i], [r - 1])
+    params = [node.input[i] if i is not None and len(node.input) > i else ""
+              for i in (layout["scale_index"], layout["bias_index"], layout.get("skip_bias_index"))]
+    _norm_params(node, c, x, y, r, params)
+    # onnxruntime's Skip* norms default to 1e-12, the ONNX-domain ones to 1e-5
+    epsilon = float(c.attr("epsilon", 1e-12 if skip is not None else 1e-5))
+    stash_type = int(c.attr("stash_type", 1))
+
+    def fix(rw, node):
+        decompose_layer_norm(rw, node, epsilon, stash_type, **layout)
+    c.fixup(fix)
 
 
 @rule("LpNormalization", "MeanVarianceNormalization", "LRN")

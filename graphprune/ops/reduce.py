@@ -1,8 +1,10 @@
 """Pooling and reductions. Channels survive pooling; reducing *over* an axis couples all of its elements
-unless a removed (zeroed) element contributes nothing (sums), in which case its elements stay free."""
+unless the result under masking can be had from the kept elements: sums (a zeroed element adds nothing), means
+(sum / original count) and max/min (the masked zeros join in), rewritten by fixups in ops/layernorm.py."""
 from __future__ import annotations
 
 from ..analysis import rule
+from .layernorm import FLOATS, extreme_with_zero, mean_as_sum
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
 
@@ -45,7 +47,7 @@ def reduced_axes(node, c):
 
 @rule(*REDUCES)
 def reduce(node, c):
-    """Kept axes pass through; a reduced axis stays free for sum-like reductions, frozen for mean/max/min/prod."""
+    """Kept axes pass through; a reduced axis stays free for sums, means and max/min (rewritten), else frozen."""
     x, y = node.input[0], node.output[0]
     axes = reduced_axes(node, c)
     if axes is None:
@@ -53,8 +55,20 @@ def reduce(node, c):
         return
     if len(node.input) > 1 and node.input[1]:
         c.not_channel(node.input[1])
+    shape = c.shape(x)
     if node.op_type in SUM_LIKE:
         on_reduced = lambda ax: c.touch(x, ax)  # noqa: E731
+    elif (node.op_type == "ReduceMean" and c.dtype(x) in FLOATS
+          and all(isinstance(shape[ax], int) for ax in axes)):
+        # mean over the original count = sum of the kept elements / that count, exact under masking: the
+        # fixup rewrites it so (this is what lets hand-written LayerNorm / RMSNorm and channel means prune)
+        on_reduced = lambda ax: c.touch(x, ax)  # noqa: E731
+        keepdims = c.attr("keepdims", 1)
+        c.fixup(lambda rw, node, axes=tuple(axes): mean_as_sum(rw, node, list(axes), keepdims))
+    elif node.op_type in ("ReduceMax", "ReduceMin") and c.dtype(x) in FLOATS:
+        # the masked original's extreme also sees the zeros: the fixup takes max/min with 0 (CBAM's channel max)
+        on_reduced = lambda ax: c.touch(x, ax)  # noqa: E731
+        c.fixup(lambda rw, node, axes=tuple(axes): extreme_with_zero(rw, node, list(axes)))
     else:
         reason = f"{node.op_type} over this axis: removing an element changes the result"
         on_reduced = lambda ax: c.freeze(x, ax, reason=reason)  # noqa: E731

@@ -459,6 +459,8 @@ def slice_(node, c):
 
     def fix(rw, node, selections=selections, spec=spec, source=source, axes=axes, starts=starts, ends=ends):
         new_starts, new_ends = list(starts), list(ends)
+        # starts/ends/axes/steps share one index type (int32 from jax2tf/tf2onnx): keep the one the model uses
+        index_type = rw.graph.const(node.input[1]).dtype if source != "attr" else np.dtype(np.int64)
         for k, a in enumerate(axes):
             ax = a % r
             if ax not in selections or not len(rw.removed(node.input[0], ax)):
@@ -473,13 +475,14 @@ def slice_(node, c):
             if len(p) and not np.array_equal(np.abs(np.diff(p)), np.ones(len(p) - 1, dtype=p.dtype)):
                 raise AssertionError(f"slice on axis {ax} is no longer contiguous")
             new_starts[k] = int(p[0])
-            new_ends[k] = int(p[-1]) + 1 if step > 0 else (int(p[-1]) - 1 if p[-1] > 0 else int(INT64_MIN))
+            new_ends[k] = int(p[-1]) + 1 if step > 0 else (int(p[-1]) - 1 if p[-1] > 0
+                                                          else int(np.iinfo(index_type).min))
         if source == "attr":
             rw.set_attr(node, "starts", new_starts)
             rw.set_attr(node, "ends", new_ends)
         else:
-            rw.set_const_input(node, 1, np.array(new_starts, dtype=np.int64))
-            rw.set_const_input(node, 2, np.array(new_ends, dtype=np.int64))
+            rw.set_const_input(node, 1, np.array(new_starts, dtype=index_type))
+            rw.set_const_input(node, 2, np.array(new_ends, dtype=index_type))
     c.fixup(fix)
 
 
