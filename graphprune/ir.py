@@ -312,6 +312,8 @@ def check_input_model(model, where: str = "") -> None:
     refuse a model onnxruntime runs."""
     try:
         onnx.checker.check_model(model)
+        if isinstance(model, onnx.ModelProto):
+            _check_declared_shapes(_light_copy(model), where)
         return
     except onnx.checker.ValidationError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -325,18 +327,12 @@ def check_input_model(model, where: str = "") -> None:
         if order is None:
             raise ModelLoadError(f"{where}invalid model: the graph has a cycle or reads a tensor nothing "
                                  f"defines ({reason})")
-        copy = onnx.ModelProto()
-        _copy_shell(model, copy)
+        copy = _light_copy(model)
         del copy.graph.node[:]
         copy.graph.node.extend(order)
-        copy.graph.initializer.extend(t for t in model.graph.initializer if t.data_location == _T.EXTERNAL
-                                      or tensor_nbytes(t) is None or len(t.raw_data) <= 4096)
-        for t in model.graph.initializer:  # big weights: declared as inputs, so the check copies no bytes
-            if not (t.data_location == _T.EXTERNAL or tensor_nbytes(t) is None or len(t.raw_data) <= 4096):
-                if t.name not in {i.name for i in copy.graph.input}:
-                    copy.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         try:
             onnx.checker.check_model(copy)
+            _check_declared_shapes(copy, where)
             return
         except onnx.checker.ValidationError as exc:
             reason = str(exc).strip().splitlines()[0]
@@ -344,6 +340,64 @@ def check_input_model(model, where: str = "") -> None:
                 _structural_check(copy.graph, where)
                 return
     raise ModelLoadError(f"{where}invalid model (onnx.checker): {reason}")
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its big weights declared as graph inputs instead: checks copy no weight bytes."""
+    copy = onnx.ModelProto()
+    _copy_shell(model, copy)
+    listed = {i.name for i in copy.graph.input}
+    for t in model.graph.initializer:
+        if t.data_location == _T.EXTERNAL or tensor_nbytes(t) is None or len(t.raw_data) <= 4096:
+            copy.graph.initializer.append(t)
+        elif t.name not in listed:
+            copy.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return copy
+
+
+def _check_declared_shapes(model: onnx.ModelProto, where: str) -> None:
+    """A declared shape or type that contradicts the graph (onnx's strict shape inference says so) makes the
+    input invalid; inference that merely cannot follow an op is no reason to refuse."""
+    try:
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        text = " ".join(str(exc).split())
+        if "differ" in text or "mismatch" in text.lower():
+            raise ModelLoadError(f"{where}invalid model: a declared shape or type contradicts the graph "
+                                 f"(onnx shape inference: {text[:300]})") from None
+    except Exception:
+        pass
+
+
+def _check_strings(message, where: str) -> None:
+    """Protobuf parses string fields without checking UTF-8; Python reads them and fails later. Touch every
+    string field (names, op types, attribute strings are bytes and stay) so a bad one is refused now."""
+    from google.protobuf.descriptor import FieldDescriptor
+    stack = [message]
+    while stack:
+        msg = stack.pop()
+        try:
+            fields = msg.ListFields()  # reading a field decodes it: a bad string raises here
+        except UnicodeDecodeError:
+            fields = None
+        if fields is None:
+            raise ModelLoadError(f"{where}not a valid ONNX model: a name or string is not UTF-8 text")
+        for field, value in fields:
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                if hasattr(value, "ListFields"):
+                    stack.append(value)
+                else:
+                    stack.extend(value)
+            elif field.type == FieldDescriptor.TYPE_STRING:
+                # upb hands back bytes (not str) for a string field that is not valid UTF-8
+                try:
+                    bad = isinstance(value, bytes) or (not isinstance(value, str) and
+                                                       any(isinstance(v, bytes) for v in value))
+                except UnicodeDecodeError:
+                    bad = True
+                if bad:
+                    raise ModelLoadError(f"{where}not a valid ONNX model: a {field.name} field is not UTF-8 "
+                                         f"text") from None
 
 
 def _check_model_tensors(model: onnx.ModelProto, where: str) -> None:
@@ -365,6 +419,7 @@ def load_model(source) -> tuple[onnx.ModelProto, bool]:
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
+        _check_strings(model, "")
         refuse_classical_ml(model, "")
         if any(t.data_location == _T.EXTERNAL for t in _all_tensors(model)):
             raise ModelLoadError("the model has tensors in external data: pass its path instead of a ModelProto")
@@ -380,6 +435,7 @@ def load_model(source) -> tuple[onnx.ModelProto, bool]:
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     del data
+    _check_strings(model, where)
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (empty or truncated file)")
     refuse_classical_ml(model, where)

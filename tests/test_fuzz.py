@@ -179,7 +179,7 @@ class Builder:
             return self.add(op, [four], [(n, c * h * w)], axis=1)
         if op == "Reshape":
             n, c, h, w = self.shapes[four]
-            return self.add(op, [four, self.const(np.array([n, -1], np.int64))], [(n, c * h * w)])
+            return self.add(op, [four, self.const(np.array([0, -1], np.int64))], [(n, c * h * w)])
         if op == "Transpose":
             n, c, h, w = self.shapes[four]
             return self.add(op, [four], [(n, c, w, h)], perm=[0, 1, 3, 2])
@@ -218,8 +218,11 @@ def graphs(draw):
     extra = [t for t in b.shapes if t not in ("x", last)]
     if extra and draw(st.booleans()):
         outputs.append(draw(st.sampled_from(extra)))
-    g = helper.make_graph(b.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, b.shapes["x"])],
-                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, b.shapes[o]) for o in outputs],
+    batch = "N" if draw(st.booleans()) else 1  # a symbolic batch dim exercises the random-feed shapes
+    g = helper.make_graph(b.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                          (batch, *b.shapes["x"][1:]))],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, (batch, *b.shapes[o][1:]))
+                           for o in outputs],
                           [numpy_helper.from_array(v, k) for k, v in b.inits.items()])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", b.opset)])
     model.ir_version = 10
@@ -244,7 +247,7 @@ def test_random_graphs_prune_to_equivalent_models(model, ratio, importance, seed
     v = report.verification
     assert v is not None and (v["compared"] or v["degenerate"]), v
     x = np.random.default_rng(seed + 11).standard_normal(
-        [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
+        [d.dim_value or 2 for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
     before = session(model).run(None, {"x": x})
     after = session(pruned).run(None, {"x": x})
     assert [a.shape for a in before] == [a.shape for a in after]
@@ -253,6 +256,53 @@ def test_random_graphs_prune_to_equivalent_models(model, ratio, importance, seed
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+_SEED_MODEL = None
+
+
+def _seed_model_bytes() -> bytes:
+    """A small valid model with external-data-free weights, the starting point of the byte mutations."""
+    global _SEED_MODEL
+    if _SEED_MODEL is None:
+        rng = np.random.default_rng(0)
+        nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+                 helper.make_node("Relu", ["h"], ["r"], name="relu"), helper.make_node("Conv", ["r", "w2"], ["y"],
+                                                                                       name="c2")]
+        g = helper.make_graph(nodes, "seed", [helper.make_tensor_value_info("x", 1, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", 1, ["N", 4, 6, 6])],
+                              [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w1"),
+                               numpy_helper.from_array(rng.standard_normal((4, 6, 1, 1)).astype(np.float32), "w2")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 9
+        _SEED_MODEL = m.SerializeToString()
+    return _SEED_MODEL
+
+
+@settings(max_examples=EXAMPLES, derandomize=DERANDOMIZE, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(edits=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=8),
+       cut=st.one_of(st.none(), st.integers(0, 10 ** 6)))
+def test_mutated_model_bytes_fail_cleanly(tmp_path_factory, edits, cut):
+    """Random byte edits and truncations of a valid model: a GraphpruneError or a checker-valid result."""
+    data = bytearray(_seed_model_bytes())
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    path = tmp_path_factory.mktemp("mut") / "m.onnx"
+    path.write_bytes(bytes(data))
+    TRIED["mutations"] = TRIED.get("mutations", 0) + 1
+    try:
+        graphprune.analyze_model(str(path))
+        pruned, _ = graphprune.prune(str(path), ratio=0.5, verify_samples=1)
+    except GraphpruneError as exc:
+        event(f"refused: {type(exc).__name__}" + (f": {str(exc).split(': ', 1)[1][:120]}"
+                                                    if type(exc).__name__ == "PassError" else ""))
+        return
+    event("pruned")
+    onnx.checker.check_model(pruned, full_check=True)
+
+
 def test_fuzz_budget_was_spent():
     """Runs after the property (file order): the budget really produced graphs (not all filtered away)."""
     assert TRIED.get("graphs", 0) >= min(EXAMPLES, 20), TRIED
+    assert TRIED.get("mutations", 0) >= min(EXAMPLES, 20), TRIED

@@ -1346,3 +1346,20 @@ def test_api_raises_only_graphprune_errors(name):
             call()
         except GraphpruneError:
             pass
+
+
+def test_names_that_are_not_utf8_are_refused_at_load(tmp_path):
+    data = bytearray(conv_model(node_names=("cønv1", "relu", "conv2")).SerializeToString())
+    pos = data.find("cønv1".encode())
+    data[pos + 1] = 0xFF  # breaks the two-byte sequence of 'ø'
+    path = tmp_path / "m.onnx"
+    path.write_bytes(bytes(data))
+    for args in (["analyze", path], [path, "-o", tmp_path / "o.onnx"]):
+        run_checked(tmp_path, args, needles=["UTF-8"])
+
+
+def test_declared_shape_contradicting_the_graph_is_refused(tmp_path):
+    m = conv_model(x_shape=(1, 3, 8, 8), y_shape=[1, 5, 8, 8])  # conv2 has 4 output channels, not 5
+    path = save(m, tmp_path / "m.onnx")
+    for args in (["analyze", path], [path, "-o", tmp_path / "o.onnx"]):
+        run_checked(tmp_path, args, needles=["contradicts"])
