@@ -164,13 +164,14 @@ def external_data_files(model: onnx.ModelProto, base_dir) -> list[Path]:
     return files
 
 
-def _load_external(model: onnx.ModelProto, base_dir: Path, where: str) -> bool:
+def _load_external(model: onnx.ModelProto, base_dir: Path, where: str) -> int:
     """Read every external tensor's bytes into it, after checking location, offset and length against the
-    file. Returns whether any tensor was external."""
+    file. Returns the number of bytes read."""
     from .fileio import open_regular
     base = base_dir.resolve()
     external = [t for t in _all_tensors(model) if t.data_location == _T.EXTERNAL]
     opened: dict[Path, tuple[int, int]] = {}
+    total = 0
     try:
         for tensor in external:
             location, offset, length = _external_info(tensor, where)
@@ -191,12 +192,13 @@ def _load_external(model: onnx.ModelProto, base_dir: Path, where: str) -> bool:
             if len(data) != need:
                 raise ModelLoadError(f"{where}tensor '{tensor.name}': short read from '{location}'")
             tensor.raw_data = data
+            total += len(data)
             del tensor.external_data[:]
             tensor.data_location = _T.DEFAULT
     finally:
         for fd, _ in opened.values():
             os.close(fd)
-    return bool(external)
+    return total
 
 
 def _all_tensors(model: onnx.ModelProto):
@@ -310,10 +312,11 @@ def check_input_model(model, where: str = "") -> None:
     before graphprune's own rewrites could silently 'repair' it. Nodes merely out of order are accepted
     (onnxruntime sorts them, and so does canonicalisation); onnx's 'deprecated op' complaint is no reason to
     refuse a model onnxruntime runs."""
+    light = _light_copy(model) if isinstance(model, onnx.ModelProto) else model
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(light)  # tensor data was checked already; the check copies no weights
         if isinstance(model, onnx.ModelProto):
-            _check_declared_shapes(_light_copy(model), where)
+            _check_declared_shapes(light, where)
         return
     except onnx.checker.ValidationError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -345,7 +348,8 @@ def check_input_model(model, where: str = "") -> None:
 def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with its big weights declared as graph inputs instead: checks copy no weight bytes."""
     copy = onnx.ModelProto()
-    _copy_shell(model, copy)
+    _copy_fields(model, copy, skip="graph")
+    _copy_fields(model.graph, copy.graph, skip="initializer")
     listed = {i.name for i in copy.graph.input}
     for t in model.graph.initializer:
         if t.data_location == _T.EXTERNAL or tensor_nbytes(t) is None or len(t.raw_data) <= 4096:
@@ -353,6 +357,21 @@ def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
         elif t.name not in listed:
             copy.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return copy
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of message `src` into `dst` but `skip` (no copy of the skipped field's bytes)."""
+    from google.protobuf.descriptor import FieldDescriptor
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        target = getattr(dst, field.name)
+        if field.type == FieldDescriptor.TYPE_MESSAGE and hasattr(value, "ListFields"):
+            target.CopyFrom(value)
+        elif not isinstance(value, (str, bytes, int, float, bool)):
+            target.extend(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _check_declared_shapes(model: onnx.ModelProto, where: str) -> None:
@@ -440,16 +459,17 @@ def load_model(source) -> tuple[onnx.ModelProto, bool]:
         raise ModelLoadError(f"{path}: not an ONNX model (empty or truncated file)")
     refuse_classical_ml(model, where)
     _check_model_tensors(model, where)
+    has_external_refs = False
     for tensor in _all_tensors(model):  # locations first: never open anything outside the model's folder
         if tensor.data_location == _T.EXTERNAL:
+            has_external_refs = True
             location, _, _ = _external_info(tensor, where)
             _resolve_location(tensor, location, path.parent.resolve(), where)
-    has_external = _load_external(model, path.parent, where)
-    if model.ByteSize() < MAX_MODEL_BYTES - (1 << 20):
-        check_input_model(model, where)
-    else:  # over 2 GiB with its weights loaded: the checker reads the file itself (external data beside it)
-        check_input_model(str(path), where)
-    return model, has_external
+    _load_external(model, path.parent, where)
+    # the checker sees the graph with big weights declared as inputs, so a model of any size (external data
+    # over 2 GiB included) is checked in proto form without serialising its weights
+    check_input_model(model, where)
+    return model, has_external_refs
 
 
 def input_files(path) -> list[Path]:
