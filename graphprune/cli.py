@@ -168,7 +168,8 @@ def prune(model, output, plan_out, plan_in, no_verify, dims, verbose, **fields):
         options = PruneOptions.from_kwargs(verify=not no_verify, input_dims=input_dims, **fields)
     except GraphpruneError as exc:
         _fail(str(exc))
-    _check_paths(model, None if dry_run else output, plan_out, plan_in, options.calib)
+    _check_paths(model, None if dry_run else output, plan_out, plan_in, options.calib,
+                 options.sparse_plan_out, options.sparse_plan_in)
 
     def progress(msg):
         if verbose:
@@ -203,10 +204,11 @@ def prune(model, output, plan_out, plan_in, no_verify, dims, verbose, **fields):
         print_sparse(out, report, model, None if dry_run else output, verbose)
 
 
-def _check_paths(model: Path, output: Path | None, plan_out: Path | None, plan_in: Path | None, calib) -> None:
-    """No output may be an input (the model, its external data files, --plan-in, --calib or a file inside a
-    --calib folder), or another output of the same run. The model's external data file (OUT.data) counts as
-    an output: it is written when the weights are big."""
+def _check_paths(model: Path, output: Path | None, plan_out: Path | None, plan_in: Path | None, calib,
+                 sparse_plan_out=None, sparse_plan_in=None) -> None:
+    """No output may be an input (the model, its external data files, --plan-in, --sparse-plan-in, --calib or a
+    file inside a --calib folder), or another output of the same run. The model's external data file
+    (OUT.data) counts as an output: it is written when the weights are big."""
     from .ir import input_files
     model_files = input_files(model)
     inputs = {"the input model": [model_files[0]]}
@@ -214,10 +216,12 @@ def _check_paths(model: Path, output: Path | None, plan_out: Path | None, plan_i
         inputs["the input model's external data"] = model_files[1:]
     if plan_in:
         inputs["--plan-in"] = [plan_in.resolve()]
+    if sparse_plan_in:
+        inputs["--sparse-plan-in"] = [Path(sparse_plan_in).resolve()]
     if calib:
         inputs["--calib"] = [Path(calib).resolve()]
     outputs = {"-o": output, "-o's external data file": output.with_name(output.name + ".data") if output else None,
-               "--plan-out": plan_out}
+               "--plan-out": plan_out, "--sparse-plan-out": Path(sparse_plan_out) if sparse_plan_out else None}
     seen: dict[Path, str] = {}
     for label, path in outputs.items():
         if path is None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 MAX_ROWS = 40
 NAME_WIDTH = 24
@@ -37,7 +38,7 @@ def layer_table(layers, verbose: bool = False) -> Table:
     t.add_column("sparse µs", justify="right")
     t.add_column("error c/p", justify="right")
     for r in layers if verbose else layers[:MAX_ROWS]:
-        row = [f"{r.shape}\n[dim]{r.node if verbose else _short(r.node)}[/]"]
+        row = [Text.assemble(str(r.shape), "\n", (r.node if verbose else _short(r.node), "dim"))]
         if verbose:
             row.append("×".join(str(d) for d in r.x_shape))
         err = f"{r.rel_error:.3f}/{r.rel_error_plain:.3f}" if r.rel_error is not None else "–"
@@ -57,7 +58,7 @@ def print_sparse(console, report, model_path, output, verbose: bool = False) -> 
                       "‖S·Ŵ − D·W‖/‖D·W‖ (S: its input with the earlier layers sparse), with SparseGPT "
                       "compensation / with the same blocks of W just removed", style="dim")
     for note in s.get("notes", [])[: None if verbose else 6]:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(Text.assemble(("note:", "yellow"), " ", str(note)))
     line = (f"sparsity {s['sparsity']:.0%} ({s['format']}{', forced' if s['forced'] else ''}): "
             f"{s.get('layers_sparse', 0)} layers sparse, {s.get('layers_dense', 0)} kept dense")
     if output is not None and Path(output).exists():

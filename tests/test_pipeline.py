@@ -158,3 +158,10 @@ def _tiny():
              helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
     return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])],
                       {"w1": rand(8, 3, 3, 3, seed=1), "b1": rand(8, seed=2), "w2": rand(4, 8, 3, 3, seed=3)})
+
+
+def test_sparse_plan_out_may_not_be_the_model(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_tiny().SerializeToString())
+    result = CliRunner().invoke(cli.main, [str(model), "--sparsity", "0.5", "--sparse-plan-out", str(model)])
+    assert result.exit_code == 2 and "--sparse-plan-out" in result.output and "input model" in result.output

@@ -12,16 +12,23 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 _WARNED = False
 DISABLE_ENV = "GRAPHPRUNE_DISABLE_NATIVE"
+# Another build of the library to load instead of the package's own (the sanitizer test points it at the
+# AddressSanitizer build, which only loads with libasan preloaded and so is never picked up by default).
+LIBRARY_ENV = "GRAPHPRUNE_KERNEL_LIBRARY"
 
 
 def _built() -> Path | None:
-    found = sorted(_HERE.glob("_gp_kernels*.so")) + sorted(_HERE.glob("_gp_kernels*.pyd")) + \
-        sorted(_HERE.glob("_gp_kernels*.dylib"))
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        return Path(override) if Path(override).is_file() else None
+    # exactly _gp_kernels.<abi tag>.<suffix>: not _gp_kernels_sanitized*
+    found = sorted(p for p in _HERE.glob("_gp_kernels.*") if p.suffix in (".so", ".pyd", ".dylib"))
     return found[0] if found else None
 
 
 def library_path() -> str | None:
-    """Path of the built kernel library, or None (not built, or disabled by GRAPHPRUNE_DISABLE_NATIVE=1)."""
+    """Path of the built kernel library (or of $GRAPHPRUNE_KERNEL_LIBRARY), or None (not built, or disabled
+    by GRAPHPRUNE_DISABLE_NATIVE=1)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None
     path = _built()
@@ -39,8 +46,11 @@ def status() -> str:
         return f"native kernels disabled by {DISABLE_ENV}; function-body fallback (dense speed)"
     path = _built()
     if path is None:
-        return ("native kernels not built (no onnxruntime C headers at install time: set GRAPHPRUNE_ORT_INCLUDE "
-                "or install npm, then reinstall); function-body fallback (dense speed)")
+        if os.environ.get(LIBRARY_ENV):
+            return f"{LIBRARY_ENV}={os.environ[LIBRARY_ENV]} is not a file; function-body fallback (dense speed)"
+        return ("native kernels not built (no onnxruntime C headers at install time: reinstall with "
+                "GRAPHPRUNE_FETCH_HEADERS=1 to fetch them from npm, or set GRAPHPRUNE_ORT_INCLUDE); "
+                "function-body fallback (dense speed)")
     return f"native kernels {path.name} ({isa()}), onnxruntime {ort.__version__}"
 
 
