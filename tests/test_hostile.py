@@ -1363,3 +1363,16 @@ def test_declared_shape_contradicting_the_graph_is_refused(tmp_path):
     path = save(m, tmp_path / "m.onnx")
     for args in (["analyze", path], [path, "-o", tmp_path / "o.onnx"]):
         run_checked(tmp_path, args, needles=["contradicts"])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "garbage", "deep"])
+def test_sparse_plan_in_hostile(tmp_path, kind):
+    model = save(conv_model(), tmp_path / "m.onnx")
+    plan = tmp_path / "sp.json"
+    if kind == "fifo":
+        os.mkfifo(plan)
+    elif kind == "garbage":
+        plan.write_bytes(RNG.bytes(500))
+    else:
+        plan.write_bytes(b"[" * 100000 + b"]" * 100000)
+    run_checked(tmp_path, [model, "--sparsity", "0.5", "--sparse-plan-in", plan, "-o", tmp_path / "o.onnx"])
