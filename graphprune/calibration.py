@@ -220,8 +220,12 @@ class ChannelStats:
     sumsq: np.ndarray | None = None
     gram: np.ndarray | None = None
     want_gram: bool = False
+    # H⁻¹ per (damp, intercept, n): scoring and compensation both invert the same Hessian. Keyed on the sample
+    # count too, and cleared by `add`, so statistics that grow never answer with a stale inverse.
+    _inverses: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def add(self, x: np.ndarray, axis: int) -> None:
+        self._inverses.clear()
         # float32 products (sgemm) per batch, float64 running sums: fast and accurate enough for statistics
         rows = np.ascontiguousarray(np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]), dtype=np.float32)
         if self.sum is None:
@@ -258,11 +262,11 @@ class ChannelStats:
         return h + damp * d * np.eye(len(h))
 
     def hessian_inv(self, damp: float = 0.1, intercept: bool = False) -> np.ndarray:
-        """H⁻¹, computed once per setting (scoring and compensation both need it). With `intercept`, H is
-        augmented by a constant input 1 (last row/column: the channel means, corner 1): the inverse then
-        describes a refit that may also move the layer's bias."""
-        cache = self.__dict__.setdefault("_inv", {})
-        if (damp, intercept) not in cache:
+        """H⁻¹, computed once per setting and sample count (scoring and compensation both need it). With
+        `intercept`, H is augmented by a constant input 1 (last row/column: the channel means, corner 1): the
+        inverse then describes a refit that may also move the layer's bias."""
+        key = (damp, intercept, self.n)
+        if key not in self._inverses:
             h = self.hessian(damp)
             if intercept:
                 c = len(h)
@@ -271,8 +275,8 @@ class ChannelStats:
                 aug[:c, c] = aug[c, :c] = self.mean
                 aug[c, c] = 1.0 + damp
                 h = aug
-            cache[(damp, intercept)] = np.linalg.inv(h)
-        return cache[(damp, intercept)]
+            self._inverses[key] = np.linalg.inv(h)
+        return self._inverses[key]
 
 
 @dataclass

@@ -332,7 +332,9 @@ def _print_summary(report, output, verbose: bool) -> None:
 @click.option("--exclude", multiple=True, help="Node-name glob pattern whose channels stay (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-v", "--verbose", is_flag=True, help="List every group and every frozen group with its reason.")
-def analyze(model, exclude, as_json, verbose):
+@click.option("--graph", "graph_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the groups and the tensors and nodes they touch as GraphML.")
+def analyze(model, exclude, as_json, verbose, graph_out):
     """Show MODEL's channel groups, their sizes, and frozen channels with reasons."""
     from .api import analyze_model
     from .report import PruneReport
@@ -346,6 +348,9 @@ def analyze(model, exclude, as_json, verbose):
         _fail(f"{model}: out of memory (the model or its declared dims ask for more than this machine has)")
     report = PruneReport()
     report.add_analysis(analysis)
+    if graph_out is not None:
+        import networkx as nx
+        nx.write_graphml(analysis.group_graph(), str(graph_out))
     if as_json:
         data = {
             "groups": [{"name": g.name, "units": len(g.units), "channels": g.channels,

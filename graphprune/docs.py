@@ -15,16 +15,32 @@ END = "<!-- ops-table:end -->"
 
 def ops_table() -> str:
     from . import ops  # noqa: F401
-    from .analysis import RULES
+    from .rules import RULES
     by_fn = defaultdict(list)
-    for (domain, op), fn in RULES.items():
-        by_fn[fn].append(op if not domain else f"{domain}::{op}")
+    for entry in RULES.entries():
+        name = entry.op_type if not entry.domain else f"{entry.domain}::{entry.op_type}"
+        by_fn[entry.fn].append((name, entry.versions))
     rows = ["| ops | rule | what it couples |", "|---|---|---|"]
     for fn, names in sorted(by_fn.items(), key=lambda kv: (kv[0].__module__, sorted(kv[1])[0])):
-        doc = (fn.__doc__ or "").strip().split("\n")[0] or "-"
         module = fn.__module__.rsplit(".", 1)[-1]
-        rows.append(f"| {', '.join(sorted(names))} | `{module}.{fn.__name__}` | {doc} |")
+        rows.append(f"| {_op_list(names)} | `{module}.{fn.__name__}` | {summary(fn.__doc__)} |")
     return "\n".join(rows)
+
+
+def _op_list(names: list[tuple[str, str]]) -> str:
+    """'A, B (opset 13+)' when every op of a rule has the same opset range, else each with its own."""
+    ranges = {versions for _, versions in names}
+    if len(ranges) == 1:
+        versions = ranges.pop()
+        return ", ".join(sorted(n for n, _ in names)) + (f" (opset {versions})" if versions else "")
+    return ", ".join(sorted(f"{n} (opset {v})" if v else n for n, v in names))
+
+
+def summary(doc: str | None) -> str:
+    """A docstring's first paragraph on one line (whole sentences: a line break is not the end of one)."""
+    paragraph = (doc or "").strip().split("\n\n")[0]
+    text = " ".join(line.strip() for line in paragraph.splitlines()).strip()
+    return text.replace("|", "\\|") or "-"
 
 
 def update(readme: Path, check: bool = False) -> bool:

@@ -18,8 +18,9 @@ from .errors import ModelLoadError, UnsupportedModelError
 # Write weights to a side file above this size; protobuf cannot hold more than 2 GiB.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
-Dim = "int | str | None"
-
+# ONNX element types of real numbers: the tensors whose shapes probing measures
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.BFLOAT16})
 
 def attr(node: onnx.NodeProto, name: str, default=None):
     """The value of attribute `name` of `node`, decoded; `default` when absent."""
@@ -639,10 +640,6 @@ class Graph:
         self.set_initializer(name, array)
         return name
 
-    def replace_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
-        """Point input `index` of `node` at `name`, cloning nothing and mutating no array."""
-        node.input[index] = name
-
     def opset(self, domain: str = "") -> int:
         for imp in self.model.opset_import:
             if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
@@ -818,7 +815,3 @@ def subgraph_outer_names(node: onnx.NodeProto) -> set[str]:
                 names.update(x for x in subgraph_outer_names(n) if x not in local)
             names.update(o.name for o in g.output if o.name not in local)
     return names
-
-
-def static_dims(shape) -> bool:
-    return shape is not None and all(isinstance(d, int) for d in shape)

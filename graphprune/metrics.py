@@ -1,4 +1,8 @@
-"""Parameter and multiply-accumulate counts from static shapes (symbolic dims count as 1)."""
+"""Parameter and multiply-accumulate counts from static shapes (symbolic dims count as 1).
+
+A parameter is a learned weight: a float initializer, or an integer one of a quantised model (int8/uint8/int16
+weights, the int32 bias of a quantised op). Shape constants, axes and indices (Reshape targets, Slice bounds,
+Gather indices: int64, or int32 from some exporters) are not parameters, and neither are scalars."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,8 +50,25 @@ def node_macs(graph: Graph, node, shape=None) -> int:
     return 0
 
 
+def is_parameter(graph: Graph, name: str, array: np.ndarray) -> bool:
+    if array.size <= 1:
+        return False
+    if array.dtype.kind == "f":
+        return True
+    if array.dtype.kind not in "iu":
+        return False
+    if array.dtype.itemsize <= 2:  # int8/uint8/int16: quantised weights (no shape tensor is this narrow)
+        return True
+    # int32/int64: only what a quantised op reads (QLinearConv's bias, MatMulInteger's operands)
+    return any(_quantised_op(node) for node, _ in graph.uses.get(name, []))
+
+
+def _quantised_op(node) -> bool:
+    return node.op_type.startswith(("QLinear", "QGemm", "QAttention")) or node.op_type.endswith("Integer")
+
+
 def count(graph: Graph) -> dict:
-    params = int(sum(a.size for a in graph.initializers.values() if a.dtype.kind in "fiu" and a.size > 1))
+    params = int(sum(a.size for name, a in graph.initializers.items() if is_parameter(graph, name, a)))
     per_node = {node.name: node_macs(graph, node) for node in graph.nodes}
     return {"params": params, "macs": int(sum(per_node.values())), "per_node": per_node}
 
@@ -66,6 +87,6 @@ def count_after(graph: Graph, removed: dict) -> dict:
 
     params = 0
     for name, arr in graph.initializers.items():
-        if arr.dtype.kind in "fiu" and arr.size > 1:
+        if is_parameter(graph, name, arr):
             params += _prod(shape(name))
     return {"params": int(params), "macs": int(sum(node_macs(graph, n, shape) for n in graph.nodes))}

@@ -240,7 +240,7 @@ def _check(ctx: Context) -> str:
 def _verify(ctx: Context) -> str:
     from .verify import compare, masked_reference, random_feeds
     o = ctx.options
-    reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.coupler.oracle_masks, ctx.updates)
+    reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.oracle_masks, ctx.updates)
     feeds = random_feeds(ctx.original, o.verify_samples, seed=o.seed, dims=o.input_dims)
     ctx.report.verification = compare(reference, ctx.pruned, feeds, removed=ctx.removed)
     return f"max abs diff {ctx.report.verification['max_abs_diff']:.2e} on {o.verify_samples} inputs"

@@ -138,25 +138,21 @@ def member_key(member: tuple[str, int]) -> str:
 def check_plan(plan: RewritePlan, analysis) -> None:
     """A replayed plan must remove whole units of this model's analysis, and nothing frozen."""
     removed = plan.removed_elements()
-    c = analysis.coupler
-    root = analysis.root
-    frozen = c._root_frozen
-    touched_roots = set()
+    touched_units = set()
     for (name, axis), idx in removed.items():
-        slot = c.slots.get((name, axis))
+        slot = analysis.slots.get((name, axis))
         if slot is None:
             raise PlanError(f"plan removes channels of '{name}' axis {axis}, which this model does not have")
         off, size = slot
         if len(idx) and (idx.min() < 0 or idx.max() >= size):
             raise PlanError(f"plan removes index {int(idx.max())} of '{name}' axis {axis} (size {size})")
-        roots = root[off + idx]
-        if frozen[roots].any():
+        if analysis.element_frozen[off + idx].any():
             raise PlanError(f"plan removes frozen channels of '{name}' axis {axis}")
-        touched_roots.update(int(r) for r in np.unique(roots))
+        touched_units.update(int(u) for u in np.unique(analysis.element_unit[off + idx]))
     # every element of every touched unit must be in the plan
     for g in analysis.groups:
         for u in g.units:
-            if u.root in touched_roots:
+            if u.root in touched_units:
                 for member, idx in u.elements.items():
                     have = removed.get(member)
                     if have is None or not np.isin(idx, have).all():

@@ -96,12 +96,6 @@ def build_plan(analysis, drops, model_name: str = "", settings: dict | None = No
     return plan
 
 
-def uniform_plan(analysis, scores, ratio: float, round_to: int = 1, min_channels: int = 1,
-                 model_name: str = "", settings: dict | None = None) -> RewritePlan:
-    drops = select(analysis, scores, ratio, "uniform", round_to, min_channels, max_ratio=1.0)
-    return build_plan(analysis, drops, model_name, settings)
-
-
 class _Counter:
     """Removed-element counts per (tensor, axis) for a drop selection, without building a plan."""
 

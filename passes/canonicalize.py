@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graphprune.ir import Graph, attr, subgraph_outer_names
+from graphprune.errors import ModelLoadError
+from graphprune.ir import FLOAT_TYPES, Graph, attr, subgraph_outer_names
 
 NON_FOLDABLE = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform",
                 "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
@@ -82,9 +83,9 @@ def probe_shapes(graph: Graph, bases=(32, 48)) -> int:
     # node's first input (a wrong guess only makes the session below fail, which skips probing as before)
     for node in graph.nodes:
         for o in node.output:
-            if o and o not in graph.dtypes and node.input and graph.dtypes.get(node.input[0]) in (1, 10, 11, 16):
+            if o and o not in graph.dtypes and node.input and graph.dtypes.get(node.input[0]) in FLOAT_TYPES:
                 graph.dtypes[o] = graph.dtypes[node.input[0]]
-    unknown = [n for n in _value_names(graph) if graph.dtypes.get(n) in (1, 10, 11, 16) and
+    unknown = [n for n in _value_names(graph) if graph.dtypes.get(n) in FLOAT_TYPES and
                (graph.shape(n) is None or any(d is None for d in graph.shape(n)))]
     if not unknown:
         return 0
@@ -314,8 +315,22 @@ def _toposort(graph: Graph) -> None:
             indeg[u] -= 1
             if indeg[u] == 0:
                 queue.append(u)
-    if len(order) == len(graph.nodes):
-        graph.nodes = [graph.nodes[i] for i in order]
+    if len(order) < len(graph.nodes):
+        raise ModelLoadError(_cycle_message(graph.nodes, deps))
+    graph.nodes = [graph.nodes[i] for i in order]
+
+
+def _cycle_message(nodes, deps) -> str:
+    """Name the nodes of one cycle of the node dependency graph (deps[i]: the nodes node i reads from)."""
+    import networkx as nx
+    dependencies = nx.DiGraph((p, i) for i, d in enumerate(deps) for p in d)
+    cycle = [u for u, _ in nx.find_cycle(dependencies)]
+
+    def describe(i):
+        node = nodes[i]
+        return f"{node.op_type} node '{node.name or node.output[0]}'"
+    path = " -> ".join(describe(i) for i in cycle + cycle[:1])
+    return f"the graph has a cycle: {describe(cycle[0])} reads its own output ({path}); ONNX graphs must be acyclic"
 
 
 def _name_nodes(graph: Graph) -> None:

@@ -21,7 +21,7 @@ def _single_reader(graph, name) -> bool:
 
 def _consumers(analysis, removed):
     graph = analysis.graph
-    for cons in analysis.coupler.consumers:
+    for cons in analysis.consumers:
         idx = removed.get((cons.x, cons.x_axis))
         if idx is None or not len(idx) or cons.block != 1 or cons.weight not in graph.initializers:
             continue

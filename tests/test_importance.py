@@ -324,3 +324,16 @@ def test_attention_query_key_dims_are_scored_by_their_share_of_the_product():
         assert int(np.argmax(scores)) == 2
     pruned, report = graphprune.prune(model, importance="obspa", ratio=0.5, verify=True, verify_samples=1)
     assert not any("scored with l1" in d for d in report.diagnostics)
+
+
+def test_hessian_inverse_follows_new_samples_and_damping():
+    """The cached H⁻¹ is per damping, and statistics that grow never answer with the inverse of fewer samples."""
+    rng = np.random.default_rng(3)
+    st = ChannelStats(want_gram=True)
+    st.add(rng.standard_normal((200, 6)), 1)
+    first = st.hessian_inv().copy()
+    np.testing.assert_allclose(first, np.linalg.inv(st.hessian()), rtol=1e-10)
+    assert not np.allclose(st.hessian_inv(damp=1.0), first)
+    st.add(5.0 * rng.standard_normal((200, 6)), 1)  # much larger activations: H grows, H⁻¹ shrinks
+    np.testing.assert_allclose(st.hessian_inv(), np.linalg.inv(st.hessian()), rtol=1e-10)
+    assert np.abs(st.hessian_inv()).max() < 0.5 * np.abs(first).max()

@@ -16,7 +16,7 @@ import ast
 from pathlib import Path
 
 import graphprune.ops  # noqa: F401  (registers every rule)
-from graphprune.analysis import RULES
+from graphprune.rules import RULES
 
 TESTS = Path(__file__).resolve().parent
 

@@ -1,5 +1,5 @@
-"""Channel rules, one function per op type, registered in graphprune.analysis.RULES.
+"""Channel rules, one function per op type, registered in graphprune.rules.RULES.
 
 Importing this package registers every rule. Each module groups ops of one family.
 """
-from . import conv, einsum, elementwise, norm, reduce, rnn, shape  # noqa: F401
+from . import conv, einsum, elementwise, indexing, layout, norm, reduce, resize, rnn, shape  # noqa: F401

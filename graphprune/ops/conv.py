@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import rule
+from ..rules import rule
 from .elementwise import broadcast
 
 

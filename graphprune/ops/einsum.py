@@ -1,7 +1,7 @@
 """Einsum: every index letter is one axis shared by the operands and the output that carry it."""
 from __future__ import annotations
 
-from ..analysis import rule
+from ..rules import rule
 
 
 @rule("Einsum")

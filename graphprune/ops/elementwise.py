@@ -1,7 +1,7 @@
 """Elementwise ops: unary ops pass channels through; binary ops couple broadcast-aligned axes."""
 from __future__ import annotations
 
-from ..analysis import rule
+from ..rules import rule
 
 UNARY = (
     "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "ThresholdedRelu", "Sigmoid", "HardSigmoid", "HardSwish",

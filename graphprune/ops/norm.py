@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import rule
+from ..rules import rule
 from .layernorm import FLOATS, decompose_layer_norm
 
 

@@ -3,7 +3,7 @@ unless the result under masking can be had from the kept elements: sums (a zeroe
 (sum / original count) and max/min (the masked zeros join in), rewritten by fixups in ops/layernorm.py."""
 from __future__ import annotations
 
-from ..analysis import rule
+from ..rules import rule
 from .layernorm import FLOATS, extreme_with_zero, mean_as_sum
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
@@ -75,15 +75,22 @@ def reduce(node, c):
     c.reduce_axes(x, y, axes, c.attr("keepdims", 1), on_reduced)
 
 
-@rule("Softmax", "LogSoftmax", "Hardmax")
-def softmax(node, c):
-    """The normalised axis (all axes from `axis` before opset 13) is frozen; the rest pass through."""
+@rule("Softmax", "LogSoftmax", "Hardmax", until=12)
+def softmax_flattened(node, c):
+    """The op flattens every axis from `axis` (default 1) on into one and normalises over it: those axes are
+    frozen; the rest pass through."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
-    axis = c.attr("axis", -1 if c.opset >= 13 else 1) % r
-    # before opset 13 the op flattens every axis from `axis` on into one
-    normalised = {axis} if c.opset >= 13 else set(range(axis, r))
-    c.same_except(x, y, normalised, f"{node.op_type} normalises over this axis")
+    axis = c.attr("axis", 1) % r
+    c.same_except(x, y, set(range(axis, r)), f"{node.op_type} normalises over this axis")
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax", since=13)
+def softmax(node, c):
+    """The normalised axis is frozen; the rest pass through."""
+    x, y = node.input[0], node.output[0]
+    axis = c.attr("axis", -1) % c.rank(x)
+    c.same_except(x, y, {axis}, f"{node.op_type} normalises over this axis")
 
 
 @rule("ArgMax", "ArgMin")

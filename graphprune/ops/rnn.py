@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import rule
+from ..rules import rule
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 

@@ -22,14 +22,14 @@ from .magnitude import L1
 def group_consumers(group, analysis):
     members = set(group.members)
     graph = analysis.graph
-    return [cons for cons in analysis.coupler.consumers
+    return [cons for cons in analysis.consumers
             if (cons.x, cons.x_axis) in members and cons.block == 1 and cons.weight in graph.initializers
             and graph.initializers[cons.weight].dtype.kind == "f"]
 
 
 def group_contractions(group, analysis):
     members = set(group.members)
-    return [ct for ct in analysis.coupler.contractions
+    return [ct for ct in analysis.contractions
             if (ct.a, ct.a_axis) in members and (ct.b, ct.b_axis) in members]
 
 

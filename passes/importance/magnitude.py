@@ -20,7 +20,7 @@ class Magnitude(Criterion):
 
     def scores(self, group, analysis):
         graph = analysis.graph
-        roles = analysis.coupler.roles
+        roles = analysis.roles
         total = np.zeros(len(group.units))
         used = 0
         for member in group.members:

@@ -14,7 +14,7 @@ class BNScale(Criterion):
     name = "bn-scale"
 
     def scores(self, group, analysis):
-        graph, roles = analysis.graph, analysis.coupler.roles
+        graph, roles = analysis.graph, analysis.roles
         total = np.zeros(len(group.units))
         found = False
         for member in group.members:
@@ -50,7 +50,7 @@ class Lamp(Criterion):
     name = "lamp"
 
     def scores(self, group, analysis):
-        graph, roles = analysis.graph, analysis.coupler.roles
+        graph, roles = analysis.graph, analysis.roles
         total = np.zeros(len(group.units))
         for member in group.members:
             name, axis = member

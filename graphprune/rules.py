@@ -1,0 +1,419 @@
+"""Op rules and the verbs they use: the rule registry, and the `Coupler` that records what each rule declares.
+
+An *element* is one index along one static axis of one tensor (activations and initializers alike). A rule
+(one function per op type and opset range, registered with `@rule`) reads its node through the Coupler and
+declares which elements must be removed together (`link`, `same`, ...), which cannot be removed (`freeze`,
+`not_channel`), which weights read or make channels (`consumer`, `producer`, `contraction`), and how to fix the
+node's attributes once channels are gone (`fixup`). `couple(graph)` runs every rule over a graph and returns the
+Coupler holding those declarations; graphprune.analysis turns them into groups.
+
+Anything a rule does not declare is frozen: an unknown op never passes channels through silently.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import onnx
+
+from .errors import RuleError
+from .ir import Graph, attr, subgraph_outer_names
+from .registry import Registry
+
+RULES = Registry("channel rule")
+rule = RULES.register
+NOT_CHANNEL = 0  # reason id reserved for axes that are not channels: never reported as frozen groups
+
+
+@dataclass
+class Consumer:
+    """A contraction of an activation axis against a constant weight axis (Conv input channels, MatMul rows)."""
+    node: str
+    x: str
+    x_axis: int
+    weight: str
+    weight_axis: int
+    block: int = 1  # weight entries per input element (Flatten into Gemm: spatial size)
+
+
+@dataclass
+class Contraction:
+    """Two activations contracted against each other along coupled axes (attention's Q·Kᵀ): no weight to
+    score, but each channel's contribution to the product can be measured from both operands."""
+    node: str
+    a: str
+    a_axis: int
+    b: str
+    b_axis: int
+
+
+@dataclass
+class Producer:
+    """Weight rows that create an output channel (Conv/Gemm output rows, their bias, norm parameters)."""
+    node: str
+    y: str
+    y_axis: int
+    weight: str
+    weight_axis: int
+
+
+class OracleMask(NamedTuple):
+    """Weight entries the masked reference must zero too: `weight` along `weight_axis` wherever `like` loses
+    channels along `like_axis` (a recurrent node reads its own hidden state through R, inside the node)."""
+    weight: str
+    weight_axis: int
+    like: str
+    like_axis: int
+
+
+@dataclass
+class Choice:
+    """One layout choice a rule made (which reshape factor carries the channels): `tensor` is the virtual axis
+    that carries the pick, so the analysis can ban a pick that ended wholly frozen and retry."""
+    key: tuple
+    pick: object
+    candidates: list
+    tensor: str | None = None
+
+
+class Coupler:
+    """What a rule sees: shapes, constants, and the verbs to declare couplings. Once every rule ran, it holds
+    their record: the element space (`slots`, `slot_list`, `n`), the links (`edges()`), the frozen marks
+    (`element_reasons()`, `reasons`), and the weights' roles, consumers, producers, contractions, oracle masks,
+    fixups and layout choices. Only graphprune.analysis reads that record; later stages read the `Analysis`."""
+
+    def __init__(self, graph: Graph, choices: dict | None = None, whole_heads: bool = False):
+        self.graph = graph
+        self._virtual_shapes: dict[str, tuple[int]] = {}  # meeting points rules create; never in graph.shapes
+        # where a reshape splits an axis: prune the outer factor (whole heads / groups) instead of the finest
+        self.whole_heads = whole_heads
+        self.slots: dict[tuple[str, int], tuple[int, int]] = {}
+        self.slot_list: list[tuple[str, int]] = []
+        self.n = 0
+        self._edges_a: list[np.ndarray] = []
+        self._edges_b: list[np.ndarray] = []
+        self._frozen: list[tuple[np.ndarray, int]] = []
+        self.reasons: list[str] = ["not a channel axis"]
+        self._reason_ids: dict[str, int] = {"not a channel axis": NOT_CHANNEL}
+        self.fixups: list[tuple[onnx.NodeProto, Callable]] = []
+        self.consumers: list[Consumer] = []
+        self.contractions: list[Contraction] = []
+        self.producers: list[Producer] = []
+        self.roles: dict[str, str] = {}
+        self.oracle_masks: list[OracleMask] = []
+        self.choices = choices if choices is not None else {}
+        self.choice_log: list[Choice] = []
+        self.diagnostics: list[str] = []  # rules that failed on a node (its tensors are frozen)
+        self.node: onnx.NodeProto | None = None
+        self._touched: set[tuple[str, int]] = set()
+        # axis-level union-find, for rules that ask whether an axis is already wholly frozen
+        self._axis_parent: dict[tuple[str, int], tuple[str, int]] = {}
+        self._axis_dead: set[tuple[str, int]] = set()
+
+    # ---- reading the graph --------------------------------------------------------------------------------
+    def shape(self, name: str):
+        virtual = self._virtual_shapes.get(name)
+        return virtual if virtual is not None else self.graph.shape(name)
+
+    def rank(self, name: str):
+        s = self.shape(name)
+        return None if s is None else len(s)
+
+    def const(self, name: str):
+        return self.graph.const(name) if name else None
+
+    def attr(self, name: str, default=None):
+        return attr(self.node, name, default)
+
+    def dtype(self, name: str):
+        return self.graph.dtypes.get(name)
+
+    # ---- element space ----------------------------------------------------------------------------------------
+    def slot(self, name: str, axis: int):
+        """(offset, size) of the elements of `name` along `axis`, or None when the dim is not static."""
+        shape = self.shape(name)
+        if shape is None:
+            return None
+        axis = axis % len(shape) if len(shape) else 0
+        key = (name, axis)
+        if key in self.slots:
+            return self.slots[key]
+        if not len(shape) or not isinstance(shape[axis], int):
+            return None
+        size = shape[axis]
+        self.slots[key] = (self.n, size)
+        self.slot_list.append(key)
+        self.n += size
+        return self.slots[key]
+
+    def virtual(self, size: int, tag: str = "") -> str:
+        """A virtual one-axis tensor: a meeting point for links (reshape atoms, group indices)."""
+        name = f"#{self.node.name if self.node is not None else ''}#{tag}#{len(self.slot_list)}"
+        self._virtual_shapes[name] = (int(size),)
+        self.slot(name, 0)
+        return name
+
+    def _ids(self, name, axis, idx=None):
+        s = self.slot(name, axis)
+        if s is None:
+            return None
+        off, size = s
+        if idx is None:
+            return np.arange(off, off + size, dtype=np.int64)
+        return off + np.asarray(idx, dtype=np.int64)
+
+    def _reason(self, text: str) -> int:
+        if text not in self._reason_ids:
+            self._reason_ids[text] = len(self.reasons)
+            self.reasons.append(text)
+        return self._reason_ids[text]
+
+    def _norm_axis(self, name, axis):
+        r = self.rank(name)
+        return axis % r if r else 0
+
+    # ---- verbs for rules ------------------------------------------------------------------------------------------
+    def touch(self, name: str, axis: int) -> None:
+        """Declare that removing any element of this axis needs nothing else from this node."""
+        if name and self.rank(name):
+            self._touched.add((name, self._norm_axis(name, axis)))
+
+    def link(self, a: str, a_axis: int, b: str, b_axis: int, a_idx=None, b_idx=None) -> None:
+        """Elements a[a_idx[k]] and b[b_idx[k]] must be removed together (default: identity, equal sizes)."""
+        if not a or not b:
+            return
+        a_axis, b_axis = self._norm_axis(a, a_axis), self._norm_axis(b, b_axis)
+        self._touched.add((a, a_axis))
+        self._touched.add((b, b_axis))
+        sa, sb = self.slot(a, a_axis), self.slot(b, b_axis)
+        if sa is None or sb is None:
+            if sa is not None or sb is not None:
+                self.freeze(a, a_axis, reason="its size is not known statically")
+                self.freeze(b, b_axis, reason="its size is not known statically")
+            return
+        if a_idx is None and b_idx is None and sa[1] != sb[1]:
+            self.freeze(a, a_axis, reason=f"size {sa[1]} does not match {sb[1]} of '{b}'")
+            self.freeze(b, b_axis, reason=f"size {sb[1]} does not match {sa[1]} of '{a}'")
+            return
+        ia = self._ids(a, a_axis, a_idx)
+        ib = self._ids(b, b_axis, b_idx)
+        if len(ia) != len(ib):
+            raise RuleError(f"link maps of different lengths at node '{self.node.name}'")
+        self._edges_a.append(ia)
+        self._edges_b.append(ib)
+        if a_idx is None and b_idx is None:
+            self._axis_union((a, a_axis), (b, b_axis))
+
+    def same(self, *names: str, axes=None) -> None:
+        """Link every axis (or the given axes) of all `names` one to one: elementwise ops."""
+        first = names[0]
+        r = self.rank(first)
+        if r is None:
+            return
+        for other in names[1:]:
+            for ax in (range(r) if axes is None else axes):
+                self.link(first, ax, other, ax)
+
+    def same_except(self, x: str, y: str, axes, reason: str) -> None:
+        """x and y have the same layout; the listed axes are frozen in both (statistics or selections run
+        over them), the others pass through one to one."""
+        axes = set(axes)
+        for ax in range(self.rank(x)):
+            if ax in axes:
+                self.freeze(x, ax, reason=reason)
+                self.freeze(y, ax, reason=reason)
+            else:
+                self.link(x, ax, y, ax)
+
+    def reduce_axes(self, x: str, y: str, axes, keepdims: bool, on_reduced) -> None:
+        """An op that removes (or keeps as size 1) `axes` of x: other axes pass through to y in order;
+        `on_reduced(axis)` declares each reduced input axis."""
+        out_ax = 0
+        for ax in range(self.rank(x)):
+            if ax in axes:
+                on_reduced(ax)
+                if keepdims:
+                    self.not_channel(y, [out_ax])
+                    out_ax += 1
+            else:
+                self.link(x, ax, y, out_ax)
+                out_ax += 1
+
+    def freeze(self, name: str, axis: int | None = None, idx=None, reason: str = "") -> None:
+        if not name:
+            return
+        r = self.rank(name)
+        if r is None:
+            return
+        where = f"{self.node.op_type} node '{self.node.name}'" if self.node is not None else "graph"
+        rid = self._reason(f"{where}: {reason}" if reason else where)
+        for ax in (range(r) if axis is None else [axis]):
+            ax = ax % r if r else 0
+            self._touched.add((name, ax))
+            ids = self._ids(name, ax, idx)
+            if ids is not None and len(ids):
+                self._frozen.append((ids, rid))
+                if idx is None:
+                    self._axis_dead.add(self._axis_find((name, ax)))
+
+    def not_channel(self, name: str, axes=None) -> None:
+        """Axes that never carry removable channels (kernel taps, spatial, vocabulary rows, sequence)."""
+        if not name or self.rank(name) is None:
+            return
+        for ax in (range(self.rank(name)) if axes is None else axes):
+            ax = self._norm_axis(name, ax)
+            self._touched.add((name, ax))
+            ids = self._ids(name, ax)
+            if ids is not None and len(ids):
+                self._frozen.insert(0, (ids, NOT_CHANNEL))
+                self._axis_dead.add(self._axis_find((name, ax)))
+
+    def freeze_all(self, reason: str) -> None:
+        for name in list(self.node.input) + list(self.node.output):
+            if name:
+                self.freeze(name, reason=reason)
+
+    def consumer(self, x: str, x_axis: int, weight: str, weight_axis: int, block: int = 1) -> None:
+        """x's channels are contracted against weight's axis (block weight entries per channel)."""
+        x_axis = self._norm_axis(x, x_axis)
+        self.consumers.append(Consumer(self.node.name, x, x_axis, weight, weight_axis, block))
+        if block == 1:
+            self.link(x, x_axis, weight, weight_axis)
+        else:
+            s = self.slot(x, x_axis)
+            w = self.slot(weight, weight_axis)
+            if s is None or w is None or s[1] * block != w[1]:
+                self.freeze(x, x_axis, reason="flattened channel block does not divide the weight")
+                self.freeze(weight, weight_axis, reason="flattened channel block does not divide the weight")
+                return
+            self.link(x, x_axis, weight, weight_axis, np.repeat(np.arange(s[1]), block), np.arange(w[1]))
+
+    def contraction(self, a: str, a_axis: int, b: str, b_axis: int) -> None:
+        """a's and b's axes are summed over together (activation × activation); couples them too."""
+        a_axis, b_axis = self._norm_axis(a, a_axis), self._norm_axis(b, b_axis)
+        self.contractions.append(Contraction(self.node.name, a, a_axis, b, b_axis))
+        self.link(a, a_axis, b, b_axis)
+
+    def producer(self, y: str, y_axis: int, weight: str, weight_axis: int) -> None:
+        self.producers.append(Producer(self.node.name, y, self._norm_axis(y, y_axis), weight, weight_axis))
+        self.link(y, y_axis, weight, weight_axis)
+
+    def role(self, name: str, role: str) -> None:
+        """Tag an initializer: 'weight', 'bias', 'norm_scale', 'norm_bias', 'stat'."""
+        if name and name in self.graph.initializers:
+            self.roles.setdefault(name, role)
+
+    def oracle_mask(self, weight: str, weight_axis: int, like: str, like_axis: int) -> None:
+        """The masked reference must also zero these weight entries (recurrent consumers inside one node)."""
+        self.oracle_masks.append(OracleMask(weight, weight_axis, like, like_axis))
+
+    def fixup(self, fn: Callable) -> None:
+        """fn(rewriter, node): fix attributes / shape constants of this node after channels are removed."""
+        self.fixups.append((self.node, fn))
+
+    def choose(self, key, candidates: list):
+        """Pick among candidate layouts; the analysis retries with the next one if a choice ends frozen."""
+        key = (self.node.name,) + tuple(key)
+        banned = self.choices.get(key, set())
+        pick = next((c for c in candidates if c not in banned), candidates[0] if candidates else None)
+        self.choice_log.append(Choice(key, pick, list(candidates)))
+        return pick
+
+    def bind_choice(self, virtual_name: str) -> None:
+        """Name the virtual axis that carries the last choice, so a frozen outcome can be retried."""
+        self.choice_log[-1].tensor = virtual_name
+
+    def axis_dead(self, name: str, axis: int) -> bool:
+        """True when the whole axis is already known to be frozen (through full one-to-one links)."""
+        axis = self._norm_axis(name, axis)
+        return self._axis_find((name, axis)) in self._axis_dead
+
+    # ---- axis-level union-find (cheap, immediate) ------------------------------------------------------------------
+    def _axis_find(self, k):
+        p = self._axis_parent.get(k, k)
+        if p == k:
+            return k
+        root = self._axis_find(p)
+        self._axis_parent[k] = root
+        return root
+
+    def _axis_union(self, a, b):
+        ra, rb = self._axis_find(a), self._axis_find(b)
+        if ra != rb:
+            self._axis_parent[ra] = rb
+            if ra in self._axis_dead:
+                self._axis_dead.add(rb)
+
+    # ---- driver ---------------------------------------------------------------------------------------------------
+    def run_rule(self, node: onnx.NodeProto) -> None:
+        """Run the rule registered for this node's op at the model's opset; freeze whatever it leaves unmapped."""
+        self.node = node
+        self._touched = set()
+        version = self.graph.opset(node.domain)
+        fn = RULES.lookup(node.op_type, node.domain, version)
+        if fn is None:
+            domain = f" (domain {node.domain})" if node.domain not in ("", "ai.onnx") else ""
+            at = f" at opset {version}" if RULES.registered(node.op_type, node.domain) else ""
+            self.freeze_all(f"no channel rule for op {node.op_type}{domain}{at}")
+        else:
+            try:
+                fn(node, self)
+            except Exception as exc:  # a rule that cannot map a case freezes it, with the reason
+                self.freeze_all(f"rule failed: {type(exc).__name__}: {exc}")
+                self.diagnostics.append(f"the channel rule for {node.op_type} node '{node.name}' failed "
+                                        f"({type(exc).__name__}: {exc}); its tensors stay whole")
+        for name in list(node.input) + list(node.output):
+            r = self.rank(name) if name else None
+            if not r:
+                continue
+            for ax in range(r):
+                if (name, ax) not in self._touched:
+                    self.freeze(name, ax, reason=f"axis {ax} of '{name}' is not mapped by the rule")
+        self.node = None
+
+    def freeze_at(self, node: onnx.NodeProto, names, reason: str) -> None:
+        """Freeze every axis of `names`, with a reason that names `node` (outside any rule)."""
+        self.node = node
+        for name in names:
+            self.freeze(name, reason=reason)
+        self.node = None
+
+    # ---- what the analysis reads back ------------------------------------------------------------------------------
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every link as two aligned arrays of element ids."""
+        a = np.concatenate(self._edges_a) if self._edges_a else np.zeros(0, np.int64)
+        b = np.concatenate(self._edges_b) if self._edges_b else np.zeros(0, np.int64)
+        return a, b
+
+    def element_reasons(self) -> np.ndarray:
+        """Per element: the id of the reason it is frozen for (an index into `reasons`), -1 where it is free.
+        A real reason wins over NOT_CHANNEL: not-channel marks are recorded first, so later ones overwrite them."""
+        reason = np.full(self.n, -1, dtype=np.int64)
+        for ids, rid in self._frozen:
+            reason[ids] = np.maximum(reason[ids], rid) if rid == NOT_CHANNEL else rid
+        return reason
+
+
+def couple(graph: Graph, exclude: list[str] | None = None, choices: dict | None = None,
+           whole_heads: bool = False) -> Coupler:
+    """Run every node's rule over `graph`. Graph inputs and outputs, tensors read inside subgraphs, and every
+    tensor of a node whose name matches an `exclude` glob are frozen too."""
+    from . import ops  # noqa: F401  (registers the rules)
+
+    c = Coupler(graph, choices, whole_heads)
+    for name in graph.input_names:
+        c.freeze(name, reason=f"graph input '{name}'")
+    for node in graph.nodes:
+        c.run_rule(node)
+        if any(fnmatch.fnmatch(node.name, pat) for pat in exclude or []):
+            c.freeze_at(node, list(node.input) + list(node.output),
+                        reason=f"excluded by pattern matching node '{node.name}'")
+    for name in graph.output_names:
+        c.freeze(name, reason=f"reaches graph output '{name}'")
+    for node in graph.nodes:
+        outer = subgraph_outer_names(node)
+        if outer:
+            c.freeze_at(node, outer, reason="read inside a subgraph")
+    return c
