@@ -262,6 +262,45 @@ def refuse_classical_ml(model: onnx.ModelProto, where: str) -> None:
             f"neural-network channels to prune, so graphprune leaves it unchanged")
 
 
+def _cycle_node(graph: onnx.GraphProto):
+    """A node on a dependency cycle of the graph (None when there is none)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
+    order = _toposorted(graph)
+    if order is not None:
+        return None
+    done = {id(n) for n in _partial_order(graph)}
+    k = next(k for k, n in enumerate(graph.node) if id(n) not in done)
+    seen = []
+    while k not in seen:  # walk producers inside the unsorted part: it must come back to a node seen
+        seen.append(k)
+        k = next(producer[i] for i in graph.node[k].input
+                 if i in producer and i not in available and id(graph.node[producer[i]]) not in done)
+    return graph.node[k]
+
+
+def _partial_order(graph: onnx.GraphProto) -> list:
+    """The nodes a topological sort can place (all of them unless there is a cycle)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
+    deps = [{producer[i] for i in n.input if i in producer and i not in available} for n in graph.node]
+    users = defaultdict(list)
+    for k, d in enumerate(deps):
+        for p in d:
+            users[p].append(k)
+    indeg = [len(d) for d in deps]
+    ready = [k for k, d in enumerate(indeg) if d == 0]
+    order = []
+    while ready:
+        k = ready.pop()
+        order.append(k)
+        for u in users[k]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                ready.append(u)
+    return [graph.node[k] for k in order]
+
+
 def _toposorted(graph: onnx.GraphProto) -> list | None:
     """The graph's nodes in dependency order, or None when there is a cycle."""
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
@@ -305,7 +344,9 @@ def _structural_check(graph: onnx.GraphProto, where: str) -> None:
                 raise ModelLoadError(f"{where}invalid model: node '{node.name}' ({node.op_type}) reads '{i}', which "
                                      f"nothing defines")
     if _toposorted(graph) is None:
-        raise ModelLoadError(f"{where}invalid model: the graph has a cycle")
+        node = _cycle_node(graph)
+        raise ModelLoadError(f"{where}invalid model: the graph has a cycle: {node.op_type} node '{node.name}' "
+                             f"depends on its own output")
 
 
 def check_input_model(model, where: str = "") -> None:
@@ -329,8 +370,9 @@ def check_input_model(model, where: str = "") -> None:
     if "topologically sorted" in reason and isinstance(model, onnx.ModelProto):
         order = _toposorted(model.graph)
         if order is None:
-            raise ModelLoadError(f"{where}invalid model: the graph has a cycle or reads a tensor nothing "
-                                 f"defines ({reason})")
+            node = _cycle_node(model.graph)
+            raise ModelLoadError(f"{where}invalid model: the graph has a cycle: {node.op_type} node '{node.name}' "
+                                 f"depends on its own output")
         copy = _light_copy(model)
         del copy.graph.node[:]
         copy.graph.node.extend(order)
