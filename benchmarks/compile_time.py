@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
 import graphprune
-from graphprune.testing.torch_env import install_torchvision_shim
+
+from torch_env import install_torchvision_shim
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,6 +1,6 @@
 """Per corpus model: prunable share of channels, MACs before/after at a ratio, frozen groups by reason, wall time.
 
-    python benchmarks/corpus_report.py [--ratio 0.5] [--only NAME ...]
+    python -m benchmarks.corpus_report [--ratio 0.5] [--only NAME ...] [--merge]
 
 Writes benchmarks/results/corpus.md. Wall time covers the whole graphprune run on an in-memory model
 (canonicalize, analyze, score, plan, rewrite, checker, verification on one random input).
@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 import graphprune
-from graphprune.testing.weights import refill_weights
+from models.corpus_tools import refill_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "models" / "corpus"
@@ -27,6 +27,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--only", nargs="*")
+    p.add_argument("--merge", action="store_true",
+                   help="with --only: replace or add just these models' rows in the committed table")
     args = p.parse_args()
     data = json.loads((CORPUS / "manifest.json").read_text())
     entries = data["models"] if isinstance(data, dict) else data
@@ -61,7 +63,26 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if not args.only:  # a partial run must not overwrite the committed whole-corpus table
         (RESULTS / "corpus.md").write_text("\n".join(lines) + "\n")
+    elif args.merge:
+        _merge_rows(RESULTS / "corpus.md", rows)
     print(f"{ok}/{len(rows)} ok")
+
+
+def _merge_rows(table: Path, rows: list[str]) -> None:
+    """Replace the rows of the models in `rows` (matched by the first cell) and add the new ones after the last
+    model row; the header and the reason summary are left as they were (they describe the last full run)."""
+    lines = table.read_text().splitlines()
+    new = {r.split("|")[1].strip(): r for r in rows}
+    out, last_row = [], 0
+    for line in lines:
+        key = line.split("|")[1].strip() if line.startswith("| ") else None
+        if key in new:
+            line = new.pop(key)
+        out.append(line)
+        if line.startswith("| ") and not line.startswith("| model"):
+            last_row = len(out)
+    out[last_row:last_row] = list(new.values())
+    table.write_text("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ default: it collapses before 1.25x):
 
 Without calibration, data-aware criteria run on whatever the API does without data (its synthetic proxy); the
 table says what the API reported. Models with BatchNormalization nodes also get a third data setting,
-calibration + `bn_recalibrate=True` (BN running statistics re-estimated on the calibration data after pruning). When the API lacks `target_macs` the harness bisects the uniform `ratio` until
+calibration + `bn_recalibrate=True` (BN running statistics re-estimated on the calibration data after pruning).
+When the API lacks `target_macs` the harness bisects the uniform `ratio` until
 MACs after/before is within 1 % of the target; combinations the API does not support are "n/a" with the reason.
 No fine-tuning anywhere. Writes benchmarks/results/fidelity.md and fidelity.png (--quick writes to
 benchmarks/.cache/quick/ instead and never touches the committed results). Raw runs accumulate in
@@ -44,10 +45,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
 RESULTS = HERE / "results"
 CRITERIA = ["l1", "l2", "random", "bn-scale", "lamp", "hessian", "obspa", "activation", "fluctuation"]
@@ -113,7 +110,7 @@ def retrieval_agreement(dense_q, dense_p, pruned_q, pruned_p, k: int = 5) -> dic
     k = min(k, sd.shape[1])
     top_d = np.argsort(-sd, axis=1, kind="stable")[:, :k]
     top_p = np.argsort(-sp, axis=1, kind="stable")[:, :k]
-    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_d, top_p)])
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_d, top_p, strict=True)])
     truth = np.arange(len(sd))
     return {"top1_agreement": float((top_d[:, 0] == top_p[:, 0]).mean()),
             f"top{k}_overlap": float(overlap),
@@ -179,7 +176,9 @@ def prune_to_target(prune_fn, model_path, criterion: str, speedup: float, calib,
                     extra: dict | None = None, bn_recalibrate: bool = False) -> PruneOutcome:
     """Prune to 1/speedup of the dense MACs with whatever the API supports; never raises."""
     feats = api_features(prune_fn)
-    has = (lambda name: "*" in feats or name in feats)
+
+    def has(name):
+        return "*" in feats or name in feats
     target = 1.0 / speedup
     kwargs = {"verify": False}
     if calib is not None:
@@ -219,7 +218,8 @@ def prune_to_target(prune_fn, model_path, criterion: str, speedup: float, calib,
         out.status = "n/a" if _unknown_criterion(exc) else "failed"
         out.reason = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # noqa: BLE001 - recorded in the table
-        out.status, out.reason = "failed", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        out.status, out.reason = "failed", f"{type(exc).__name__}: {first_line}"
     else:
         out.model = model
         out.macs_ratio = report.macs_after / report.macs_before if report.macs_before else 1.0
@@ -495,7 +495,8 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
             rand = {r.speedup: r.metrics.get(keys[0]) for r in ok if r.criterion == "random" and r.calib == calib}
             if not rand:
                 continue
-            for crit in sorted({r.criterion for r in ok if r.calib == calib} - {"random"}, key=lambda c: order.get(c, 99)):
+            others = {r.criterion for r in ok if r.calib == calib} - {"random"}
+            for crit in sorted(others, key=lambda c: order.get(c, 99)):
                 if calib == "calib" and crit in merged:
                     continue
                 mine = {r.speedup: r.metrics.get(keys[0]) for r in ok if r.criterion == crit and r.calib == calib}
@@ -592,7 +593,7 @@ def plot(store: dict, path: Path) -> bool:
     crits = [c for c in CRITERIA if any(r["criterion"] == c for e in store.values() for r in e["runs"])]
     crits += sorted({r["criterion"] for e in store.values() for r in e["runs"]} - set(crits))
     colours = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(crits)}
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):  # the grid may have spare axes
         entry = store[name]
         key, label = entry["info"]["metrics"][0]
         for crit in crits:
@@ -634,9 +635,11 @@ def plot(store: dict, path: Path) -> bool:
 
 def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: int, quick: bool, extra: dict,
                    log=print) -> tuple[list[Run], dict]:
-    import graphprune
-    import fidelity_models as fm
     import onnx
+
+    import graphprune
+
+    import fidelity_models as fm
     t0 = time.perf_counter()
     ev = EVALUATORS[name](name, quick=quick)
     meta = ev.meta
@@ -693,7 +696,8 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
     if has_bn and "calib+bn" in calib_modes:
         control = bn_control(ev, calib_samples)
         log(f"[{name}] control: dense + BN re-estimation, nothing pruned: {control}")
-    info = {"bn_control": control, "title": TITLES.get(name, name), "description": meta.get("description", ""), "data": meta.get("data", ""),
+    info = {"bn_control": control, "title": TITLES.get(name, name), "description": meta.get("description", ""),
+            "data": meta.get("data", ""),
             "header": ev.header(), "metrics": [list(m) for m in ev.metrics], "dense_macs": dense_macs,
             "calibration_source": "; ".join(sorted(sources)) or "none read", "quick": quick,
             "when": time.strftime("%Y-%m-%d %H:%M"), "git": _git_rev(), "seconds": time.perf_counter() - t0,
@@ -737,9 +741,10 @@ def main(argv=None) -> int:
         ap.error("speed-ups must be > 1")
     calib_samples = 64 if args.quick and args.calib_samples == 256 else args.calib_samples
     calib_modes = {"both": ["none", "calib"], "none": ["none"], "only": ["calib"]}[args.calib]
-    if args.bn_recalibrate and args.calib != "none" and "bn_recalibrate" in api_features(__import__("graphprune").prune):
+    prune_features = api_features(__import__("graphprune").prune)
+    if args.bn_recalibrate and args.calib != "none" and "bn_recalibrate" in prune_features:
         calib_modes.append("calib+bn")
-    if args.sensitivity and args.calib != "none" and "scope" in api_features(__import__("graphprune").prune):
+    if args.sensitivity and args.calib != "none" and "scope" in prune_features:
         calib_modes.append("calib+sens")
     extra = {"compensate": args.compensate} if args.compensate else {}
     out_dir = args.out or (fm.CACHE / "quick" if args.quick else RESULTS)

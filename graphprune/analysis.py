@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from .ir import Graph
-from .rules import NOT_CHANNEL, Consumer, Contraction, Coupler, OracleMask, Producer, couple
+from .rules import NOT_CHANNEL, Consumer, Contraction, Coupler, MaskFill, OracleMask, Producer, couple
 
 
 @dataclass
@@ -63,6 +63,8 @@ class Analysis:
     producers      weight axes that create an activation axis (what names a group)
     contractions   activation x activation contractions (attention's Q·Kᵀ), scored from both operands
     oracle_masks   weight entries the masked reference must zero along with removed channels (verify)
+    mask_fills     (node, tensor, zero point): quantized inputs whose removed channels the masked reference fills
+                   with the zero point instead of 0 (verify)
     fixups         (node, fn(rewriter, node)): attribute and shape-constant fixes the rewrite runs
     diagnostics    notes for the report (a rule that failed on a node)
 
@@ -80,6 +82,7 @@ class Analysis:
     producers: list[Producer] = field(default_factory=list)
     contractions: list[Contraction] = field(default_factory=list)
     oracle_masks: list[OracleMask] = field(default_factory=list)
+    mask_fills: list[MaskFill] = field(default_factory=list)
     fixups: list[tuple[onnx.NodeProto, Callable]] = field(default_factory=list)
     diagnostics: list[str] = field(default_factory=list)
     slots: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
@@ -170,7 +173,7 @@ def _group(graph: Graph, c: Coupler) -> Analysis:
     groups, frozen_groups = _build_groups(graph, c, root, root_reason)
     units = {u.root: u for g in groups + frozen_groups for u in g.units}
     return Analysis(graph, groups, frozen_groups, units=units, roles=c.roles, consumers=c.consumers,
-                    producers=c.producers, contractions=c.contractions, oracle_masks=c.oracle_masks,
+                    producers=c.producers, contractions=c.contractions, oracle_masks=c.oracle_masks, mask_fills=c.mask_fills,
                     fixups=c.fixups, diagnostics=c.diagnostics, slots=c.slots, element_unit=root,
                     element_frozen=(root_reason >= 0)[root])
 

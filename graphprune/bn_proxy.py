@@ -58,7 +58,7 @@ def _clip_range(graph: Graph, node):
         return 0.0, math.inf
     if node.op_type == "Clip":
         lo, hi = attr(node, "min", -math.inf), attr(node, "max", math.inf)
-        for k, name in ((1, "lo"), (2, "hi")):
+        for k in (1, 2):
             if len(node.input) > k and node.input[k]:
                 v = graph.initializers.get(node.input[k])
                 if v is None:

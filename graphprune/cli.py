@@ -24,18 +24,6 @@ out = Console(highlight=False, markup=False, soft_wrap=True)
 class DefaultGroup(click.Group):
     """`graphprune MODEL ...` means `graphprune prune MODEL ...`; usage errors are one `error:` line, exit 2."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            rc = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as exc:  # bare `graphprune`: the help, not an error
-            out.print(exc.ctx.get_help() if exc.ctx else exc.format_message())
-            sys.exit(0)
-        except click.ClickException as exc:
-            _fail(exc.format_message())
-        except click.exceptions.Abort:
-            _fail("interrupted")
-        sys.exit(rc if isinstance(rc, int) else 0)
-
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["prune"] + list(args)
@@ -50,13 +38,13 @@ class DefaultGroup(click.Group):
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.UsageError as exc:
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `graphprune`: the help, not an error
+            out.print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            sys.exit(0)
+        except click.ClickException as exc:  # usage errors included
             _fail(exc.format_message())
-        except click.ClickException as exc:
-            _fail(exc.format_message())
-        except click.Abort:
-            err.print("Aborted!")
-            sys.exit(1)
+        except click.exceptions.Abort:
+            _fail("interrupted")
         except Terminated:
             _fail("terminated by SIGTERM; no output was written")
         except GraphpruneError as exc:

@@ -716,6 +716,12 @@ class Graph:
             self.dtypes[v.name] = tt.elem_type
             if tt.HasField("shape"):
                 self.shapes[v.name] = tuple(_dim(d) for d in tt.shape.dim)
+        # onnx's inference may drop a hint it cannot merge with its own result (a Reshape whose target it only
+        # knows in part); a measured or derived dim is never worse than an unknown one
+        for name, dims in self.shape_hints.items():
+            cur = self.shapes.get(name)
+            if cur is None or (len(cur) == len(dims) and any(d is None for d in cur)):
+                self.shapes[name] = tuple(h if c is None else c for c, h in zip(cur or dims, dims))
         positions = 0
         self.oversized = {}
         for name, dims in self.shapes.items():

@@ -20,8 +20,8 @@ def node_macs(graph: Graph, node, shape=None) -> int:
     out = shape(node.output[0]) if node.output else None
     if out is None:
         return 0
-    if op == "Conv":
-        w = shape(node.input[1])
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w = shape(node.input[3 if op == "QLinearConv" else 1])
         return _prod(out) * _prod(w[1:]) if w else 0
     if op == "ConvTranspose":
         w = shape(node.input[1])
@@ -33,12 +33,15 @@ def node_macs(graph: Graph, node, shape=None) -> int:
             return 0
         k = a[0] if attr(node, "transA", 0) else a[1]
         return _prod(out) * (k if isinstance(k, int) else 1)
-    if op == "MatMul":
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul"):
         a = shape(node.input[0])
         if not a:
             return 0
         k = a[-1]
         return _prod(out) * (k if isinstance(k, int) else 1)
+    if op == "DynamicQuantizeLSTM":  # W [dirs, input, 4H], R [dirs, H, 4H]; X [seq, batch, input]
+        w, r, x = (shape(node.input[i]) for i in (1, 2, 0))
+        return (_prod(w) + _prod(r)) * _prod(x[:2]) if w and r and x else 0
     if op in ("LSTM", "GRU", "RNN"):
         w, r, x = (shape(node.input[i]) for i in (1, 2, 0))
         if not (w and r and x):

@@ -99,7 +99,8 @@ def _calibrate(ctx: Context) -> str:
 def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None):
     """Statistics for the criterion and the compensation, from calibration data or a data-free proxy.
     Returns (Statistics, held-out feeds for the fidelity check, the feeds the statistics came from)."""
-    from .calibration import collect, load_feeds, split, synthetic_feeds
+    from .calibration import collect
+    from .feeds import load_feeds, split, synthetic_feeds
     from .passes.importance.data import group_consumers
     if o.calib is not None:
         feeds, heldout = split(load_feeds(o.calib, graph, o.calib_samples + o.holdout), o.holdout)
@@ -217,17 +218,17 @@ def _rewrite(ctx: Context) -> str:
 def _check(ctx: Context) -> str:
     """onnx.checker's full check of the pruned model. A complaint the dense input model draws as well (e.g.
     an op onnx calls deprecated that onnxruntime runs) is the input's, not the rewrite's: a note, not a failure."""
-    if ctx.pruned.ByteSize() >= (1 << 31) - (1 << 20):
-        return "over 2 GiB: full check skipped"
+    from .runtime import check_model
     try:
-        onnx.checker.check_model(ctx.pruned, full_check=True)
+        if not check_model(ctx.pruned):
+            return "over 2 GiB: full check skipped"
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         dense = (ctx.original or ctx.graph).to_model(with_value_info=False) if ctx.original is not None else None
         try:
             if dense is None:
                 raise exc
-            onnx.checker.check_model(dense, full_check=True)
+            check_model(dense)
         except onnx.checker.ValidationError as dense_exc:
             if str(dense_exc).strip().splitlines()[:1] == [first]:
                 ctx.report.diagnostics.append(f"onnx.checker rejects the input model too, so the pruned one is "
@@ -238,16 +239,18 @@ def _check(ctx: Context) -> str:
 
 
 def _verify(ctx: Context) -> str:
-    from .verify import compare, masked_reference, random_feeds
+    from .feeds import random_feeds
+    from .verify import compare, masked_reference
     o = ctx.options
-    reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.oracle_masks, ctx.updates)
+    reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.oracle_masks, ctx.updates,
+                                 ctx.analysis.mask_fills)
     feeds = random_feeds(ctx.original, o.verify_samples, seed=o.seed, dims=o.input_dims)
     ctx.report.verification = compare(reference, ctx.pruned, feeds, removed=ctx.removed)
     return f"max abs diff {ctx.report.verification['max_abs_diff']:.2e} on {o.verify_samples} inputs"
 
 
 def _bn_recalibrate(ctx: Context) -> str:
-    from .calibration import load_feeds, split
+    from .feeds import load_feeds, split
     from .passes.bn_recalibrate import recalibrate_batchnorm
     from .verify import fidelity
     o, r = ctx.options, ctx.report

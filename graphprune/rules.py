@@ -66,6 +66,15 @@ class OracleMask(NamedTuple):
     weight_axis: int
     like: str
     like_axis: int
+    fill: str = ""  # a zero-point initializer whose values fill those entries instead of 0 (quantized weights)
+
+
+class MaskFill(NamedTuple):
+    """Where `node` reads `tensor`, the masked reference fills removed channels with `fill` (a scalar zero point)
+    instead of 0: an integer op multiplies (q - zero_point), so a quantized zero is the zero point."""
+    node: str
+    tensor: str
+    fill: str
 
 
 @dataclass
@@ -103,6 +112,7 @@ class Coupler:
         self.producers: list[Producer] = []
         self.roles: dict[str, str] = {}
         self.oracle_masks: list[OracleMask] = []
+        self.mask_fills: list[MaskFill] = []
         self.choices = choices if choices is not None else {}
         self.choice_log: list[Choice] = []
         self.diagnostics: list[str] = []  # rules that failed on a node (its tensors are frozen)
@@ -305,9 +315,15 @@ class Coupler:
         if name and name in self.graph.initializers:
             self.roles.setdefault(name, role)
 
-    def oracle_mask(self, weight: str, weight_axis: int, like: str, like_axis: int) -> None:
+    def mask_fill(self, tensor: str, fill: str) -> None:
+        """This node reads `tensor` as quantized values: the masked reference fills its removed channels with the
+        zero point `fill`, not 0."""
+        if tensor and fill:
+            self.mask_fills.append(MaskFill(self.node.name, tensor, fill))
+
+    def oracle_mask(self, weight: str, weight_axis: int, like: str, like_axis: int, fill: str = "") -> None:
         """The masked reference must also zero these weight entries (recurrent consumers inside one node)."""
-        self.oracle_masks.append(OracleMask(weight, weight_axis, like, like_axis))
+        self.oracle_masks.append(OracleMask(weight, weight_axis, like, like_axis, fill or ""))
 
     def fixup(self, fn: Callable) -> None:
         """fn(rewriter, node): fix attributes / shape constants of this node after channels are removed."""

@@ -172,22 +172,6 @@ def median_times(sample, names: list[str], rounds: int = 15, warmup: int = WARMU
 
 
 # ---- onnxruntime sessions -----------------------------------------------------------------------------------
-def session_options(threads: int | None, native: bool = True):
-    """Optimised CPU session options, with the native kernel library registered when asked and available."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if native:
-        from graphprune import kernels
-        if kernels.available():
-            opts = kernels.session_options(opts)
-    return opts
-
-
 class SessionBench:
     """`sample(name)` over onnxruntime sessions of several models fed the same input. One sample runs the model
     `reps` times (about ROUND_SECONDS in all; fixed per model after a warm-up, so every sample is the same work)
@@ -197,10 +181,10 @@ class SessionBench:
     see the same load."""
 
     def __init__(self, models: dict, feed: dict, threads: int | None, native: bool = True):
-        import onnxruntime as ort
+        from .runtime import session
         self.feed = feed
-        self.sessions = {k: ort.InferenceSession(m.SerializeToString(), session_options(threads, native),
-                                                 providers=["CPUExecutionProvider"]) for k, m in models.items()}
+        self.sessions = {k: session(m, optimize=True, threads=threads, custom_ops=native, name=f"{k} timing model")
+                         for k, m in models.items()}
         self.reps = {}
         for k, s in self.sessions.items():
             s.run(None, feed)

@@ -2,7 +2,7 @@
 
 Every model is built with random initialisation (``torch.manual_seed(0)``), exported with BOTH the legacy
 TorchScript exporter (``dynamo=False``) and the dynamo exporter (``dynamo=True``), stripped of its float
-weights with :func:`graphprune.testing.weights.strip_weights`, and saved as one self-contained file
+weights with :func:`corpus_tools.strip_weights` (``models/corpus_tools.py``), and saved as one self-contained file
 ``models/corpus/<name>.<legacy|dynamo>.onnx``.  Each committed file is checked: weights refilled from seed 0,
 ``onnx.checker``, an onnxruntime session, one run on random inputs with finite outputs.
 ``models/corpus/manifest.json`` lists every file (inputs, value ranges, node count, opset, ...) and every
@@ -29,24 +29,22 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corpus_tools import make_inputs, refill_weights, strip_weights  # models/, this script's folder
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT_DIR = HERE / "corpus"
 MANIFEST = OUT_DIR / "manifest.json"
-sys.path.insert(0, str(ROOT))
-
-from graphprune.testing.weights import make_inputs, refill_weights, strip_weights  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 SEED = 0
 LEGACY_OPSET = 17
@@ -720,7 +718,7 @@ def export(sp: Spec, exporter: str, model: nn.Module, inputs: dict[str, torch.Te
             import inspect
             params = list(inspect.signature(model.forward).parameters)
             dyn_shapes = {}
-            for p, n in zip(params, names):
+            for p, n in zip(params, names, strict=False):
                 ax = sp.dynamic.get(n)
                 if ax:
                     dyn_shapes[p] = {a: dims.setdefault(s, torch.export.Dim(s, min=1, max=128 if s != "batch"
@@ -737,7 +735,7 @@ def drop_bulky_node_metadata(model: onnx.ModelProto) -> None:
     """Remove the dynamo exporter's per-node stack traces and FX dumps (local paths, most of the file size);
     the module scopes (``namespace``, ``pkg.torch.onnx.name_scopes``, ``class_hierarchy``) stay."""
     bulky = {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"}
-    from graphprune.testing.weights import _graphs
+    from corpus_tools import _graphs
     for g in _graphs(model.graph):
         for n in g.node:
             keep = [(p.key, p.value) for p in n.metadata_props if p.key not in bulky]
@@ -809,7 +807,7 @@ def save_manifest(man: dict) -> None:
     man["failed"].sort(key=key)
     man["format"] = 1
     man["notes"] = ("Weights are stripped (graphprune.stripped metadata); load with "
-                    "graphprune.testing.weights.refill_weights(onnx.load(file), seed). Input shape entries are "
+                    "models/corpus_tools.py: refill_weights(onnx.load(file), seed). Input shape entries are "
                     "ints or symbolic dim names; example_shape is the size used at export. low/high: value range "
                     "(inclusive for integer inputs, [low, high) for float inputs).")
     man["generator"] = {"script": "models/build_corpus.py", "seed": SEED, "torch": torch.__version__,

@@ -89,24 +89,17 @@ def probe_shapes(graph: Graph, bases=(32, 48)) -> int:
                (graph.shape(n) is None or any(d is None for d in graph.shape(n)))]
     if not unknown:
         return 0
-    import onnxruntime as ort
-    from graphprune.verify import random_feeds
-    model = graph.to_model(with_value_info=False)
-    known = {o.name for o in model.graph.output}
-    for name in unknown:
-        if name not in known:
-            model.graph.output.append(helper.make_tensor_value_info(name, graph.dtypes[name], None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 4
+    from graphprune.feeds import random_feeds
+    from graphprune.runtime import expose, run, session
+    model = expose(graph.to_model(with_value_info=False), unknown, graph.dtypes)
     symbols = _symbolic_dims(graph)
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = session(model, log_level=4)
         runs = []
         for r, base in enumerate(bases):
             values = {name: (1 + r if first else base * (k + 1)) for k, (name, first) in enumerate(symbols)}
             feed = random_feeds(graph, 1, seed=0, dims=values)[0]
-            runs.append([np.shape(o) for o in sess.run(unknown, feed)])
+            runs.append([np.shape(o) for o in run(sess, feed, unknown).values()])
     except Exception:
         return 0
     by_pair = {((1, 2) if first else (bases[0] * (k + 1), bases[1] * (k + 1))): name

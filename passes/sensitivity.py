@@ -6,63 +6,48 @@ pruned alone at a few levels, lowest-scored units first, on calibration (or prox
 output error is recorded. Allocation then gives every group the largest ratio whose error stays under one
 common threshold, bisected to the MACs/params target.
 
-One onnxruntime session serves every measurement: each channel tensor a node reads is multiplied by a mask
+One onnxruntime session serves every measurement: each channel tensor a node reads is masked by a bool mask
 that is a graph input, so changing the pruned units only changes the feeds (the masked-original oracle of
-verify.py, without rebuilding the model). Float tensors only; weight-only oracle masks (RNN recurrences) are
-not applied, so the error there is an estimate.
+verify.py, built by the same code in graphprune.masking, without rebuilding the model). Float tensors only;
+weight-only oracle masks (RNN recurrences) are not applied, so the error there is an estimate.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from graphprune.calibration import batches, static_batch
+from graphprune.feeds import static_batch
+from graphprune.masking import insert_consumer_masks
+from graphprune.runtime import CPU, run, session
 
 LEVELS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
-_FLOAT = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-          onnx.TensorProto.DOUBLE: np.float64}
+_FLOAT = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
 
 class MaskedModel:
-    """The graph with a mask input multiplied into every read of a prunable channel tensor."""
+    """The graph with a bool mask input applied to every read of a prunable channel tensor, one per axis."""
 
-    def __init__(self, analysis, providers=("CPUExecutionProvider",)):
-        import onnxruntime as ort
+    def __init__(self, analysis, providers=CPU):
         graph = analysis.graph
         model = graph.to_model(with_value_info=False)
-        g = model.graph
         members = {m for grp in analysis.groups for m in grp.members}
-        self.masks: dict[tuple[str, int], tuple[str, tuple, type]] = {}
-        masked: dict[str, str] = {}
-        new_nodes = []
-        for node in g.node:
-            for i, name in enumerate(node.input):
-                if not name or name in graph.initializers:
-                    continue
-                axes = [ax for (t, ax) in members if t == name]
-                dtype = _FLOAT.get(graph.dtypes.get(name))
-                shape = graph.shape(name)
-                if not axes or dtype is None or shape is None:
-                    continue
-                if name not in masked:
-                    cur = name
-                    for ax in axes:
-                        mshape = tuple(int(shape[ax]) if k == ax else 1 for k in range(len(shape)))
-                        mname = f"__gp_sens_{len(self.masks)}"
-                        self.masks[(name, ax)] = (mname, mshape, dtype)
-                        g.input.append(helper.make_tensor_value_info(mname, graph.dtypes[name], list(mshape)))
-                        out = f"{mname}_out"
-                        new_nodes.append(helper.make_node("Mul", [cur, mname], [out], name=f"{mname}_mul"))
-                        cur = out
-                    masked[name] = cur
-                node.input[i] = masked[name]
-            new_nodes.append(node)
-        del g.node[:]
-        g.node.extend(new_nodes)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        axes_of: dict[str, list[int]] = {}
+        for name, ax in sorted(members):
+            axes_of.setdefault(name, []).append(ax)
+        masks: dict[str, list[np.ndarray]] = {}
+        for name, axes in axes_of.items():
+            shape = graph.shape(name)
+            if graph.dtypes.get(name) not in _FLOAT or shape is None:
+                continue
+            masks[name] = [np.ones(tuple(int(shape[ax]) if k == ax else 1 for k in range(len(shape))), bool)
+                           for ax in axes]
+        names = insert_consumer_masks(model, masks, graph.dtypes, as_inputs=True, prefix="__gp_sens")
+        # (tensor, axis) -> (mask input, its shape, its dtype)
+        self.masks: dict[tuple[str, int], tuple[str, tuple, type]] = {
+            (name, ax): (mname, masks[name][j].shape, np.bool_)
+            for name, mnames in names.items() for j, (ax, mname) in enumerate(zip(axes_of[name], mnames))}
+        # onnxruntime's optimisations on, as before: measurements, not a check of the graph
+        self.session = session(model, optimize=True, providers=providers)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.batch = static_batch(graph.inputs)
 
@@ -75,12 +60,8 @@ class MaskedModel:
             if (name, ax) in self.masks and len(idx):
                 mname, shape, _ = self.masks[(name, ax)]
                 flat = masks[mname].reshape(-1)
-                flat[np.asarray(idx)] = 0
-        outs = None
-        for feed in batches(feeds, self.batch or len(next(iter(feeds.values())))):
-            got = self.session.run(self.outputs, {**feed, **masks})
-            outs = got if outs is None else [np.concatenate([a, b]) for a, b in zip(outs, got)]
-        return outs
+                flat[np.asarray(idx)] = False
+        return list(run(self.session, feeds, self.outputs, batch=self.batch, unbatched=masks).values())
 
 
 def relative_error(outs, dense) -> float:

@@ -20,8 +20,7 @@ from onnx import helper, numpy_helper
 
 from graphprune import timing
 from graphprune.timing import (DEFAULT_ROOFLINE, MARGIN, Decision, RatioEstimate, Roofline, SessionBench, Work,
-                               compare, decide, estimate_from_json, estimate_to_json, machine_key, median_times,
-                               session_options)
+                               compare, decide, estimate_from_json, estimate_to_json, machine_key, median_times)
 
 from .sparse_layers import Layer, block_width, find_layers, sparse_node
 
@@ -31,7 +30,7 @@ CALIBRATION_ROUNDS = 21
 CALIBRATION_QUANTILE = 0.2
 
 __all__ = ["MARGIN", "CostModel", "LayerChoice", "candidate_formats", "signature", "layer_work", "dense_model",
-           "sparse_model", "session_options", "time_interleaved", "calibrate_roofline", "random_keep"]
+           "sparse_model", "time_interleaved", "calibrate_roofline", "random_keep"]
 
 
 def candidate_formats(layer: Layer, sparsity: float, requested: str) -> list[str]:

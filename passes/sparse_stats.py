@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import helper
 
-from graphprune.calibration import GRAM_ROWS, batches, static_batch
-from graphprune.ir import Graph, subgraph_outer_names
+from graphprune.calibration import GRAM_ROWS
+from graphprune.feeds import batches, static_batch
+from graphprune.ir import Graph
+from graphprune.runtime import expose, run, session
 
 from .sparse_layers import Layer
 
@@ -95,49 +95,15 @@ def layer_rows(layer: Layer, x: np.ndarray, seed: int) -> np.ndarray:
 
 
 # ---- onnxruntime runs ----------------------------------------------------------------------------------
-def session(model: onnx.ModelProto):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def exposing(graph: Graph, names) -> onnx.ModelProto:
-    """The part of the model that computes `names` (their ancestors only), with `names` as its outputs."""
-    need = set(names)
-    keep = []
-    for node in reversed(graph.nodes):
-        if any(o in need for o in node.output):
-            keep.append(node)
-            need.update(i for i in node.input if i)
-            need.update(subgraph_outer_names(node))
-    model = graph.to_model(with_value_info=False)
-    g = model.graph
-    del g.node[:]
-    g.node.extend(reversed(keep))
-    inits = [t for t in g.initializer if t.name in need]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    inputs = [i for i in g.input if i.name in need]
-    del g.input[:]
-    g.input.extend(inputs)
-    del g.output[:]
-    g.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    return model
-
-
 class Runner:
     """Computes some tensors of a graph for a feed, running only the part of the model that produces them."""
 
     def __init__(self, graph: Graph, names):
         self.names = list(names)
-        model = exposing(graph, self.names)
-        self.inputs = [i.name for i in model.graph.input]
-        self.sess = session(model)
+        self.sess = session(expose(graph.to_model(with_value_info=False), self.names, graph.dtypes, only=True))
 
     def __call__(self, feed: dict) -> dict:
-        return dict(zip(self.names, self.sess.run(self.names, {k: feed[k] for k in self.inputs})))
+        return run(self.sess, feed, self.names)
 
 
 def collect(dense: Graph, layers: list[Layer], feeds: dict, sparse: Graph | None = None, say=None) -> dict:

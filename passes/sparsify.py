@@ -24,11 +24,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphprune.calibration import static_batch
 from graphprune.errors import GraphpruneError, VerificationError
+from graphprune.feeds import random_feeds, static_batch
 from graphprune.ir import Graph
-
-from graphprune.timing import MARGIN, SessionBench, TimingCache, compare, session_options
+from graphprune.runtime import check_model, compare_arrays, expose, run, session
+from graphprune.timing import MARGIN, SessionBench, TimingCache, compare
 
 from .sparse_cost import CostModel, candidate_formats
 from .sparse_layers import Layer, block_width, find_layers, sparse_node, sparse_op_type
@@ -300,13 +300,11 @@ def _emit(graph: Graph, plans, weights) -> onnx.ModelProto:
 def _check(model: onnx.ModelProto, before: onnx.ModelProto) -> str | None:
     """onnx's full check of the output. A failure the input model has as well is the input's, not the
     pass's: returned as a note instead of raised."""
-    if model.ByteSize() >= (1 << 31) - (1 << 20):
-        return None
     try:
-        onnx.checker.check_model(model, full_check=True)
+        check_model(model)
     except onnx.checker.ValidationError as exc:
         try:
-            onnx.checker.check_model(before, full_check=True)
+            check_model(before)
         except onnx.checker.ValidationError as same:
             return f"onnx's checker rejects the input model already ({str(same).splitlines()[0]}); not re-checked"
         raise SparsifyError(f"the sparsified model fails onnx's checker: {exc}") from exc
@@ -315,63 +313,42 @@ def _check(model: onnx.ModelProto, before: onnx.ModelProto) -> str | None:
 
 # ---- verification -------------------------------------------------------------------------------------
 def verify_sparse(reference: onnx.ModelProto, model: onnx.ModelProto, plans: list, graph: Graph,
-                  samples: int = 2, seed: int = 0, input_dims=None, say=None, rtol: float = 1e-4,
-                  atol: float = 1e-4) -> dict:
+                  samples: int = 2, seed: int = 0, input_dims=None, say=None, rtol: float | None = None,
+                  atol: float | None = None) -> dict:
     """Every sparse node's output and every graph output equal the masked dense reference, with the native
-    library (when present) and through the function fallback. Raises VerificationError naming the first
-    node that differs."""
-    import onnxruntime as ort
+    library (when present) and through the function fallback, within runtime.tolerance(dtype,
+    reordered_sums=True) unless atol/rtol are given. Raises VerificationError naming the first node that
+    differs. Sessions run optimised, as the model will be deployed."""
     from graphprune import kernels
-    from graphprune.verify import random_feeds
     checked = [(layer.output, (layer, fmt)) for layer, fmt in plans]
     checked += [(o.name, None) for o in model.graph.output if o.name not in {c for c, _ in checked}]
     names = [c for c, _ in checked]
 
-    def with_outputs(m):
-        m2 = onnx.ModelProto()
-        m2.CopyFrom(m)
-        have = {o.name for o in m2.graph.output}
-        m2.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                               for n in names if n not in have)
-        return m2.SerializeToString()
-
     feeds = random_feeds(graph, samples, seed=seed, dims=input_dims)
-    ref = ort.InferenceSession(with_outputs(reference), session_options(None, native=False),
-                               providers=["CPUExecutionProvider"])
-    runs = [("function fallback", session_options(None, native=False))]
+    ref = session(expose(reference, names, graph.dtypes), optimize=True, name="masked dense reference")
+    paths = [("function fallback", False)]
     if kernels.available():
-        runs.insert(0, ("native library", session_options(None, native=True)))
-    want = [ref.run(names, feed) for feed in feeds]
+        paths.insert(0, ("native library", True))
+    want = [run(ref, feed, names) for feed in feeds]
+    exposed = expose(model, names, graph.dtypes)
     result = {"samples": len(feeds), "paths": [], "max_abs_diff": 0.0}
-    for label, opts in runs:
+    for label, native in paths:
         if say:
             say(f"sparsify: verifying against the masked dense model ({label})")
-        sess = ort.InferenceSession(with_outputs(model), opts, providers=["CPUExecutionProvider"])
+        sess = session(exposed, optimize=True, custom_ops=native, name=f"sparsified model ({label})")
         for feed, expected in zip(feeds, want):
-            got = sess.run(names, feed)
-            for (name, plan), a, b in zip(checked, expected, got):
-                diff = _mismatch(np.asarray(a), np.asarray(b), rtol, atol)
-                result["max_abs_diff"] = max(result["max_abs_diff"], diff[1])
-                if diff[0]:
+            got = run(sess, feed, names)
+            for name, plan in checked:
+                diff = compare_arrays(expected[name], got[name], reordered_sums=True, atol=atol, rtol=rtol)
+                result["max_abs_diff"] = max(result["max_abs_diff"], diff.max_abs_diff)
+                if diff.bad:
                     where = (f"sparse node '{plan[0].name}' ({sparse_op_type(*plan)} replacing {plan[0].op})"
                              if plan else f"graph output '{name}'")
                     raise VerificationError(
-                        f"{where} differs from the masked dense reference ({label}): {diff[2]}", name, diff[1])
+                        f"{where} differs from the masked dense reference ({label}): {diff.reason}", name,
+                        diff.max_abs_diff)
         result["paths"].append(label)
     return result
-
-
-def _mismatch(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> tuple[bool, float, str]:
-    if a.shape != b.shape:
-        return True, float("inf"), f"shape {b.shape} instead of {a.shape}"
-    if a.dtype.kind != "f":
-        same = np.array_equal(a, b)
-        return (not same), 0.0 if same else float("inf"), "integer values differ"
-    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    m = float(d.max()) if d.size else 0.0
-    scale = max(1.0, float(np.abs(a).max())) if a.size else 1.0
-    bad = not np.all(np.isfinite(a) == np.isfinite(b)) or bool(np.any(d > atol * scale + rtol * np.abs(a)))
-    return bad, m, f"max abs diff {m:.3g} (tolerance {atol:g} × {scale:.3g} + {rtol:g} × |ref|)"
 
 
 # ---- whole-model timing -------------------------------------------------------------------------------
@@ -379,7 +356,6 @@ def _end_to_end(dense: onnx.ModelProto, sparse: onnx.ModelProto, graph: Graph, t
                 native: bool) -> dict:
     """Whole model, dense vs sparse, paired interleaved rounds of the timing engine: median speed-up and its
     sign-test interval."""
-    from graphprune.verify import random_feeds
     feed = random_feeds(graph, 1, seed=0, dims=input_dims)[0]
     bench = SessionBench({"dense": dense, "sparse": sparse}, feed, threads, native=native)
     r = compare(bench, "dense", ["sparse"], margin=1.0, looks=(12, 24, 48))["sparse"]

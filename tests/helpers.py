@@ -1,6 +1,9 @@
 """Shared helpers for tests: build small ONNX graphs with random weights, prune, and check equivalence."""
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -20,8 +23,9 @@ def rand(*shape, seed=None, scale=None, positive=False):
     return a.astype(np.float32)
 
 
-def make_model(nodes, inputs, outputs, initializers=None, opset=17, value_info=None):
-    """inputs/outputs: list of (name, shape) or (name, shape, elem_type); initializers: dict name -> array."""
+def make_model(nodes, inputs, outputs, initializers=None, opset=17, value_info=None, check=True):
+    """inputs/outputs: list of (name, shape) or (name, shape, elem_type); initializers: dict name -> array.
+    check=False skips onnx.checker, for ops it rejects that onnxruntime runs (GroupNormalization-18, ...)."""
     def vi(spec):
         name, shape = spec[0], spec[1]
         et = spec[2] if len(spec) > 2 else TensorProto.FLOAT
@@ -31,7 +35,8 @@ def make_model(nodes, inputs, outputs, initializers=None, opset=17, value_info=N
                               value_info=value_info or [])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
-    onnx.checker.check_model(model)
+    if check:
+        onnx.checker.check_model(model)
     return model
 
 
@@ -50,3 +55,41 @@ def group_sizes(model):
     """Sorted (units, channels) of the prunable groups of a model."""
     analysis = graphprune.analyze_model(model)
     return sorted((len(g.units), g.channels) for g in analysis.groups)
+
+
+@contextlib.contextmanager
+def recording_rule_lookups():
+    """Collect, as ``domain::op`` (plain ``op`` for the default domain), every op whose channel rule the
+    analysis looks up and finds inside the block: the op types the rules were actually run on."""
+    from graphprune.registry import _norm_domain
+    from graphprune.rules import RULES
+
+    seen: set[str] = set()
+    original = RULES.lookup
+
+    def lookup(op_type, domain="", version=None):
+        fn = original(op_type, domain, version)
+        if fn is not None:
+            d = _norm_domain(domain)
+            seen.add(f"{d}::{op_type}" if d else op_type)
+        return fn
+
+    RULES.lookup = lookup  # instance attribute shadows the method for the duration of the block
+    try:
+        yield seen
+    finally:
+        del RULES.lookup
+
+
+MNIST = Path(__file__).resolve().parents[1] / "models" / "mnist_cnn.onnx"
+
+
+def conv_bn_model(gamma):
+    c = len(gamma)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    inits = {"w1": rand(c, 3, 3, 3, seed=1), "g": np.asarray(gamma, np.float32), "b": rand(c, seed=2),
+             "m": rand(c, seed=3), "v": rand(c, seed=4, positive=True), "w2": rand(4, c, 3, 3, seed=5)}
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], inits)

@@ -122,8 +122,9 @@ def test_failing_rule_freezes_and_leaves_a_diagnostic(monkeypatch):
         raise IndexError("no such axis")
 
     real_lookup = RULES.lookup
-    monkeypatch.setattr(RULES, "lookup",
-                        lambda op, domain="", version=None: broken if op == "Softmax" else real_lookup(op, domain, version))
+    def lookup(op, domain="", version=None):
+        return broken if op == "Softmax" else real_lookup(op, domain, version)
+    monkeypatch.setattr(RULES, "lookup", lookup)
     analysis = graphprune.analyze_model(_mlp_with_softmax(13))
     assert not any(("h", 2) in g.members for g in analysis.groups)
     assert any("Softmax node 'softmax' failed (IndexError: no such axis)" in d for d in analysis.diagnostics)

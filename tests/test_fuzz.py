@@ -16,12 +16,17 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import (  # noqa: E402
+    HealthCheck,
+    event,
+    given,
+    settings,
+    strategies as st,  # noqa: E402
+)
 
 import graphprune  # noqa: E402
 from graphprune.errors import GraphpruneError  # noqa: E402
-from graphprune.verify import session  # noqa: E402
+from graphprune.runtime import session  # noqa: E402
 
 EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "40"))
 DERANDOMIZE = os.environ.get("GRAPHPRUNE_FUZZ_SEED", "fixed") != "random"
@@ -56,7 +61,7 @@ class Builder:
     def add(self, op, inputs, out_shapes, **attrs):
         outs = [self.name("t") for _ in out_shapes]
         self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(op.lower() + "_"), **attrs))
-        for o, s in zip(outs, out_shapes):
+        for o, s in zip(outs, out_shapes, strict=True):
             self.shapes[o] = tuple(s)
         return outs[0] if len(outs) == 1 else outs
 
@@ -252,7 +257,7 @@ def test_random_graphs_prune_to_equivalent_models(model, ratio, importance, seed
     after = session(pruned).run(None, {"x": x})
     assert [a.shape for a in before] == [a.shape for a in after]
     if ratio == 0.0:
-        for a, b in zip(before, after):
+        for a, b in zip(before, after, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 

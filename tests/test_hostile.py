@@ -589,7 +589,7 @@ def test_plan_from_json_api_raises_plan_error():
             RewritePlan.from_json(text)
 
 
-# ---- G. outputs that would destroy inputs ------------------------------------------------------------------------------
+# ---- G. outputs that would destroy inputs ----------------------------------------------------------------------------
 
 def test_output_naming_the_inputs_external_data_is_refused(tmp_path):
     folder, path = _external_model(tmp_path, None)
@@ -833,7 +833,8 @@ def _tree_ensemble(n_nodes=200_000):
     node = helper.make_node(
         "TreeEnsembleClassifier", ["x"], ["label", "probabilities"], domain="ai.onnx.ml", name="trees",
         nodes_treeids=[0] * n_nodes, nodes_nodeids=ids.tolist(), nodes_featureids=(ids % 4).tolist(),
-        nodes_values=np.linspace(0, 1, n_nodes).tolist(), nodes_modes=["LEAF" if l else "BRANCH_LEQ" for l in leaf],
+        nodes_values=np.linspace(0, 1, n_nodes).tolist(),
+        nodes_modes=["LEAF" if is_leaf else "BRANCH_LEQ" for is_leaf in leaf],
         nodes_truenodeids=np.minimum(2 * ids + 1, n_nodes - 1).tolist(),
         nodes_falsenodeids=np.minimum(2 * ids + 2, n_nodes - 1).tolist(),
         class_treeids=[0] * (n_nodes // 2), class_nodeids=ids[leaf].tolist(), class_ids=(ids[leaf] % 2).tolist(),
@@ -858,7 +859,7 @@ def test_classical_onnx_ml_is_recognised_at_once(tmp_path):
         graphprune.prune(str(path), ratio=0.5)
 
 
-# ---- K. names are data ------------------------------------------------------------------------------------------------
+# ---- K. names are data -----------------------------------------------------------------------------------------------
 
 NAMES = {
     "markup": "[bold red]w[/bold red]",
@@ -953,7 +954,7 @@ def test_float16_model_verifies_on_a_float16_tolerance(tmp_path):
     onnx.checker.check_model(pruned, full_check=True)
 
 
-# ---- M. opsets 7-23 ---------------------------------------------------------------------------------------------------
+# ---- M. opsets 7-23 --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("opset", range(7, 24))
 def test_every_opset(opset):
@@ -977,13 +978,15 @@ def test_ir3_model_through_the_cli(tmp_path):
     assert_error_or_valid(result, tmp_path / "o.onnx")
 
 
-# ---- N. control flow ------------------------------------------------------------------------------------------------------
+# ---- N. control flow -------------------------------------------------------------------------------------------------
 
 def _control_flow(kind):
     vi = helper.make_tensor_value_info
     if kind == "If":
-        branch = lambda op: helper.make_graph([helper.make_node(op, ["r"], ["b"], name=f"{op}_b")], op, [],
-                                              [vi("b", 1, None)])
+        def branch(op):
+            return helper.make_graph([helper.make_node(op, ["r"], ["b"], name=f"{op}_b")], op, [],
+                                     [vi("b", 1, None)])
+
         extra = [helper.make_node("If", ["cond"], ["cf"], name="if", then_branch=branch("Relu"),
                                   else_branch=branch("Sigmoid"))]
         inits = {"cond": np.array(True)}
@@ -1201,8 +1204,8 @@ def test_feature_axis_fixed_by_a_gru_weight():
                            numpy_helper.from_array(_w(hidden, 32), "w1"), numpy_helper.from_array(_w(32, 4), "w2")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
+    from graphprune.feeds import feed_shapes
     from graphprune.ir import Graph
-    from graphprune.verify import feed_shapes
     shapes, dims = feed_shapes(Graph(m))
     assert shapes["x"][2] == feat and dims["F"] == feat
     pruned, report = graphprune.prune(m, ratio=0.5)
@@ -1220,8 +1223,8 @@ def test_raw_audio_input_is_long_enough_for_the_kernel():
                            numpy_helper.from_array(_w(8, 1, 512), "k1"), numpy_helper.from_array(_w(4, 8, 3), "k2")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
+    from graphprune.feeds import feed_shapes
     from graphprune.ir import Graph
-    from graphprune.verify import feed_shapes
     shapes, _ = feed_shapes(Graph(m))
     assert shapes["wave"][1] >= 512 + 2 * 160
     pruned, report = graphprune.prune(m, ratio=0.5)

@@ -2,11 +2,11 @@
 value_info never survives a rewrite."""
 from pathlib import Path
 
-import onnx
 from onnx import helper
 
 import graphprune
 from graphprune.ir import Graph, load_model, save_model
+
 from helpers import make_model, prune_checked, rand
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "mnist_cnn.onnx"

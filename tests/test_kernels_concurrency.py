@@ -97,7 +97,7 @@ def reference(op: str, feeds: dict, biases: dict):
 
 
 def assert_matches_numpy(outs, feeds, biases):
-    for op, out in zip(OPS, outs):
+    for op, out in zip(OPS, outs, strict=True):
         np.testing.assert_allclose(out, reference(op, feeds, biases), rtol=1e-4, atol=1e-3, err_msg=op)
 
 
@@ -124,7 +124,7 @@ def threaded_runs() -> dict:
             start.wait()
             for r in range(RUNS_PER_THREAD):
                 which = (t + r) % 2
-                for op, out, want in zip(OPS, sess.run(None, configs[which]), expected[which]):
+                for op, out, want in zip(OPS, sess.run(None, configs[which]), expected[which], strict=True):
                     if not np.array_equal(out, want):
                         wrong.append((t, r, op, float(np.nanmax(np.abs(out - want)))))
                 done[t] += 1
@@ -142,7 +142,8 @@ def threaded_runs() -> dict:
 
 def test_threads_share_one_session_with_alternating_index_arrays():
     # in a child process: a kernel racing on shared state can crash instead of giving wrong numbers
-    proc = subprocess.run([sys.executable, __file__, "--threaded"], capture_output=True, text=True, check=False, timeout=120)
+    proc = subprocess.run([sys.executable, __file__, "--threaded"], capture_output=True, text=True, check=False,
+                          timeout=120)
     assert proc.returncode == 0, f"child died (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not result["errors"], result["errors"][:3]
@@ -168,7 +169,7 @@ def test_valid_then_rejected_then_valid_index_gives_the_valid_result():
         with pytest.raises(Exception, match=f"{op}.*'{op}_node'.*not strictly ascending"):
             sess.run(None, bad)
         again = sess.run(None, good)  # the very same arrays as the first run
-        for name, a, b in zip(OPS, first, again):
+        for name, a, b in zip(OPS, first, again, strict=True):
             assert np.array_equal(a, b), f"{name} after a rejected {op} index: max error {np.max(np.abs(a - b))}"
 
 
@@ -209,7 +210,7 @@ def test_constant_index_session_shared_by_threads_with_intra_op_pool():
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     xs = [rng.standard_normal((m, K)).astype(np.float32) for m in (1, 16)]
     want = [sess.run(None, {"x": x})[0] for x in xs]
-    for x, y in zip(xs, want):
+    for x, y in zip(xs, want, strict=True):
         np.testing.assert_allclose(y, ops.reference("GpBsrMatMul", [x, values, index, bias], {"K": K, "N": N}),
                                    rtol=1e-4, atol=1e-3)
     wrong = []

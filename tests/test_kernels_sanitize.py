@@ -36,7 +36,8 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers(tmp_
     build = subprocess.run(
         [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
          "--build-temp", str(tmp_path / "build")],
-        cwd=ROOT, env={**os.environ, "GRAPHPRUNE_SANITIZE": "1"}, capture_output=True, text=True, check=False, timeout=300)
+        cwd=ROOT, env={**os.environ, "GRAPHPRUNE_SANITIZE": "1"}, capture_output=True, text=True, check=False,
+        timeout=300)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-3000:]
     libs = list((tmp_path / "lib").rglob("_gp_kernels_sanitized*.so"))
     assert len(libs) == 1, build.stderr[-2000:]
@@ -58,7 +59,8 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers(tmp_
     }
     probe = subprocess.run(
         [sys.executable, "-c", ("import ctypes, graphprune.kernels as gk; ctypes.CDLL(gk.library_path()); "
-                                "print(gk.library_path()); print(sum('libasan' in l for l in open('/proc/self/maps')))")],
+                                "print(gk.library_path()); "
+                                "print(sum('libasan' in l for l in open('/proc/self/maps')))")],
         env=env, capture_output=True, text=True, check=False, timeout=120)
     assert probe.returncode == 0, probe.stderr[-2000:]
     loaded, asan_maps = probe.stdout.split()

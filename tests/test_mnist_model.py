@@ -18,6 +18,7 @@ def _mnist_500():
     return x.reshape(-1, 1, 28, 28).astype(np.float32), np.asarray(y[idx])
 
 
+@pytest.mark.slow
 def test_mnist_cnn_onnx_accuracy():
     import onnx
     import onnxruntime as ort

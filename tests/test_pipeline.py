@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 from click.testing import CliRunner
+from onnx import helper
 
 import graphprune
 from graphprune import cli, pipeline
@@ -13,7 +14,6 @@ from graphprune.options import OptionError, PruneOptions, option_fields, parse_d
 from graphprune.passmanager import PassManager, Stage
 
 from helpers import make_model, rand
-from onnx import helper
 
 BAD_OPTIONS = [
     ("ratio", 1.0), ("ratio", -0.1), ("ratio", float("nan")), ("ratio", "0.5"),
@@ -112,7 +112,7 @@ def test_stage_log_lists_every_stage_in_order():
     _, report = graphprune.prune(_tiny(), ratio=0.5)
     expected = [s.name for s in pipeline.stages()]
     assert len(report.stage_log) == len(expected)
-    for line, name in zip(report.stage_log, expected):
+    for line, name in zip(report.stage_log, expected, strict=True):
         assert line.startswith(name + " "), (line, name)
     ran = [line for line in report.stage_log if "skipped" not in line]
     assert {line.split()[0] for line in ran} >= {"load", "canonicalize", "analyze", "score", "allocate", "rewrite",

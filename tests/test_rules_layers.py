@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 from graphprune.ops import elementwise, reduce as reduce_rules
+
 from helpers import group_sizes, make_model, prune_checked, rand
 
 F = TensorProto.FLOAT
@@ -86,7 +87,7 @@ def build(nodes, inputs, outputs, initializers=None, opset=17):
             probe.ir_version = 8
             sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
             feeds = {i[0]: np.zeros(i[1], np.float32) for i in inputs}
-            shapes = {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
+            shapes = {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), sess.run(None, feeds), strict=True)}
         outputs = [(o[0], shapes[o[0]]) if o[1] is None else o for o in outputs]
     return make_model(nodes, inputs, outputs, initializers, opset=opset)
 
@@ -347,12 +348,7 @@ def _group_norm_model(opset, groups=4, c=8):
     init = {"w1": rand(c, 3, 3, 3), "b1": rand(c), "s": rand(size, positive=True), "bb": rand(size),
             "w2": rand(4, c, 1, 1)}
     # built without onnx.checker: onnx 1.23 rejects GroupNormalization-18 as deprecated
-    graph = helper.make_graph(nodes, "gn", [helper.make_tensor_value_info("X", F, [1, 3, 5, 5])],
-                              [helper.make_tensor_value_info("Y", F, [1, 4, 5, 5])],
-                              [numpy_helper.from_array(v, k) for k, v in init.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
+    return make_model(nodes, [("X", [1, 3, 5, 5])], [("Y", [1, 4, 5, 5])], init, opset=opset, check=False)
 
 
 @pytest.mark.parametrize("opset", [18, 21])
@@ -441,11 +437,7 @@ def test_simplified_layer_norm_axis_prunes():
     """SimplifiedLayerNormalization is an onnxruntime op in the ONNX domain that onnx.checker rejects, so only
     the analysis is checked here (tests/test_rules_norm.py prunes it: the rewrite leaves standard ops)."""
     nodes, init = _ln_model("SimplifiedLayerNormalization")
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("X", F, [2, 5, 10])],
-                              [helper.make_tensor_value_info("Y", F, None)],
-                              [numpy_helper.from_array(v, k) for k, v in init.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = make_model(nodes, [("X", [2, 5, 10])], [("Y", None)], init, check=False)
     assert group_sizes(model) == [(12, 12), (16, 16)]
 
 
@@ -536,6 +528,23 @@ def test_unary(op):
     assert shape_of(pruned, "w2") == (4, 4, 1, 1)
 
 
+def test_identity_read_by_a_graph_output_links_its_channels():
+    """canonicalize drops every other Identity (test_unary only checks that it disappears); one whose output is
+    a graph output stays, and its rule carries the output's freeze back to the conv that produces h."""
+    nodes = [conv("c1", "X", "h", "w1", "b1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             mk("Identity", ["h"], ["i"]), mk("Relu", ["i"], ["r"]),
+             conv("c2", "r", "u", "w2", "b2", kernel_shape=[1, 1]), mk("Relu", ["u"], ["ur"]),
+             conv("c3", "ur", "Y", "w3", kernel_shape=[1, 1])]
+    model = build(nodes, [("X", [1, 3, 5, 5])], [("Y", None), ("i", None)],
+                  {"w1": rand(8, 3, 3, 3), "b1": rand(8), "w2": rand(6, 8, 1, 1), "b2": rand(6),
+                   "w3": rand(4, 6, 1, 1)})
+    assert_frozen(model, "w1", 0, "graph output 'i'")
+    pruned, _ = prune_checked(model)
+    assert "Identity" in [n.op_type for n in pruned.graph.node]
+    assert shape_of(pruned, "w1") == (8, 3, 3, 3)
+    assert shape_of(pruned, "w2") == (3, 8, 1, 1)
+
+
 def test_dropout_with_mask_output():
     """Dropout's mask output (kept by canonicalisation) carries the same channels as its data output."""
     middle = [mk("Dropout", ["h"], ["d", "mask"]), mk("Cast", ["mask"], ["mf"], to=F), mk("Mul", ["d", "mf"], ["m"])]
@@ -600,7 +609,8 @@ def _binary_const(op, shape):
 @pytest.mark.parametrize("op", BINARY_OPS)
 def test_binary(op, mode):
     """same: two coupled conv outputs; size1: a [1,1,H,W] activation broadcast over the channels (its own single
-    channel is not a channel of this op, the other operand's stay prunable); const: a per-channel [C,1,1] constant that shrinks with them."""
+    channel is not a channel of this op, the other operand's stay prunable); const: a per-channel [C,1,1] constant
+    that shrinks with them."""
     c = 8
     nodes = [conv("ca", "X", "a", "wa", "ba", kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
     init = {"wa": rand(c, 3, 3, 3), "ba": rand(c), "zero": np.float32(0.0), "four": np.float32(4.0),
@@ -1117,8 +1127,9 @@ def test_recurrent_initial_state_from_graph_input_freezes_hidden():
 
 def test_instance_norm_statistics_axis_is_frozen():
     """MatMul -> InstanceNormalization over a [1, 5, 16] tensor: the 16-wide axis carries the statistics."""
-    import graphprune
     from onnx import helper as h
+
+    import graphprune
     nodes = [
         h.make_node("MatMul", ["x", "w1"], ["a"]),
         h.make_node("InstanceNormalization", ["a", "s", "b"], ["n"]),

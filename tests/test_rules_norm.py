@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 from graphprune.ops.layernorm import decompose_layer_norm  # noqa: F401  (the module under test)
+
 from helpers import group_sizes, make_model, prune_checked, rand
 
 F = TensorProto.FLOAT
@@ -157,7 +158,7 @@ def test_layer_norm_float16_computes_in_float32():
         elif t.name == "down.w":
             arr[removed, :] = 0
         t.CopyFrom(numpy_helper.from_array(arr, t.name))
-    from graphprune.verify import session
+    from graphprune.runtime import session
     x = np.random.default_rng(0).standard_normal((2, 5, 10)).astype(np.float32)
     want = session(masked).run(None, {"x": x})[0]
     got = session(pruned).run(None, {"x": x})[0]

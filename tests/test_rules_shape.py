@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 from graphprune.plan import GroupPlan, RewritePlan, member_key
+
 from helpers import group_sizes, make_model, prune_checked, rand
 
 INT64 = TensorProto.INT64
@@ -1082,3 +1083,25 @@ def test_range_over_a_dynamic_length_does_not_freeze_channels():
     assert group_sizes(m) == [(16, 16)]
     p, _ = prune_checked(m)
     assert wshape(p, "fc1.w") == (8, 8)
+
+
+def test_shape_read_through_cast_freezes_only_the_dims_it_reads():
+    """tf2onnx casts shapes to int32 before slicing them: Shape(x) -> Cast -> Slice[0:1] reads the batch dim
+    only, so x's channel axis stays prunable (an LSTM zero state sized from the batch, say)."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Shape", ["r"], ["s"]),
+             helper.make_node("Cast", ["s"], ["s32"], to=TensorProto.INT32),
+             helper.make_node("Slice", ["s32", "zero", "one", "zero"], ["batch"]),
+             helper.make_node("Cast", ["batch"], ["batch64"], to=TensorProto.INT64),
+             helper.make_node("Concat", ["batch64", "four"], ["zshape"], axis=0),
+             helper.make_node("ConstantOfShape", ["zshape"], ["z"]),
+             helper.make_node("MatMul", ["r", "w2"], ["m"]),
+             helper.make_node("Add", ["m", "z"], ["y"])]
+    inits = {"w1": rand(6, 8, seed=1), "w2": rand(8, 4, seed=2), "zero": np.array([0], np.int32),
+             "one": np.array([1], np.int32), "four": np.array([4], np.int64)}
+    model = make_model(nodes, [("x", ["batch", 6])], [("y", ["batch", 4])], inits, opset=13)
+    pruned, report = prune_checked(model, ratio=0.5)
+    assert not any("Shape" in r for r in report.frozen_reasons)
+    weights = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert weights["w1"].shape == (6, 4) and weights["w2"].shape == (4, 4)

@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 
+from graphprune.passes.sparsegpt import apply_block_mask, pruned_per_chunk, sparsegpt
+
 
 @pytest.fixture(autouse=True)
 def _private_timing_cache(tmp_path_factory, monkeypatch):
     """Real timings of these tests go to a throwaway cache, not the user's."""
     monkeypatch.setenv("GRAPHPRUNE_CACHE_DIR", str(tmp_path_factory.mktemp("timing-cache")))
-
-from graphprune.passes.sparsegpt import apply_block_mask, pruned_per_chunk, sparsegpt
 
 
 def _correlated(n, k, seed=0):
@@ -67,12 +67,12 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
 
-from graphprune.calibration import synthetic_feeds  # noqa: E402
-from graphprune.errors import VerificationError  # noqa: E402
+from graphprune.feeds import synthetic_feeds  # noqa: E402
 from graphprune.ir import Graph  # noqa: E402
 from graphprune.kernels import ops  # noqa: E402
 from graphprune.passes.canonicalize import canonicalize  # noqa: E402
 from graphprune.passes.sparsify import sparsify  # noqa: E402
+
 from helpers import make_model, rand  # noqa: E402
 
 
@@ -304,6 +304,7 @@ def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_cli_mnist_forced_sparse_model_runs_without_the_library(tmp_path):
     model = tmp_path / "mnist.onnx"
     shutil.copy(MNIST, model)
@@ -325,6 +326,7 @@ def test_cli_mnist_forced_sparse_model_runs_without_the_library(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist.onnx", "sparse.onnx"]
 
 
+@pytest.mark.slow
 def test_cli_verification_failure_names_the_node_and_writes_nothing(tmp_path, monkeypatch):
     real = ops.pack_bsr_matmul
 
@@ -340,6 +342,7 @@ def test_cli_verification_failure_names_the_node_and_writes_nothing(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_api_sparsity_alone_and_after_channel_pruning():
     model, report = graphprune.prune(str(MNIST), sparsity=0.5, sparse_force=True, verify_samples=1)
     assert report.channels_removed == 0 and len(report.sparse_layers) == 5      # ratio 0 when only sparsity
@@ -370,6 +373,7 @@ def test_bad_sparse_settings_fail_cleanly():
 from graphprune.passes.sparse_stats import LayerStats  # noqa: E402
 
 
+@pytest.mark.slow
 def test_target_fits_the_dense_output_from_damaged_inputs():
     rng = np.random.default_rng(5)
     d = _correlated(4000, 48, seed=6).astype(np.float64)
@@ -384,6 +388,7 @@ def test_target_fits_the_dense_output_from_damaged_inputs():
     assert np.array_equal(same.target(w), w)                    # nothing upstream changed: W itself
 
 
+@pytest.mark.slow
 def test_sequential_sparsification_stays_closer_to_the_dense_model():
     rng = np.random.default_rng(7)
     mix = rng.standard_normal((32, 32)) / 5

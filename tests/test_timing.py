@@ -9,13 +9,14 @@ import pytest
 from onnx import helper
 
 from graphprune import timing
-from graphprune.calibration import synthetic_feeds
+from graphprune.feeds import synthetic_feeds
 from graphprune.ir import Graph
 from graphprune.passes.canonicalize import canonicalize
 from graphprune.passes.sparse_cost import layer_work
 from graphprune.passes.sparse_layers import find_layers
-from graphprune.passes.sparsify import (SparsifyError, load_sparse_plan, sparsify, write_sparse_plan)
-from graphprune.timing import (DEFAULT_ROOFLINE, MARGIN, TimingCache, compare, decide, sign_test_rank)
+from graphprune.passes.sparsify import SparsifyError, load_sparse_plan, sparsify, write_sparse_plan
+from graphprune.timing import DEFAULT_ROOFLINE, MARGIN, TimingCache, compare, decide, sign_test_rank
+
 from helpers import make_model, rand
 
 
@@ -75,7 +76,7 @@ def test_sign_test_rank_is_the_largest_valid_rank():
     for n, alpha in [(12, 0.0025), (24, 0.0025), (96, 0.0025), (30, 0.05)]:
         k = sign_test_rank(n, alpha)
         assert k >= 1
-        cdf = lambda j: sum(math.comb(n, i) for i in range(j + 1)) / 2 ** n  # noqa: E731
+        cdf = lambda j, n=n: sum(math.comb(n, i) for i in range(j + 1)) / 2 ** n  # noqa: E731
         assert cdf(k - 1) <= alpha / 2 < cdf(k)
     assert sign_test_rank(5, 0.0025) == 0                 # too few samples: no interval at this level
 

@@ -70,7 +70,8 @@ def _squeeze(node, c, write_axes):
     if implicit:
         # Squeeze with no axes drops every size-1 dim: a channel axis pruned down to 1 would vanish too and
         # change the rank. Spell the axes out once channels are removed.
-        c.fixup(lambda rw, node, axes=sorted(axes): write_axes(rw, node, axes))
+        kept_axes = sorted(axes)
+        c.fixup(lambda rw, node: write_axes(rw, node, kept_axes))
 
 
 def _axes_attribute(rw, node, axes):

@@ -17,7 +17,7 @@ def shape(node, c):
     end = min(max(end + r if end < 0 else end, 0), r)
     # a shape that is itself a graph output is read in full (it has no uses inside the graph)
     read = set(range(end - start)) if y in c.graph.output_names else set()
-    for use, _ in c.graph.uses.get(y, []):
+    for use in _value_uses(c.graph, y):
         if use.op_type == "Gather" and c.const(use.input[1]) is not None:
             read.update(int(i) % (end - start) for i in c.const(use.input[1]).reshape(-1))
         elif use.op_type == "Slice" and len(use.input) >= 3 and all(c.const(n) is not None for n in use.input[1:3]):
@@ -32,6 +32,17 @@ def shape(node, c):
         else:
             c.touch(x, ax)
     c.not_channel(y)
+
+
+def _value_uses(graph, name, depth=0):
+    """The nodes that read the values of `name`, looking through Cast (tf2onnx casts shapes to int32 and back)."""
+    for use, _ in graph.uses.get(name, []):
+        if use.op_type == "Cast" and depth < 4:
+            if use.output[0] in graph.output_names:
+                yield use
+            yield from _value_uses(graph, use.output[0], depth + 1)
+        else:
+            yield use
 
 
 @rule("Size")

@@ -1,4 +1,5 @@
-"""Weight-stripped models: keep the structure of a model in git, regenerate its weights from a seed.
+"""Corpus tools (not part of the installed package; tests, models/build_corpus.py and the benchmarks import it
+from the checkout). Weight-stripped models: keep the structure of a model in git, regenerate its weights from a seed.
 
 ``strip_weights`` removes the data of every large floating-point initializer (and of every large float
 ``Constant``, which it first turns into an initializer); ``refill_weights`` puts deterministic, numerically
@@ -37,8 +38,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -241,7 +242,7 @@ def _fan_in(dims: list[int], uses: list):
         if perm is None:
             perm = list(range(nd))
 
-        def d(i):  # size of dim i of the consumed (possibly transposed) tensor
+        def d(i, perm=perm):  # size of dim i of the consumed (possibly transposed) tensor
             return dims[perm[i]] if -len(perm) <= i < len(perm) else 1
 
         if op in ("Conv", "QLinearConv", "ConvInteger") and idx == (3 if op == "QLinearConv" else 1):
@@ -477,7 +478,7 @@ def corpus_dir() -> Path:
     env = os.environ.get("GRAPHPRUNE_CORPUS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models" / "corpus"
+    return Path(__file__).resolve().parent / "corpus"
 
 
 def load_manifest(directory: str | os.PathLike | None = None) -> dict:

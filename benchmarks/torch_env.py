@@ -1,4 +1,4 @@
-"""Import helpers for scripts that build models with PyTorch (corpus, benchmarks). Not used by the package.
+"""Import helpers for scripts that build models with PyTorch (the benchmarks). Not part of the package.
 
 The PyPI torchvision wheel is a CUDA build and fails to import with the CPU torch wheel ("operator
 torchvision::nms does not exist"); transformers imports torchvision too. Defining the two missing operator
