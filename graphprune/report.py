@@ -26,6 +26,7 @@ class PruneReport:
     stage_log: list = field(default_factory=list)   # one line per pipeline stage (time, summary or 'skipped')
     seconds: float = 0.0
     diagnostics: list = field(default_factory=list)
+    rule_failures: list = field(default_factory=list)  # (node, op, traceback) of channel rules that raised
     plan: RewritePlan | None = None
     calibration: str = ""              # where the statistics came from (file, or the data-free proxy)
     compensated: int = 0               # weights rewritten by compensation
@@ -35,6 +36,7 @@ class PruneReport:
     sensitivity: dict | None = None    # group -> relative output error at passes.sensitivity.LEVELS
     sparse_layers: list = field(default_factory=list)  # passes.sparsify.SparseLayerReport per eligible layer
     sparse: dict | None = None         # sparsify totals: layers sparse/dense, bytes, end-to-end ms, notes
+    reconstruction: dict | None = None  # passes.reconstruct summary: per-layer relative errors before/after
 
     @property
     def macs_ratio(self) -> float:
@@ -55,6 +57,7 @@ class PruneReport:
         self.groups_frozen = len(analysis.frozen_groups)
         self.channels_prunable = sum(g.channels for g in analysis.groups)
         self.channels_frozen = sum(g.channels for g in analysis.frozen_groups)
+        self.rule_failures = list(getattr(analysis, "rule_failures", []))
         reasons = Counter(short_reason(g.reason) for g in analysis.frozen_groups)
         self.frozen_reasons = dict(reasons.most_common())
 

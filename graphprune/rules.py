@@ -15,6 +15,8 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import traceback
+
 import numpy as np
 import onnx
 
@@ -113,6 +115,7 @@ class Coupler:
         self.roles: dict[str, str] = {}
         self.oracle_masks: list[OracleMask] = []
         self.mask_fills: list[MaskFill] = []
+        self.rule_failures: list[tuple[str, str, str]] = []  # (node, op, traceback) of rules that raised
         self.choices = choices if choices is not None else {}
         self.choice_log: list[Choice] = []
         self.diagnostics: list[str] = []  # rules that failed on a node (its tensors are frozen)
@@ -380,6 +383,8 @@ class Coupler:
                 self.freeze_all(f"rule failed: {type(exc).__name__}: {exc}")
                 self.diagnostics.append(f"the channel rule for {node.op_type} node '{node.name}' failed "
                                         f"({type(exc).__name__}: {exc}); its tensors stay whole")
+                # a rule that raises is a bug: keep the traceback for `-v` and for bug reports
+                self.rule_failures.append((node.name, node.op_type, traceback.format_exc()))
         for name in list(node.input) + list(node.output):
             r = self.rank(name) if name else None
             if not r:

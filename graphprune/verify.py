@@ -221,8 +221,11 @@ def _compare_intermediates(reference, pruned, feeds, outputs, atol, rtol, worst,
 
 
 def fidelity(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict) -> dict:
-    """How close the pruned model stays to the dense one on held-out samples: per float output, the mean
-    cosine similarity of per-sample outputs, the relative error, and top-1 agreement of the last axis."""
+    """How close the pruned model stays to the dense one on held-out samples, per float output: the mean cosine
+    similarity of per-sample outputs and the relative error; where the last axis has several entries, top-1 and
+    top-5 agreement (the dense top-1 class is the pruned top-1 / among the pruned top-5); where the output looks
+    like logits (last axis ≥ 2, rows not L2-normalised as embeddings are), the mean KL divergence
+    KL(softmax(dense) ‖ softmax(pruned)) over the last axis."""
     a_sess = session(dense, optimize=True, name="dense model")
     b_sess = session(pruned, optimize=True, name="pruned model")
     names = [o.name for o in a_sess.get_outputs()]
@@ -231,15 +234,32 @@ def fidelity(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict) -> di
     b_out = list(run(b_sess, feeds, names, batch=size).values())
     result = {"samples": len(next(iter(feeds.values()))), "outputs": {}}
     for name, a, b in zip(names, a_out, b_out):
+        if np.asarray(a).dtype.kind != "f" or np.ndim(a) == 0:
+            continue
         a = np.asarray(a, dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)
-        if a.dtype.kind != "f" or a.ndim == 0:
-            continue
         fa, fb = a.reshape(len(a), -1), b.reshape(len(b), -1)
         cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1) + 1e-12)
         entry = {"cosine": float(cos.mean()),
                  "rel_error": float(np.linalg.norm(fa - fb) / (np.linalg.norm(fa) + 1e-12))}
-        if a.shape[-1] > 1:
-            entry["top1_agreement"] = float((a.argmax(-1) == b.argmax(-1)).mean())
+        classes = a.shape[-1]
+        if classes > 1:
+            la, lb = a.reshape(-1, classes), b.reshape(-1, classes)
+            target = la.argmax(1)
+            entry["top1_agreement"] = float((lb.argmax(1) == target).mean())
+            k = min(5, classes)
+            top = np.argpartition(-lb, k - 1, axis=1)[:, :k]
+            entry["top5_agreement"] = float((top == target[:, None]).any(1).mean())
+            if not np.allclose(np.linalg.norm(la, axis=1), 1.0, atol=1e-3):
+                entry["kl"] = _mean_kl(la, lb)
         result["outputs"][name] = entry
     return result
+
+
+def _mean_kl(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
+    """Mean over rows of KL(softmax(p) ‖ softmax(q)), computed with log-softmax (no overflow)."""
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    lp, lq = log_softmax(logits_p), log_softmax(logits_q)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))

@@ -11,6 +11,8 @@ to the dense model's output: min ‖S·Ŵ − D·W‖², i.e. SparseGPT on the t
 (regularised towards W, and exactly W while nothing upstream has changed), with H = SᵀS/n + λI. Without
 that target correction each layer would preserve W·S, its original response to already-damaged inputs, and
 errors would compound (measured: MNIST CNN at 75 % block sparsity 87.7 % → 97.4 % accuracy with it).
+The onnxruntime runs and im2col rows come from passes/layer_stats.py, which channel reconstruction
+(passes/reconstruct.py) uses too.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import numpy as np
 from graphprune.calibration import GRAM_ROWS
 from graphprune.feeds import batches, static_batch
 from graphprune.ir import Graph
-from graphprune.runtime import expose, run, session
 
+from .layer_stats import Runner, exposing, im2col_rows, session  # noqa: F401  (the shared streaming engine)
 from .sparse_layers import Layer
 
 DAMP = 0.01          # λ = 1 % of the mean diagonal of SᵀS/n, as SparseGPT
@@ -62,27 +64,6 @@ def stats_key(layer: Layer):
                                                tuple(conv["pads"]), tuple(conv["dilations"])))
 
 
-def im2col_rows(x: np.ndarray, conv: dict, pick_rows: int, rng) -> np.ndarray:
-    """[n, Cin·kh·kw] input patches of a Conv at up to `pick_rows` random output positions."""
-    kh, kw = conv["kernel_shape"]
-    sh, sw = conv["strides"]
-    dh, dw = conv["dilations"]
-    top, left, bottom, right = conv["pads"]
-    b, c, h, w = x.shape
-    ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-    total = b * ho * wo
-    pick = rng.choice(total, pick_rows, replace=False) if total > pick_rows else np.arange(total)
-    bi, rest = np.divmod(pick, ho * wo)
-    oi, oj = np.divmod(rest, wo)
-    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    r = oi[:, None] * sh + np.arange(kh)[None, :] * dh                      # [n, kh]
-    s = oj[:, None] * sw + np.arange(kw)[None, :] * dw                      # [n, kw]
-    patches = xp[bi[:, None, None, None], np.arange(c)[None, :, None, None], r[:, None, :, None],
-                 s[:, None, None, :]]                                        # [n, c, kh, kw]
-    return patches.reshape(len(pick), c * kh * kw)
-
-
 def layer_rows(layer: Layer, x: np.ndarray, seed: int) -> np.ndarray:
     """float32 rows of one batch; the same `seed` picks the same rows from the dense and the sparse run."""
     rng = np.random.default_rng(seed)
@@ -92,18 +73,6 @@ def layer_rows(layer: Layer, x: np.ndarray, seed: int) -> np.ndarray:
     if len(rows) > GRAM_ROWS:
         rows = rows[np.sort(rng.choice(len(rows), GRAM_ROWS, replace=False))]
     return np.ascontiguousarray(rows, dtype=np.float32)
-
-
-# ---- onnxruntime runs ----------------------------------------------------------------------------------
-class Runner:
-    """Computes some tensors of a graph for a feed, running only the part of the model that produces them."""
-
-    def __init__(self, graph: Graph, names):
-        self.names = list(names)
-        self.sess = session(expose(graph.to_model(with_value_info=False), self.names, graph.dtypes, only=True))
-
-    def __call__(self, feed: dict) -> dict:
-        return run(self.sess, feed, self.names)
 
 
 def collect(dense: Graph, layers: list[Layer], feeds: dict, sparse: Graph | None = None, say=None) -> dict:

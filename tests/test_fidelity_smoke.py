@@ -83,26 +83,6 @@ class _FakeReport(SimpleNamespace):
     pass
 
 
-def _macs_after(ratio):          # MACs fall ~quadratically with the uniform channel ratio
-    return int(1000 * (1 - ratio) ** 2)
-
-
-def test_ratio_bisection_when_the_api_has_no_target_macs():
-    calls = []
-
-    def prune(model, ratio=0.5, importance="l1", verify=True, dry_run=False, seed=0):
-        calls.append(ratio)
-        return "model", _FakeReport(macs_before=1000, macs_after=_macs_after(ratio))
-
-    out = fid.prune_to_target(prune, "m.onnx", "l1", 2.0, None)
-    assert out.status == "ok" and out.method.startswith("ratio bisection")
-    assert abs(out.macs_ratio - 0.5) <= 0.01 * 0.5
-    assert len(calls) <= 16
-    # calibration needs an API that takes calib=
-    na = fid.prune_to_target(prune, "m.onnx", "l1", 2.0, "calib.npz")
-    assert na.status == "n/a" and "calib" in na.reason
-
-
 def test_target_macs_api_and_unknown_criterion():
     seen = {}
 
@@ -112,7 +92,8 @@ def test_target_macs_api_and_unknown_criterion():
             raise ValueError(f"unknown importance criterion {importance!r}; choose from activation, l1")
         seen.update(target_macs=target_macs, calib=calib, holdout=holdout, verify=verify)
         return "model", _FakeReport(macs_before=100, macs_after=int(100 * target_macs),
-                                    calibration="synthetic proxy" if calib is None else calib, diagnostics=[])
+                                    calibration="synthetic proxy" if calib is None else calib, diagnostics=[],
+                                    timings={"reconstruct": 1.5}, reconstruction=None)
 
     out = fid.prune_to_target(prune, "m.onnx", "activation", 1.25, "c.npz")
     assert out.status == "ok" and out.method == "target_macs" and out.macs_ratio == 0.8
@@ -120,7 +101,7 @@ def test_target_macs_api_and_unknown_criterion():
     na = fid.prune_to_target(prune, "m.onnx", "obspa", 2.0, None)
     assert na.status == "n/a" and "unknown importance criterion" in na.reason
 
-    def broken(model, ratio=0.5, importance="l1", verify=True, target_macs=None):
+    def broken(model, ratio=0.5, importance="l1", verify=True, target_macs=None, calib_samples=256):
         raise RuntimeError("rewrite exploded")
 
     failed = fid.prune_to_target(broken, "m.onnx", "l1", 2.0, None)
@@ -145,6 +126,21 @@ def test_table_rendering_marks_na_misses_and_data_settings():
     assert "| hessian | data-free (synthetic proxy) | 80.0 / 98.0 (1.67×) |" in text
     assert "n/a [1]" in text and "[1] ValueError: unknown importance criterion" in text
     assert "Below `random`" in text and "l1 at 2×" in text
+
+
+def test_rows_per_compensation_and_cells_of_other_revisions_are_labelled():
+    runs = [fid.Run("m", "obspa", "calib", 2.0, metrics={"top1": 60.0, "top5": 90.0}, macs_ratio=0.5,
+                    calibration="c.npz", compensate="none", git="abc123"),
+            fid.Run("m", "obspa", "calib", 2.0, metrics={"top1": 80.0, "top5": 95.0}, macs_ratio=0.5,
+                    calibration="c.npz", compensate="reconstruct", git="abc123", reconstruct_s=12.0),
+            fid.Run("m", "obspa", "calib", 1.5, metrics={"top1": 85.0, "top5": 97.0}, macs_ratio=1 / 1.5,
+                    calibration="c.npz", compensate="reconstruct", git="old999")]
+    info = {"metrics": [["top1", "top-1 agreement"], ["top5", "top-5 agreement"]], "header": "dense = 100 %",
+            "git": "abc123"}
+    text = "\n".join(fid.render_model("m", runs, info))
+    assert "| obspa | calib, compensate=none | – | 60.0 / 90.0 |" in text
+    assert "| obspa | calib, compensate=reconstruct | 85.0 / 97.0 @old999 | 80.0 / 95.0 |" in text
+    assert "Reconstruction pass: 12–12 s per run" in text
 
 
 def test_text_sets_are_disjoint_and_sized():
