@@ -16,18 +16,22 @@ from .report import PruneReport
 
 
 def load_graph(model_or_path) -> tuple[Graph, bool]:
-    """Load and canonicalize; returns the graph and whether the model had external data."""
+    """Load and canonicalize; returns the graph and whether the model had external data. Any failure is a
+    GraphpruneError (a PassError naming the step when it is not one already)."""
     from .passes.canonicalize import canonicalize
-    model, external = load_model(model_or_path)
-    graph = Graph(model)
-    canonicalize(graph)
+    from .passmanager import PassManager
+    pm = PassManager()
+    model, external = pm.run("load", load_model, model_or_path)
+    graph = pm.run("graph", Graph, model)
+    pm.run("canonicalize", canonicalize, graph)
     return graph, external
 
 
 def analyze_model(model_or_path, exclude=None, whole_heads: bool = False) -> Analysis:
     """Channel groups and frozen groups (with reasons) of a model, without pruning it."""
+    from .passmanager import PassManager
     graph, _ = load_graph(model_or_path)
-    return analyze(graph, exclude=exclude, whole_heads=whole_heads)
+    return PassManager().run("analyze", analyze, graph, exclude=exclude, whole_heads=whole_heads)
 
 
 def prune(model_or_path, options: PruneOptions | None = None, *, progress=None, **kwargs):

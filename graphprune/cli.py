@@ -1,12 +1,10 @@
 """Command line: `graphprune MODEL --ratio R [-o OUT]` and `graphprune analyze MODEL`."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -15,6 +13,7 @@ from rich.text import Text
 from rich.table import Table
 
 from .errors import GraphpruneError
+from .fileio import Terminated
 from .options import PruneOptions, option_fields, parse_dim
 
 # markup off: model, tensor and file names are data and may contain "[...]"; styles go through Text/style=
@@ -25,22 +24,40 @@ out = Console(highlight=False, markup=False, soft_wrap=True)
 class DefaultGroup(click.Group):
     """`graphprune MODEL ...` means `graphprune prune MODEL ...`; usage errors are one `error:` line, exit 2."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            rc = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as exc:  # bare `graphprune`: the help, not an error
-            out.print(exc.ctx.get_help() if exc.ctx else exc.format_message())
-            sys.exit(0)
-        except click.ClickException as exc:
-            _fail(exc.format_message())
-        except click.exceptions.Abort:
-            _fail("interrupted")
-        sys.exit(rc if isinstance(rc, int) else 0)
-
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["prune"] + list(args)
         return super().parse_args(ctx, args)
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Usage errors are one `error:` line with exit code 2, like every other error (click would print a
+        usage block); anything unexpected is one line too, never a traceback."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `graphprune`: the help, not an error
+            out.print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            sys.exit(0)
+        except click.ClickException as exc:  # usage errors included
+            _fail(exc.format_message())
+        except click.exceptions.Abort:
+            _fail("interrupted")
+        except Terminated:
+            _fail("terminated by SIGTERM; no output was written")
+        except GraphpruneError as exc:
+            _fail(str(exc))
+        except MemoryError:
+            _fail("out of memory (a model, dim or option asks for more than this machine has)")
+        except RecursionError:
+            _fail("the model is nested too deeply to process")
+        except OSError as exc:
+            _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
+        except Exception as exc:  # a bug: still one line, with what to report
+            _fail(f"internal error {type(exc).__name__}: {exc} (please report this with the model)")
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,12 +152,7 @@ def prune(model, output, plan_out, plan_in, no_verify, dims, verbose, **fields):
         if fields.get("calib") is not None:
             fields["calib"] = str(fields["calib"])
         if plan_in:
-            try:
-                fields["plan"] = RewritePlan.from_json(Path(plan_in).read_text())
-            except OSError as exc:
-                _fail(f"cannot read plan {plan_in}: {exc.strerror}")
-            except (UnicodeDecodeError, ValueError) as exc:
-                _fail(f"{plan_in}: not a plan file ({type(exc).__name__})")
+            fields["plan"] = RewritePlan.from_file(plan_in)
         options = PruneOptions.from_kwargs(verify=not no_verify, input_dims=input_dims, **fields)
     except GraphpruneError as exc:
         _fail(str(exc))
@@ -171,6 +183,9 @@ def prune(model, output, plan_out, plan_in, no_verify, dims, verbose, **fields):
         _fail(str(exc))
     except OSError as exc:
         _fail(f"{exc.filename or output}: {exc.strerror or exc}")
+    except MemoryError:
+        _fail(f"{model}: out of memory (the model, its declared dims or the options ask for more than this "
+              f"machine has)")
     _print_summary(report, None if dry_run else output, verbose)
     if report.sparse is not None:
         from .sparse_report import print_sparse
@@ -179,44 +194,52 @@ def prune(model, output, plan_out, plan_in, no_verify, dims, verbose, **fields):
 
 def _check_paths(model: Path, output: Path | None, plan_out: Path | None, plan_in: Path | None, calib,
                  sparse_plan_out=None, sparse_plan_in=None) -> None:
-    """No output may be an input, or another output of the same run."""
-    inputs = {"the input model": model, "--plan-in": plan_in, "--calib": Path(calib) if calib else None,
-              "--sparse-plan-in": Path(sparse_plan_in) if sparse_plan_in else None}
-    outputs = {"-o": output, "--plan-out": plan_out,
-               "--sparse-plan-out": Path(sparse_plan_out) if sparse_plan_out else None}
+    """No output may be an input (the model, its external data files, --plan-in, --sparse-plan-in, --calib or a
+    file inside a --calib folder), or another output of the same run. The model's external data file
+    (OUT.data) counts as an output: it is written when the weights are big."""
+    from .ir import input_files
+    model_files = input_files(model)
+    inputs = {"the input model": [model_files[0]]}
+    if len(model_files) > 1:
+        inputs["the input model's external data"] = model_files[1:]
+    if plan_in:
+        inputs["--plan-in"] = [plan_in.resolve()]
+    if sparse_plan_in:
+        inputs["--sparse-plan-in"] = [Path(sparse_plan_in).resolve()]
+    if calib:
+        inputs["--calib"] = [Path(calib).resolve()]
+    outputs = {"-o": output, "-o's external data file": output.with_name(output.name + ".data") if output else None,
+               "--plan-out": plan_out, "--sparse-plan-out": Path(sparse_plan_out) if sparse_plan_out else None}
     seen: dict[Path, str] = {}
     for label, path in outputs.items():
         if path is None:
             continue
         real = path.resolve()
-        for in_label, in_path in inputs.items():
-            if in_path is not None and real == in_path.resolve():
-                _fail(f"{label} {path} would overwrite {in_label}; choose another path")
+        for in_label, in_paths in inputs.items():
+            for in_path in in_paths:
+                if real == in_path or (in_label == "--calib" and in_path in real.parents) or _same_file(real, in_path):
+                    _fail(f"{label} {path} would overwrite {in_label}; choose another path")
         if real in seen:
             _fail(f"{label} and {seen[real]} name the same file {path}")
         seen[real] = label
         if not path.parent.exists():
             _fail(f"output folder does not exist: {path.parent}")
+        if path.exists() and not path.is_file():
+            _fail(f"{label} {path} exists and is not a regular file")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Two names of one file (a hard link resolves to itself, not to the other name)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Atomically: a fresh temp file in the same folder (never a fixed name a symlink could be planted at)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Atomically, through graphprune.fileio (fresh O_EXCL temp file in the same folder, then a rename)."""
+    from .fileio import write_text
+    write_text(path, text)
 
 
 def _print_plan(plan) -> None:
@@ -284,8 +307,17 @@ def _print_summary(report, output, verbose: bool) -> None:
         out.print(_before_after("kept widths", "group", [(g, str(b), str(a)) for g, b, a in report.kept_widths]))
     if report.verification:
         v = report.verification
-        out.print(f"verified: pruned == masked original on {v['samples']} random inputs "
-                  f"(max abs diff {v['max_abs_diff']:.2e})")
+        degenerate = "; ".join(f"'{_printable(k)}' {why}" for k, why in v.get("degenerate", {}).items())
+        if "compared" in v and not v["compared"]:
+            out.print(Text.assemble(("not verified:", "yellow"), f" on {v['samples']} random inputs the outputs "
+                                    f"prove nothing ({degenerate}) and no tensor feeding them could be compared"))
+        elif v.get("intermediate"):
+            out.print(f"verified: pruned == masked original on {v['samples']} random inputs at tensor "
+                      f"'{_printable(v['compared'][0])}', because the outputs prove nothing ({degenerate}) "
+                      f"(max abs diff {v['max_abs_diff']:.2e})")
+        else:
+            out.print(f"verified: pruned == masked original on {v['samples']} random inputs "
+                      f"(max abs diff {v['max_abs_diff']:.2e})")
     if verbose and report.per_layer:
         out.print(_before_after("per layer MACs", "node", [(n, _fmt(b), _fmt(a)) for n, b, a in report.per_layer]))
     if verbose:
@@ -316,6 +348,8 @@ def analyze(model, exclude, as_json, verbose, graph_out):
         analysis = analyze_model(str(model), exclude=list(exclude))
     except GraphpruneError as exc:
         _fail(str(exc))
+    except MemoryError:
+        _fail(f"{model}: out of memory (the model or its declared dims ask for more than this machine has)")
     report = PruneReport()
     report.add_analysis(analysis)
     if graph_out is not None:

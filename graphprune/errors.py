@@ -28,3 +28,7 @@ class PlanError(GraphpruneError):
 
 class RuleError(GraphpruneError):
     """A rule was registered twice or declared something inconsistent."""
+
+
+class UnsupportedModelError(GraphpruneError):
+    """A valid model of a kind graphprune does not prune (classical ONNX-ML), said at once and why."""

@@ -30,6 +30,7 @@ def insert_consumer_masks(model: onnx.ModelProto, masks: dict[str, list[np.ndarr
       node reads in the removed places instead of 0.
     Returns tensor name -> names of its masks, for the tensors some node reads (the others get no mask)."""
     g = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     inits = {t.name for t in g.initializer}
     pending = {name: list(ms) for name, ms in masks.items() if ms and name not in inits}
     fills = fills or {}
@@ -55,7 +56,7 @@ def insert_consumer_masks(model: onnx.ModelProto, masks: dict[str, list[np.ndarr
                 g.initializer.append(numpy_helper.from_array(mask, mname))
             out = f"{name}__gp_masked" + (f"_{k}" if fill else "") if j == len(steps) - 1 \
                 else f"{name}__gp_masked_{k}_{j}"
-            new_nodes.extend(_mask_nodes(g, mname, current, out, elem, f"{prefix}_{k}", fill))
+            new_nodes.extend(_mask_nodes(g, mname, current, out, elem, f"{prefix}_{k}", fill, opset))
             mask_names.setdefault(name, []).append(mname)
             current = out
         masked[(name, fill)] = current
@@ -72,10 +73,13 @@ def insert_consumer_masks(model: onnx.ModelProto, masks: dict[str, list[np.ndarr
 
 
 def _mask_nodes(g: onnx.GraphProto, mask: str, x: str, out: str, elem: int, tag: str,
-                fill: str = "") -> list[onnx.NodeProto]:
+                fill: str = "", opset: int = 0) -> list[onnx.NodeProto]:
     """Nodes computing out = where(mask, x, fill or 0) for a tensor of element type `elem`."""
     if elem == onnx.TensorProto.BOOL:  # onnxruntime's CPU Where has no bool kernel: mask with And
         return [helper.make_node("And", [mask, x], [out], name=f"{tag}_where")]
+    if 0 < opset < 9 and not fill:  # Where arrived in opset 9: multiply by the mask cast to the tensor's type
+        return [helper.make_node("Cast", [mask], [f"{out}_mask"], to=elem, name=f"{tag}_cast"),
+                helper.make_node("Mul", [x, f"{out}_mask"], [out], name=f"{tag}_where")]
     # nor int16/uint16/uint64/bfloat16 kernels: mask in a wider type (exact) and cast back
     wide = _WHERE_WIDER.get(elem)
     nodes = []

@@ -246,7 +246,7 @@ def _verify(ctx: Context) -> str:
     reference = masked_reference(ctx.original, ctx.removed, ctx.analysis.oracle_masks, ctx.updates,
                                  ctx.analysis.mask_fills)
     feeds = random_feeds(ctx.original, o.verify_samples, seed=o.seed, dims=o.input_dims)
-    ctx.report.verification = compare(reference, ctx.pruned, feeds)
+    ctx.report.verification = compare(reference, ctx.pruned, feeds, removed=ctx.removed)
     return f"max abs diff {ctx.report.verification['max_abs_diff']:.2e} on {o.verify_samples} inputs"
 
 

@@ -46,17 +46,89 @@ class RewritePlan:
         return json.dumps(data, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "RewritePlan":
+    def from_json(cls, text) -> "RewritePlan":
+        """Parse a plan; anything that is not a well-formed plan is a PlanError naming what is wrong."""
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PlanError("not a graphprune plan: not UTF-8 text") from None
+        if not isinstance(text, str):
+            raise PlanError(f"not a graphprune plan: expected JSON text, got {type(text).__name__}")
         try:
             data = json.loads(text)
-            if data.get("version") != PLAN_VERSION:
-                raise PlanError(f"plan version {data.get('version')} is not {PLAN_VERSION}")
-            return cls(data.get("model", ""), data.get("settings", {}),
-                       [GroupPlan(**g) for g in data["groups"]])
-        except PlanError:
-            raise
-        except Exception as exc:
-            raise PlanError(f"not a graphprune plan: {exc}") from exc
+        except RecursionError:
+            raise PlanError("not a graphprune plan: JSON nested too deeply") from None
+        except ValueError as exc:
+            raise PlanError(f"not a graphprune plan: invalid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise PlanError(f"not a graphprune plan: expected a JSON object, got {type(data).__name__}")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {_short(data.get('version'))} is not {PLAN_VERSION}")
+        model = data.get("model", "")
+        settings = data.get("settings", {})
+        groups = data.get("groups")
+        if not isinstance(model, str) or not isinstance(settings, dict):
+            raise PlanError("not a graphprune plan: 'model' must be a string and 'settings' an object")
+        if not isinstance(groups, list):
+            raise PlanError("not a graphprune plan: 'groups' must be a list")
+        return cls(model, settings, [_group(g, k) for k, g in enumerate(groups)])
+
+    @classmethod
+    def from_file(cls, path) -> "RewritePlan":
+        """Read a plan file: a regular file (no FIFO, device or folder) of at most MAX_PLAN_BYTES."""
+        from .fileio import read_regular
+        return cls.from_json(read_regular(path, MAX_PLAN_BYTES, PlanError, "plan file"))
+
+
+# A plan lists removed indices; 256 MiB of JSON is far beyond any real model's.
+MAX_PLAN_BYTES = 256 << 20
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _int(value, what: str, lo: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise PlanError(f"not a graphprune plan: {what} must be an integer >= {lo}, got {_short(value)}")
+    return value
+
+
+def _group(g, k: int) -> GroupPlan:
+    """One group entry, every field type-checked (json gives any type anywhere)."""
+    where = f"group {k}"
+    if not isinstance(g, dict):
+        raise PlanError(f"not a graphprune plan: {where} is {type(g).__name__}, not an object")
+    allowed = {"group", "channels", "units", "removed_units", "removed", "kept_channels", "scores"}
+    unknown = sorted(set(g) - allowed)
+    if unknown:
+        raise PlanError(f"not a graphprune plan: {where} has unknown field(s) {_short(unknown)}")
+    missing = sorted({"group", "channels", "units", "removed_units", "removed"} - set(g))
+    if missing:
+        raise PlanError(f"not a graphprune plan: {where} lacks {', '.join(missing)}")
+    if not isinstance(g["group"], str):
+        raise PlanError(f"not a graphprune plan: {where} name must be a string")
+    removed = g["removed"]
+    if not isinstance(removed, dict):
+        raise PlanError(f"not a graphprune plan: {where} 'removed' must be an object")
+    clean: dict[str, list[int]] = {}
+    for key, idx in removed.items():
+        name, sep, axis = key.rpartition("::")
+        if not sep or not name or not (axis.lstrip("-").isascii() and axis.lstrip("-").isdigit()):
+            raise PlanError(f"not a graphprune plan: {where} key {_short(key)} is not 'tensor::axis'")
+        if not isinstance(idx, list):
+            raise PlanError(f"not a graphprune plan: {where} {_short(key)} must list indices")
+        clean[key] = [_int(i, f"{where} index", 0) for i in idx]
+    scores = g.get("scores")
+    if scores is not None and (not isinstance(scores, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores)):
+        raise PlanError(f"not a graphprune plan: {where} scores must be a list of numbers")
+    return GroupPlan(group=g["group"], channels=_int(g["channels"], f"{where} channels"),
+                     units=_int(g["units"], f"{where} units"),
+                     removed_units=_int(g["removed_units"], f"{where} removed_units"), removed=clean,
+                     kept_channels=_int(g.get("kept_channels", 0), f"{where} kept_channels"), scores=scores)
 
 
 def member_key(member: tuple[str, int]) -> str:

@@ -20,6 +20,7 @@ import traceback
 import numpy as np
 import onnx
 
+from .errors import RuleError
 from .ir import Graph, attr, subgraph_outer_names
 from .registry import Registry
 
@@ -212,7 +213,7 @@ class Coupler:
         ia = self._ids(a, a_axis, a_idx)
         ib = self._ids(b, b_axis, b_idx)
         if len(ia) != len(ib):
-            raise ValueError(f"link maps of different lengths at node '{self.node.name}'")
+            raise RuleError(f"link maps of different lengths at node '{self.node.name}'")
         self._edges_a.append(ia)
         self._edges_b.append(ib)
         if a_idx is None and b_idx is None:

@@ -68,13 +68,14 @@ class Session(ort.InferenceSession):
 
 
 def session(model, *, optimize: bool = False, threads: int | None = None, providers=CPU,
-            custom_ops: bool = False, log_level: int = 3, name: str | None = None) -> Session:
+            custom_ops: bool = False, log_level: int = 4, name: str | None = None) -> Session:
     """A session for `model` (ModelProto, serialized bytes or a path).
     optimize: onnxruntime's full graph optimisations (off by default, see the module docstring).
     threads: intra-op threads (inter-op then 1); None: onnxruntime's default.
     custom_ops: register graphprune's native kernel library for the ai.graphprune ops when it is built;
       without it those ops run through their function bodies.
-    log_level: onnxruntime's log severity threshold (3: errors only, 4: fatal only).
+    log_level: onnxruntime's log severity threshold (3: errors only, 4: fatal only; default 4: its errors
+      reach the caller as exceptions, and the CLI prints each as one line).
     name: what errors call the model (default: its graph name, or the path)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import VerificationError
+from .errors import GraphpruneError, VerificationError
 from .feeds import static_batch
 from .ir import Graph
 from .masking import insert_consumer_masks
-from .runtime import compare_arrays, run, session
+from .runtime import OnnxRuntimeError, compare_arrays, expose, run, session, tolerance
 
 
 def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], oracle_masks=(),
@@ -76,27 +76,148 @@ def _replace_init(g, name, arr):
             return
 
 
+_LOW_PRECISION = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)
+
+
+def compute_tolerance(model: onnx.ModelProto) -> tuple[float, float] | None:
+    """(atol, rtol) of the lowest float precision the model computes in (its float weights, Cast targets,
+    inputs and outputs) when that is below float32, else None (each output's own dtype decides). A model that
+    computes in float16 but returns float32 differs by float16 roundings, not float32 ones."""
+    seen = {t.data_type for t in model.graph.initializer}
+    seen |= {v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    for node in model.graph.node:
+        if node.op_type in ("Cast", "CastLike"):
+            seen.update(a.i for a in node.attribute if a.name == "to")
+    for low in _LOW_PRECISION:
+        if low in seen:
+            return tolerance(low)
+    return None
+
+
+def _degenerate(values: list[np.ndarray]) -> str | None:
+    """Why a tensor's values across the random inputs prove nothing (NaN/Inf, all zero, the same for every
+    input), or None when they are evidence."""
+    a = np.asarray(values[0])
+    if a.dtype.kind in "fc" and not all(np.all(np.isfinite(v)) for v in values):
+        return "NaN/Inf"
+    if a.dtype.kind not in "fciub":
+        return None
+    if all(not np.any(v) for v in values):
+        return "all zero"
+    if len(values) > 1 and all(np.shape(v) == a.shape and np.array_equal(v, a) for v in values[1:]):
+        return "the same for every random input"
+    if len(values) == 1 and a.size > 1 and np.all(a == a.reshape(-1)[0]):
+        return "constant"
+    return None
+
+
+def _run(sess, feed, names, feeds):
+    """runtime.run, with the dims the random inputs used in the error (which --dim to pass)."""
+    try:
+        return run(sess, feed, names)
+    except OnnxRuntimeError as exc:
+        dims = getattr(feeds, "dims", {})
+        hint = (f"; the random inputs used {', '.join(f'{k}={v}' for k, v in dims.items())}: pass --dim NAME=VALUE "
+                f"with sizes the model accepts") if dims else ""
+        raise VerificationError(f"the model does not run on random inputs ({exc}){hint}") from None
+
+
+def _check_pair(name, a, b, atol, rtol, worst, what="output"):
+    result = compare_arrays(a, b, atol=atol, rtol=rtol)
+    if np.asarray(a).dtype.kind == "f" and np.shape(a) == np.shape(b):
+        if result.max_abs_diff > worst["max_abs_diff"]:
+            worst.update(max_abs_diff=result.max_abs_diff, output=name)
+        worst["max_rel_diff"] = max(worst["max_rel_diff"], result.max_abs_diff / result.scale)
+    if result.bad:
+        raise VerificationError(f"{what} '{name}' differs from the masked original: {result.reason}", name,
+                                result.max_abs_diff)
+
+
 def compare(reference: onnx.ModelProto, pruned: onnx.ModelProto, feeds, rtol: float | None = None,
-            atol: float | None = None) -> dict:
+            atol: float | None = None, removed: dict | None = None) -> dict:
     """Run both models on the same feeds; raise VerificationError naming the first output that differs.
-    Tolerances follow each output's dtype (runtime.tolerance) unless given."""
+    Tolerances follow each output's dtype (runtime.tolerance), or the model's compute precision when that is
+    lower (float16 inside, float32 out), unless given.
+
+    When the outputs prove nothing (NaN/Inf, all zero, or identical for every random input: a zero-initialised
+    head), the tensors feeding them are compared instead, nearest first (`removed`: (tensor, axis) -> removed
+    indices maps the original's channels onto the pruned tensor). 'compared' lists what was compared: empty
+    when nothing was."""
+    if rtol is None and atol is None and compute_tolerance(reference) is not None:
+        atol, rtol = compute_tolerance(reference)
     ref_sess = session(reference, name="masked original")
     new_sess = session(pruned, name="pruned model")
     names = [o.name for o in ref_sess.get_outputs()]
-    worst = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "output": None, "samples": len(feeds)}
+    worst = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "output": None, "samples": len(feeds), "compared": [],
+             "degenerate": {}, "atol": atol, "rtol": rtol}  # None: each output's dtype decides
+    ref_values = {n: [] for n in names}
     for feed in feeds:
-        want = run(ref_sess, feed, names)
-        got = run(new_sess, feed, names)
+        want = _run(ref_sess, feed, names, feeds)
+        got = _run(new_sess, feed, names, feeds)
         for name in names:
-            result = compare_arrays(want[name], got[name], atol=atol, rtol=rtol)
-            if np.asarray(want[name]).dtype.kind == "f" and np.shape(want[name]) == np.shape(got[name]):
-                if result.max_abs_diff > worst["max_abs_diff"]:
-                    worst.update(max_abs_diff=result.max_abs_diff, output=name)
-                worst["max_rel_diff"] = max(worst["max_rel_diff"], result.max_abs_diff / result.scale)
-            if result.bad:
-                raise VerificationError(f"output '{name}' differs from the masked original: {result.reason}",
-                                        name, result.max_abs_diff)
+            _check_pair(name, want[name], got[name], atol, rtol, worst)
+            ref_values[name].append(np.asarray(want[name]))
+    for name in names:
+        why = _degenerate(ref_values[name]) if feeds else "no samples"
+        if why:
+            worst["degenerate"][name] = why
+        else:
+            worst["compared"].append(name)
+    if feeds and not worst["compared"]:
+        _compare_intermediates(reference, pruned, feeds, names, atol, rtol, worst, removed or {})
     return worst
+
+
+def _cone(model: onnx.ModelProto, outputs, limit: int = 48) -> list[str]:
+    """Tensors that feed `outputs`, nearest first (breadth first over producers), node outputs only."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    consts = {t.name for t in model.graph.initializer}
+    order, seen, queue = [], set(outputs), list(outputs)
+    while queue and len(order) < limit:
+        name = queue.pop(0)
+        node = producer.get(name)
+        if node is None:
+            continue
+        for i in node.input:
+            if i and i not in seen and i not in consts and i in producer:
+                seen.add(i)
+                order.append(i)
+                queue.append(i)
+    return order
+
+
+def _compare_intermediates(reference, pruned, feeds, outputs, atol, rtol, worst, removed) -> None:
+    """Compare the nearest non-degenerate tensor feeding the outputs, kept channels only."""
+    types = {v.name: v.type.tensor_type.elem_type for v in list(pruned.graph.value_info) + list(pruned.graph.output)}
+    pruned_names = {o for n in pruned.graph.node for o in n.output}
+    candidates = [n for n in _cone(reference, outputs) if n in pruned_names and n in types and "__gp_" not in n]
+    if not candidates:
+        return
+    try:
+        ref_sess = session(expose(reference, candidates, types, only=True), name="masked original")
+        new_sess = session(expose(pruned, candidates, types, only=True), name="pruned model")
+    except GraphpruneError:
+        return
+    runs = [(_run(ref_sess, f, candidates, feeds), _run(new_sess, f, candidates, feeds)) for f in feeds]
+    by_axis: dict[str, dict[int, np.ndarray]] = {}
+    for (tensor, axis), idx in removed.items():
+        if len(idx):
+            by_axis.setdefault(tensor, {})[axis] = np.asarray(idx)
+    for name in candidates:
+        ref_vals = []
+        for want, got in runs:
+            a = np.asarray(want[name])
+            for axis, idx in by_axis.get(name, {}).items():  # the pruned tensor lacks the removed channels
+                if axis < a.ndim and a.shape[axis] != np.shape(got[name])[axis]:
+                    a = np.delete(a, idx, axis=axis)
+            ref_vals.append(a)
+        if _degenerate(ref_vals) or any(a.shape != np.shape(got[name]) for a, (_, got) in zip(ref_vals, runs)):
+            continue
+        for a, (_, got) in zip(ref_vals, runs):
+            _check_pair(name, a, got[name], atol, rtol, worst, what="intermediate tensor")
+        worst["compared"].append(name)
+        worst["intermediate"] = True
+        return
 
 
 def fidelity(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict) -> dict:

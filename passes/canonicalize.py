@@ -394,7 +394,7 @@ def _try_fold(graph: Graph, node):
         if a.dtype.kind == "f" and a.size > UNTIE_LIMIT and not all(
                 all(graph.is_const(i) for i in user.input if i) for user, _ in graph.uses.get(name, [])):
             return None
-    if sum(a.size for a in arrays) > FOLD_LIMIT:
+    if sum(a.size for a in arrays) > FOLD_LIMIT or _fold_output_too_big(graph, node, arrays):
         return None
     try:
         result = _evaluate(node, graph)
@@ -403,6 +403,33 @@ def _try_fold(graph: Graph, node):
     if result is None or result.size > FOLD_LIMIT:
         return None
     return result
+
+
+def _fold_output_too_big(graph: Graph, node, arrays) -> bool:
+    """Whether folding would materialise more than FOLD_LIMIT elements: decided before evaluating, since a
+    4 KB model can ask ConstantOfShape/Expand/Tile/Range (or a broadcast) for 10⁹ of them."""
+    shape = graph.shape(node.output[0]) if node.output else None
+    if shape is not None and all(isinstance(d, int) for d in shape):
+        return float(np.prod(shape, dtype=np.float64)) > FOLD_LIMIT
+    try:
+        op = node.op_type
+        if op == "ConstantOfShape":
+            n = float(np.prod(arrays[0].astype(np.float64)))
+        elif op == "Expand":
+            a, b = list(arrays[0].shape), [float(x) for x in arrays[1].reshape(-1)]
+            r = max(len(a), len(b))
+            a, b = [1] * (r - len(a)) + a, [1.0] * (r - len(b)) + b
+            n = float(np.prod([max(x, y) for x, y in zip(a, b)]))
+        elif op == "Tile":
+            n = arrays[0].size * float(np.prod(arrays[1].astype(np.float64)))
+        elif op == "Range":
+            start, limit, delta = (float(np.asarray(x).reshape(-1)[0]) for x in arrays[:3])
+            n = abs((limit - start) / delta) if delta else float("inf")
+        else:
+            n = float(np.prod(np.broadcast_shapes(*(a.shape for a in arrays)), dtype=np.float64))
+    except Exception:
+        return False  # evaluation will fail or be small; FOLD_LIMIT still bounds the result
+    return not n <= FOLD_LIMIT
 
 
 def _fold_partial_shape(graph: Graph, node):

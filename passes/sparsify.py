@@ -18,10 +18,7 @@ A layer that stays dense keeps its original weights: no sparsity, no accuracy lo
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -391,10 +388,11 @@ def sparse_plan(reports: list, layers: list, sparsity: float, fmt: str, margin: 
 
 
 def load_sparse_plan(path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise SparsifyError(f"cannot read sparse plan {path}: {exc.strerror or exc}") from exc
+    from graphprune.fileio import read_regular
+    try:  # a regular file of bounded size (a FIFO or device is refused unread)
+        data = json.loads(read_regular(path, 256 << 20, SparsifyError, "sparse plan").decode("utf-8"))
+    except RecursionError:
+        raise SparsifyError(f"{path}: not a sparse plan (JSON nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise SparsifyError(f"{path}: not a sparse plan (invalid JSON: {exc})") from exc
     if not isinstance(data, dict) or data.get("graphprune_sparse_plan") != PLAN_FORMAT \
@@ -404,17 +402,9 @@ def load_sparse_plan(path) -> dict:
 
 
 def write_sparse_plan(path, plan: dict) -> None:
-    """Atomically: a unique temp file in the same folder, opened with O_EXCL, then os.replace."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(plan, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Atomically, through graphprune.fileio (O_EXCL temp file, rename, open()'s mode, SIGTERM cleanup)."""
+    from graphprune.fileio import write_text
+    write_text(path, json.dumps(plan, indent=1) + "\n")
 
 
 def _replay_index(plan: dict, layers: list, sparsity: float) -> dict:

@@ -41,5 +41,6 @@ def register(cls):
 
 def get_criterion(name: str, **options) -> Criterion:
     if name not in CRITERIA:
-        raise ValueError(f"unknown importance criterion {name!r}; choose from {', '.join(sorted(CRITERIA))}")
+        from graphprune.options import OptionError
+        raise OptionError(f"unknown importance criterion {name!r}; choose from {', '.join(sorted(CRITERIA))}")
     return CRITERIA[name](**options)
