@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from .analysis import Analysis, analyze
+from .errors import GraphpruneError
 from .ir import Graph, load_model
 from .metrics import count, count_after
 from .options import PruneOptions
@@ -91,8 +92,23 @@ def _needs_statistics(ctx: Context) -> bool:
 
 
 def _calibrate(ctx: Context) -> str:
-    ctx.stats, ctx.heldout, ctx.feeds = _statistics(ctx.graph, ctx.analysis, ctx.criterion, ctx.options,
-                                                     ctx.progress)
+    try:
+        ctx.stats, ctx.heldout, ctx.feeds = _statistics(ctx.graph, ctx.analysis, ctx.criterion, ctx.options,
+                                                         ctx.progress)
+    except GraphpruneError as exc:
+        o = ctx.options
+        if o.calib is not None or o.sparsity is not None or o.scope == "sensitivity" or ctx.criterion is None:
+            raise
+        # The data-free proxy could not run (synthetic inputs the model refuses, e.g. dims no default fits): the
+        # default recipe must still prune, so rank by magnitude and compensate nothing, and say so.
+        from .passes.importance import get_criterion
+        ctx.criterion = get_criterion("l1", seed=o.seed)
+        ctx.stats, ctx.feeds, ctx.heldout = None, None, {}
+        note = (f"the data-free statistics proxy could not run ({exc}); ranked by l1 without compensation "
+                f"(give --calib, or --dim for the dynamic dims)")
+        ctx.report.diagnostics.append(note)
+        ctx.report.calibration = "none: the data-free proxy could not run"
+        return "proxy failed: l1, no compensation"
     ctx.report.calibration = ctx.stats.source
     return ctx.stats.source
 
@@ -324,7 +340,7 @@ def stages() -> list[Stage]:
         Stage("add biases", _add_biases, needs=("graph",),
               when=lambda c: c.options.compensation in ("obs", "bias") or c.options.reconstruct),
         Stage("analyze", _analyze, needs=("graph",), provides=("analysis",)),
-        Stage("calibrate", _calibrate, needs=("graph", "analysis"), provides=("stats", "feeds", "heldout"),
+        Stage("calibrate", _calibrate, needs=("graph", "analysis"), provides=("heldout",),
               when=_needs_statistics),
         Stage("score", _score, needs=("analysis", "criterion"), provides=("scores",),
               when=lambda c: c.options.plan is None),
