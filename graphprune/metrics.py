@@ -39,6 +39,9 @@ def node_macs(graph: Graph, node, shape=None) -> int:
             return 0
         k = a[-1]
         return _prod(out) * (k if isinstance(k, int) else 1)
+    if op == "MatMulNBits":  # A [..., K] · Bᵀ, B [N, K] packed: K is the attribute, not the packed shape
+        k = attr(node, "K", 0)
+        return _prod(out) * (k if isinstance(k, int) else 1)
     if op == "DynamicQuantizeLSTM":  # W [dirs, input, 4H], R [dirs, H, 4H]; X [seq, batch, input]
         w, r, x = (shape(node.input[i]) for i in (1, 2, 0))
         return (_prod(w) + _prod(r)) * _prod(x[:2]) if w and r and x else 0
