@@ -26,6 +26,42 @@ class _Renamed:
         return getattr(self._node, name)
 
 
+def _saturating_pairs(c, weight, axis, reason_node=""):
+    """Remove the contracted channels of a u8 x s8 product in aligned pairs (2i, 2i+1) when the int8 weight can
+    saturate onnxruntime's kernel.
+
+    On x86 without VNNI, MLAS multiplies uint8 activations by int8 weights with VPMADDUBSW: the products of
+    adjacent K entries (2i, 2i+1) are summed into a saturating int16 before the int32 accumulation. |u8·s8| is at
+    most 255·|w|, so a pair overflows 32767 only when some |w| >= 65 (2·255·64 = 32640 fits): onnxruntime's
+    quantize_dynamic writes such weights for LSTM (full int8 range; its MatMul/Gemm weights use reduce_range,
+    7 bits, and never saturate). Which pairs saturate depends on which entries share a pair, so removing an
+    unpaired K entry re-pairs every later one and the pruned model saturates elsewhere than the masked original
+    (measured: a two-layer DynamicQuantizeLSTM classifier 2-7e-3 off its masked reference on AVX2). Removing
+    whole aligned pairs keeps every surviving pair intact, and a removed pair reads (zero point)·0 in the masked
+    reference (its weight rows are set to the weight zero point), which cannot saturate. So with such a weight
+    K is removed two channels at a time; otherwise nothing is added."""
+    arr = c.const(weight)
+    shape = c.shape(weight)
+    if arr is None or arr.dtype != np.int8 or shape is None or not isinstance(shape[axis], int):
+        return False
+    if int(np.abs(arr.astype(np.int16)).max(initial=0)) <= 64:
+        return False
+    k = shape[axis]
+    pair = c.virtual((k + 1) // 2, "u8s8_pair")
+    c.link(weight, axis, pair, 0, np.arange(k), np.arange(k) // 2)
+    return True
+
+
+
+def _mask_weight_rows(c, b, b_zp, a):
+    """The masked reference sets the removed K rows of b to its zero point, so a removed pair adds 0·(a_zp) and
+    cannot saturate either. Only for a per-tensor zero point: a per-column one cannot be told from a per-row one
+    when b is square."""
+    zp_shape = c.shape(b_zp) if b_zp else ()
+    if zp_shape is not None and int(np.prod(zp_shape)) == 1 and c.rank(a):
+        c.oracle_mask(b, 0, a, c.rank(a) - 1, fill=b_zp)
+
+
 @rule("DynamicQuantizeLinear")
 def dynamic_quantize_linear(node, c):
     """y keeps x's layout. The scale comes from min(0, min x) and max(0, max x): zeros (masked channels) never move the range, so removing channels leaves the scale exact."""
@@ -56,6 +92,8 @@ def matmul_integer(node, c):
     _matmul_rule(_Renamed(node, [a, b]), c)
     if c.const(b) is not None and a_zp:
         c.mask_fill(a, a_zp)
+    if c.const(b) is not None and c.rank(b) == 2 and _saturating_pairs(c, b, 0):
+        _mask_weight_rows(c, b, b_zp, a)
     bs, y = c.shape(b), node.output[0]
     if bs is not None and len(bs) == 2 and c.rank(y):
         _per_channel(c, b_zp, y, c.rank(y) - 1, bs[1])
@@ -105,6 +143,11 @@ def dynamic_quantize_lstm(node, c):
     c.oracle_mask(r, 2, r, 2, fill=r_zp)
     c.not_channel(w, [0])
     c.not_channel(r, [0])
+    # The node multiplies its uint8-quantized input and hidden state by int8 W and R: keep the pairs of both
+    # contracted axes (input channels, hidden units) intact, see _saturating_pairs.
+    if _saturating_pairs(c, w, 1):
+        c.oracle_mask(w, 1, x, 2, fill=w_zp)
+    _saturating_pairs(c, r, 1)
     for scale_or_zp in (w_scale, w_zp, r_scale, r_zp):
         shape = c.shape(scale_or_zp) if scale_or_zp else None
         if shape is None:
@@ -191,6 +234,8 @@ def qlinear_matmul(node, c):
     _scalar_params(c, a_scale, a_zp, y_scale, y_zp)
     c.mask_fill(a, a_zp)
     c.mask_fill(b, b_zp)
+    if c.const(b) is not None and c.rank(b) == 2 and _saturating_pairs(c, b, 0):
+        _mask_weight_rows(c, b, b_zp, a)
     bs, y = c.shape(b), node.output[0]
     for param in (b_scale, b_zp):
         shape = c.shape(param) if param else None
