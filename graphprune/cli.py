@@ -270,6 +270,10 @@ def _print_summary(report, output, verbose: bool) -> None:
     table.add_row("params", _fmt(report.params_before), _fmt(report.params_after), f"{report.params_ratio:.3f}")
     table.add_row("MACs", _fmt(report.macs_before), _fmt(report.macs_after), f"{report.macs_ratio:.3f}")
     out.print(table)
+    if report.assumed_dims:
+        out.print("MACs counted at " + ", ".join(f"{_printable(n)}={d['value']} ({d['source']})"
+                                                 for n, d in report.assumed_dims.items())
+                  + " (the written model keeps its dynamic dims)")
     out.print(f"groups: {report.groups_total} total, {report.groups_pruned} pruned, "
               f"{report.groups_frozen} frozen; channels removed: {report.channels_removed} "
               f"of {report.channels_prunable} prunable ({report.prunable_share:.0%} of all channels prunable)")

@@ -150,6 +150,21 @@ def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None):
     return stats, heldout, feeds
 
 
+def _macs_dims(ctx: Context) -> str:
+    """Representative values for the symbolic dims, so MACs (targets, report) count seq x seq attention instead of
+    one token; the dense counts are redone with them. Parameters do not depend on dims and keep their count."""
+    from .metrics import representative_dims, set_dims
+    o = ctx.options
+    feeds = ctx.feeds if o.calib is not None else None
+    dims = representative_dims(ctx.graph, o.input_dims, feeds)
+    set_dims(ctx.graph, dims)
+    ctx.report.assumed_dims = {name: {"value": v, "source": src} for name, (v, src) in sorted(dims.items())}
+    if dims:
+        dense = count(ctx.graph)
+        ctx.counts_before = {**ctx.counts_before, "macs": dense["macs"], "per_node": dense["per_node"]}
+    return ", ".join(f"{n}={v} ({src})" for n, (v, src) in sorted(dims.items())) or "no symbolic dims"
+
+
 def _score(ctx: Context) -> str:
     ctx.criterion.stats = ctx.stats
     ctx.scores = {g.id: ctx.criterion.scores(g, ctx.analysis) for g in ctx.analysis.groups}
@@ -342,6 +357,7 @@ def stages() -> list[Stage]:
         Stage("analyze", _analyze, needs=("graph",), provides=("analysis",)),
         Stage("calibrate", _calibrate, needs=("graph", "analysis"), provides=("heldout",),
               when=_needs_statistics),
+        Stage("macs dims", _macs_dims, needs=("graph", "counts_before")),
         Stage("score", _score, needs=("analysis", "criterion"), provides=("scores",),
               when=lambda c: c.options.plan is None),
         Stage("sensitivity", _sensitivity, needs=("analysis", "scores", "feeds"), provides=("sensitivity",),

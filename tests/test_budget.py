@@ -1,0 +1,79 @@
+"""Budgets: MACs at representative dims, image-folder calibration with declared preprocessing, --min-fidelity."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import graphprune
+from graphprune.ir import Graph
+from graphprune.metrics import count, representative_dims, set_dims
+from helpers import make_model, rand
+
+D = 32
+
+
+def _attention(seed=0):
+    """x [1, seq, D] -> q, k, v projections -> softmax(q kᵀ) v -> output projection."""
+    rng = np.random.default_rng(seed)
+    w = {n: (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32) for n in ("wq", "wk", "wv", "wo")}
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["p", "v"], ["o"], name="mix"),
+             helper.make_node("MatMul", ["o", "wo"], ["y"], name="out")]
+    return make_model(nodes, [("x", [1, "seq", D])], [("y", [1, "seq", D])], w)
+
+
+def _counted(model, **dims):
+    graph = Graph(model)
+    graph.infer_shapes()
+    set_dims(graph, representative_dims(graph, dims))
+    return count(graph)
+
+
+def test_attention_macs_scale_with_seq_squared():
+    model = _attention()
+    small, large = _counted(model, seq=16), _counted(model, seq=64)
+    # q kᵀ: seq x seq outputs, each a dot product of length D
+    assert small["per_node"]["scores"] == 16 * 16 * D
+    assert large["per_node"]["scores"] == 64 * 64 * D
+    assert large["per_node"]["scores"] / small["per_node"]["scores"] == 16  # seq² (4x seq)
+    assert large["per_node"]["q"] / small["per_node"]["q"] == 4              # projections: linear in seq
+    assert large["macs"] == 4 * 64 * D * D + 2 * 64 * 64 * D
+
+
+def test_default_dims_come_from_the_random_feed_defaults():
+    from graphprune.feeds import DEFAULT_DIM
+    graph = Graph(_attention())
+    graph.infer_shapes()
+    dims = representative_dims(graph)
+    assert dims == {"seq": (DEFAULT_DIM, "default")}
+    assert representative_dims(graph, {"seq": 7}) == {"seq": (7, "dim")}
+    feeds = {"x": np.zeros((5, 9, D), np.float32)}  # 5 samples of 9 tokens: the sample axis is not a dim
+    assert representative_dims(graph, feeds=feeds) == {"seq": (9, "calibration")}
+
+
+def _true_macs(model, seq):
+    """MACs of the (pruned) attention model at `seq`, from its weight shapes alone."""
+    w = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    proj = seq * (w["wq"][0] * w["wq"][1] + w["wk"][0] * w["wk"][1] + w["wv"][0] * w["wv"][1]
+                  + w["wo"][0] * w["wo"][1])
+    return proj + seq * seq * w["wq"][1] + seq * seq * w["wv"][1]
+
+
+@pytest.mark.parametrize("seq", [8, 256])
+def test_target_macs_accounts_for_attention(seq):
+    model = _attention()
+    pruned, report = graphprune.prune(model, target_macs=0.7, importance="l1", input_dims={"seq": seq},
+                                      verify_samples=1)
+    assert report.assumed_dims == {"seq": {"value": seq, "source": "dim"}}
+    assert report.macs_before == _true_macs(model, seq)
+    assert report.macs_after == _true_macs(pruned, seq)
+    assert report.macs_ratio == pytest.approx(0.7, abs=0.02)
+    # the written model keeps its dynamic dim
+    assert pruned.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "seq"
