@@ -120,7 +120,7 @@ def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None):
     from .feeds import load_feeds, split, synthetic_feeds
     from .passes.importance.data import group_consumers
     if o.calib is not None:
-        feeds, heldout = split(load_feeds(o.calib, graph, o.calib_samples + o.holdout), o.holdout)
+        feeds, heldout = split(load_feeds(o.calib, graph, o.calib_samples + o.holdout, o.image_preprocessing), o.holdout)
         source = (f"{o.calib} ({len(next(iter(feeds.values())))} samples, "
                   f"{len(next(iter(heldout.values()), []))} held out)")
     else:
@@ -301,7 +301,7 @@ def _bn_recalibrate(ctx: Context) -> str:
     from .passes.bn_recalibrate import recalibrate_batchnorm
     from .verify import fidelity
     o, r = ctx.options, ctx.report
-    feeds, _ = split(load_feeds(o.calib, ctx.graph, o.calib_samples + o.holdout), o.holdout)
+    feeds, _ = split(load_feeds(o.calib, ctx.graph, o.calib_samples + o.holdout, o.image_preprocessing), o.holdout)
     kept_graph = ctx.graph.clone()
     r.bn_recalibrated = recalibrate_batchnorm(ctx.graph, feeds, ctx.progress)
     candidate = ctx.graph.to_model(with_value_info=True)

@@ -77,3 +77,65 @@ def test_target_macs_accounts_for_attention(seq):
     assert report.macs_ratio == pytest.approx(0.7, abs=0.02)
     # the written model keeps its dynamic dim
     assert pruned.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "seq"
+
+
+# ---- image folders with declared preprocessing ---------------------------------------------------------------
+def _image_graph(shape):
+    return Graph(make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", shape)], [("y", shape)]))
+
+
+def _images(folder, size, n=3, seed=0):
+    from PIL import Image
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    pixels = []
+    for k in range(n):
+        a = rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8)
+        Image.fromarray(a, "RGB").save(folder / f"{k}.png")
+        pixels.append(a)
+    return pixels
+
+
+def test_image_folder_crop_mean_std_bgr_nchw(tmp_path):
+    from graphprune.feeds import load_feeds
+    from graphprune.options import PruneOptions
+    pixels = _images(tmp_path / "imgs", (8, 12))  # 8 high, 12 wide: covers 8x8 unscaled, 2 columns cut each side
+    o = PruneOptions(image_size="8x8", image_mean="0.485,0.456,0.406", image_std="0.229,0.224,0.225",
+                     channel_order="BGR").validate()
+    feeds = load_feeds(tmp_path / "imgs", _image_graph([1, 3, "h", "w"]), samples=3,
+                       preprocess=o.image_preprocessing)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    ref = np.stack([((p[:, 2:10, ::-1] / 255.0 - mean) / std).transpose(2, 0, 1) for p in pixels])
+    assert feeds["x"].shape == (3, 3, 8, 8)
+    np.testing.assert_allclose(feeds["x"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_image_folder_defaults_from_the_model_shape_nhwc_resize(tmp_path):
+    from PIL import Image
+    from graphprune.feeds import load_feeds
+    pixels = _images(tmp_path / "imgs", (16, 24), n=2)
+    # [1, 8, 8, 3]: last dim 3, second not -> NHWC; size 8x8 from the model; 24x16 -> 12x8, crop columns 2..10
+    feeds = load_feeds(tmp_path / "imgs", _image_graph([1, 8, 8, 3]), samples=2)
+    ref = np.stack([np.asarray(Image.fromarray(p).resize((12, 8), Image.BICUBIC))[:, 2:10] / 255.0 for p in pixels])
+    assert feeds["x"].shape == (2, 8, 8, 3)
+    np.testing.assert_allclose(feeds["x"], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("image_size", "0x4", "image_size"), ("image_size", "ax4", "image_size"), ("image_size", "99999", "image_size"),
+    ("image_mean", "0.4,0.5", "image_mean"), ("image_mean", "nope", "image_mean"), ("image_std", "0.2,0,0.2", "image_std"),
+    ("channel_order", "RGBA", "channel_order"), ("image_layout", "CHW", "image_layout"),
+    ("min_fidelity", 1.5, "min_fidelity"), ("fidelity_metric", "top5", "fidelity_metric")])
+def test_preprocessing_options_are_validated(field, value, match):
+    from graphprune.options import OptionError, PruneOptions
+    with pytest.raises(OptionError, match=match):
+        PruneOptions.from_kwargs(**{field: value})
+
+
+def test_mean_length_must_match_the_channels(tmp_path):
+    from graphprune.feeds import CalibrationError, load_feeds
+    from graphprune.options import PruneOptions
+    _images(tmp_path / "imgs", (8, 8), n=1)
+    o = PruneOptions(image_mean="0.1,0.2,0.3").validate()
+    with pytest.raises(CalibrationError, match="--image-mean has 3 values"):
+        load_feeds(tmp_path / "imgs", _image_graph([1, 1, 8, 8]), preprocess=o.image_preprocessing)
