@@ -307,6 +307,10 @@ def _print_summary(report, output, verbose: bool) -> None:
             out.print(f"fidelity on {report.fidelity['samples']} held-out calibration samples, output "
                       f"'{_printable(name)}':"
                       f"{agree} cosine {f['cosine']:.4f}, relative error {f['rel_error']:.3f}")
+    if report.fidelity_search:
+        steps = ", ".join(f"{t:.3f}->{m:.3f}" for t, _r, m in report.fidelity_search)
+        out.print(f"--min-fidelity: MACs target {report.fidelity_target:.3f} chosen (bisection target->agreement: "
+                  f"{steps})")
     if verbose and report.kept_widths:
         out.print(_before_after("kept widths", "group", [(g, str(b), str(a)) for g, b, a in report.kept_widths]))
     if report.verification:

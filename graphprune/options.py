@@ -207,7 +207,7 @@ class PruneOptions:
             if not isinstance(name, str) or not name:
                 raise OptionError(f"input_dims: dim names must be non-empty strings, got {name!r}")
             _integer(f"input_dims[{name!r}]", value, lo=1, hi=1 << 20)
-        self.image_preprocessing  # parses (and so checks) image_size, image_mean, image_std
+        _ = self.image_preprocessing  # parsing is the check of image_size, image_mean, image_std
         _number("min_fidelity", self.min_fidelity, lo=0.0, hi=1.0, lo_open=True, optional=True)
         if self.min_fidelity is not None:
             if self.calib is None:
@@ -220,7 +220,7 @@ class PruneOptions:
                                   "replayed plan, dry_run, sparsity or target_params")
         if self.bn_recalibrate and self.calib is None:
             raise OptionError("bn_recalibrate needs calibration data (calib=...)")
-        if self.scope == "sensitivity" and self.plan is None and self.target is None:
+        if self.scope == "sensitivity" and self.plan is None and self.target is None and self.min_fidelity is None:
             raise OptionError("scope 'sensitivity' allocates to a budget: give target_macs or target_params")
         if self.plan is not None:
             from .plan import RewritePlan

@@ -9,7 +9,8 @@ from onnx import helper
 import graphprune
 from graphprune.ir import Graph
 from graphprune.metrics import count, representative_dims, set_dims
-from helpers import make_model, rand
+
+from helpers import make_model
 
 D = 32
 
@@ -112,6 +113,7 @@ def test_image_folder_crop_mean_std_bgr_nchw(tmp_path):
 
 def test_image_folder_defaults_from_the_model_shape_nhwc_resize(tmp_path):
     from PIL import Image
+
     from graphprune.feeds import load_feeds
     pixels = _images(tmp_path / "imgs", (16, 24), n=2)
     # [1, 8, 8, 3]: last dim 3, second not -> NHWC; size 8x8 from the model; 24x16 -> 12x8, crop columns 2..10
@@ -123,7 +125,8 @@ def test_image_folder_defaults_from_the_model_shape_nhwc_resize(tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [
     ("image_size", "0x4", "image_size"), ("image_size", "ax4", "image_size"), ("image_size", "99999", "image_size"),
-    ("image_mean", "0.4,0.5", "image_mean"), ("image_mean", "nope", "image_mean"), ("image_std", "0.2,0,0.2", "image_std"),
+    ("image_mean", "0.4,0.5", "image_mean"), ("image_mean", "nope", "image_mean"),
+    ("image_std", "0.2,0,0.2", "image_std"),
     ("channel_order", "RGBA", "channel_order"), ("image_layout", "CHW", "image_layout"),
     ("min_fidelity", 1.5, "min_fidelity"), ("fidelity_metric", "top5", "fidelity_metric")])
 def test_preprocessing_options_are_validated(field, value, match):
@@ -139,3 +142,62 @@ def test_mean_length_must_match_the_channels(tmp_path):
     o = PruneOptions(image_mean="0.1,0.2,0.3").validate()
     with pytest.raises(CalibrationError, match="--image-mean has 3 values"):
         load_feeds(tmp_path / "imgs", _image_graph([1, 1, 8, 8]), preprocess=o.image_preprocessing)
+
+
+# ---- --min-fidelity ---------------------------------------------------------------------------------------------
+def _classifier(seed=0):
+    """x [N, 16] -> Gemm 48 -> Relu -> Gemm 10 logits: random weights, which is enough for the classes to depend
+    on every hidden unit a little."""
+    rng = np.random.default_rng(seed)
+    inits = {"w1": rng.standard_normal((16, 48)).astype(np.float32) / 4, "b1": np.zeros(48, np.float32),
+             "w2": rng.standard_normal((48, 10)).astype(np.float32) / 7, "b2": np.zeros(10, np.float32)}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2")]
+    return make_model(nodes, [("x", ["N", 16])], [("y", ["N", 10])], inits)
+
+
+def test_min_fidelity_finds_the_last_target_that_keeps_agreement(tmp_path):
+    from graphprune.pipeline import FIDELITY_STEPS, agreement
+    model = _classifier()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((256, 16)).astype(np.float32))
+    floor = 0.85
+    pruned, report = graphprune.prune(model, calib=str(calib), holdout=64, min_fidelity=floor, importance="l1",
+                                      compensate="none", verify_samples=1)
+    curve, chosen = report.fidelity_search, report.fidelity_target
+    assert len(curve) == FIDELITY_STEPS
+    # the written model is the chosen plan, and its held-out agreement (top-1: the output is [N, classes]) holds
+    graph = Graph(model)
+    graph.infer_shapes()
+    kept = agreement(report.fidelity, "auto", graph)
+    assert kept == report.fidelity["outputs"]["y"]["top1_agreement"] >= floor
+    assert 0 < chosen < 1 and report.macs_ratio < 0.9 and report.verification is not None
+    assert tuple(t.dims for t in pruned.graph.initializer if t.name == "w1")[0][1] < 48
+    # bisection's neighbour below the chosen target failed the floor
+    below = max((c for c in curve if c[0] < chosen), key=lambda c: c[0])
+    assert below[2] < floor
+    assert chosen - below[0] == pytest.approx(2.0 ** -FIDELITY_STEPS)
+    assert [c for c in curve if c[0] == chosen][0][2] >= floor
+
+
+def test_min_fidelity_needs_calibration():
+    from graphprune.options import OptionError
+    with pytest.raises(OptionError, match="min_fidelity needs calibration"):
+        graphprune.prune(_classifier(), min_fidelity=0.9)
+
+
+def test_cli_prints_assumed_dims_and_the_search(tmp_path):
+    from click.testing import CliRunner
+
+    from graphprune.cli import main
+    onnx.save(_classifier(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((128, 16)).astype(np.float32))
+    result = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"),
+                                       "--min-fidelity", "0.8", "--fidelity-metric", "cosine", "--importance", "l1",
+                                       "--dim", "N=4", "-o", str(tmp_path / "out.onnx")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "MACs counted at N=4 (dim)" in result.output
+    assert "--min-fidelity: MACs target" in result.output
+    bad = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "--image-size", "0x3"])
+    assert bad.exit_code == 2 and "image_size" in bad.output
