@@ -48,7 +48,42 @@ def representative_dims(graph: Graph, given: dict | None = None, feeds: dict | N
 def set_dims(graph: Graph, dims: dict) -> None:
     """Make every count on `graph` use these representative dims ({name: value} or representative_dims' result).
     Kept on the graph object, so the allocator's counts (passes/allocate.py reads analysis.graph) use them too."""
-    graph.macs_dims = {n: (v[0] if isinstance(v, tuple) else int(v)) for n, v in dims.items()}
+    values = {n: (v[0] if isinstance(v, tuple) else int(v)) for n, v in dims.items()}
+    values.update(_probed_products(graph, values))
+    graph.macs_dims = values
+
+
+def _probed_products(graph: Graph, values: dict) -> dict[str, int]:
+    """Values for the names shape probing (passes/canonicalize.probe_shapes) gives a dim that matches no input
+    dim: 'dyn_X_Y', sizes X and Y in its two runs. Such a dim is usually a product of input dims (batch x seq
+    tokens after a flatten, heads x batch): find c and exponents e_s in {0, 1, 2} with X = c·Π p0[s]^e_s and
+    Y = c·Π p1[s]^e_s, where p0, p1 are the values the probe runs gave each input dim, then substitute c·Π v[s]^e_s.
+    No fit, or two fits that disagree on the value, leaves the name unresolved (it counts as 1)."""
+    import itertools
+
+    from .passes.canonicalize import _symbolic_dims, probe_shapes
+    names = {d for dims in graph.shapes.values() for d in dims if isinstance(d, str) and d.startswith("dyn_")}
+    symbols = _symbolic_dims(graph)
+    if not names or not symbols or len(symbols) > 4:
+        return {}
+    bases = probe_shapes.__defaults__[0]
+    runs = [{name: (1 + r if first else base * (k + 1)) for k, (name, first) in enumerate(symbols)}
+            for r, base in enumerate(bases)]
+    out = {}
+    for name in names:
+        parts = name.split("_")
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+            continue
+        x, y = int(parts[1]), int(parts[2])
+        found = set()
+        for exps in itertools.product(range(3), repeat=len(symbols)):
+            p0 = int(np.prod([runs[0][s] ** e for (s, _), e in zip(symbols, exps)]))
+            p1 = int(np.prod([runs[1][s] ** e for (s, _), e in zip(symbols, exps)]))
+            if x % p0 == 0 and y % p1 == 0 and x // p0 == y // p1:
+                found.add((x // p0) * int(np.prod([values.get(s, 1) ** e for (s, _), e in zip(symbols, exps)])))
+        if len(found) == 1:
+            out[name] = found.pop()
+    return out
 
 
 def _resolved(graph: Graph, shape):

@@ -201,3 +201,20 @@ def test_cli_prints_assumed_dims_and_the_search(tmp_path):
     assert "--min-fidelity: MACs target" in result.output
     bad = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "--image-size", "0x3"])
     assert bad.exit_code == 2 and "image_size" in bad.output
+
+
+def test_probed_token_dim_of_a_flatten_is_resolved():
+    """x [batch, seq, D] -> Reshape [-1, D] -> Gemm: probing names the flattened axis dyn_X_Y (batch x seq in
+    its two runs); it is counted at batch x seq, so the Gemm's MACs grow with seq."""
+    rng = np.random.default_rng(0)
+    inits = {"shape": np.array([-1, D], np.int64), "w": rng.standard_normal((D, 8)).astype(np.float32),
+             "b": np.zeros(8, np.float32)}
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w", "b"], ["y"], name="fc")]
+    model = make_model(nodes, [("x", ["batch", "seq", D])], [("y", [None, 8])], inits)
+    counts = {}
+    for seq in (16, 64):
+        _, report = graphprune.prune(model, dry_run=True, importance="l1", input_dims={"seq": seq, "batch": 2})
+        counts[seq] = report.macs_before
+    assert counts[16] == 2 * 16 * D * 8 and counts[64] == 2 * 64 * D * 8
