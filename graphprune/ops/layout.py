@@ -26,7 +26,8 @@ def reshape(node, c):
     def fix(rw, node):
         old = entries
         new_shape = rw.new_shape(node.output[0])
-        values = [None if (v is None or v in (0, -1)) else int(new_shape[k]) for k, v in enumerate(old)]
+        # computed entries (None) and copies of a dim (Dim) follow by themselves; 0 and -1 need no rewrite
+        values = [None if (not isinstance(v, int) or v in (0, -1)) else int(new_shape[k]) for k, v in enumerate(old)]
         rewrite_shape_entries(rw, node, 1, values)
     c.fixup(fix)
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..rules import rule
 from ._reshape_algebra import is_int
-from ._shape_tensors import rewrite_shape_entries, shape_entries
+from ._shape_tensors import Dim, follow_dim, freeze_dim, rewrite_shape_entries, shape_entries
 
 
 # ---- repeats: Expand / Tile ---------------------------------------------------------------------------------------
@@ -23,7 +23,11 @@ def expand(node, c):
         entry = entries[ao - (r - len(entries))] if entries and ao - (r - len(entries)) >= 0 else None
         # a shape tensor shorter than the output leaves the leading axes to x: nothing there to rewrite
         uncovered = entries is not None and ao < r - len(entries)
-        if ax >= 0 and xs[ax] == ys[ao]:
+        if ax >= 0 and xs[ax] == ys[ao] and isinstance(entry, Dim):
+            # the target copies Shape(t)[k] here: coupled with this axis it keeps equal to its new size
+            c.link(x, ax, y, ao)
+            follow_dim(c, entry, y, ao, reason="its size, read by a Shape op, sizes an expand axis of another size")
+        elif ax >= 0 and xs[ax] == ys[ao]:
             if entry is None and is_int(ys[ao]) and not uncovered:
                 c.freeze(x, ax, reason="expand target computed at run time")
                 c.freeze(y, ao, reason="expand target computed at run time")
@@ -37,6 +41,7 @@ def expand(node, c):
                 c.touch(y, ao)
             else:
                 c.freeze(y, ao, reason="expand target computed at run time")
+                freeze_dim(c, entry, reason="its size, read by a Shape op, sizes a broadcast copy of an expand")
 
     def fix(rw, node, entries=entries):
         if entries is None:
@@ -44,7 +49,7 @@ def expand(node, c):
         new_y = rw.new_shape(node.output[0])
         old_y = rw.old_shape(node.output[0])
         off = len(new_y) - len(entries)
-        values = [int(new_y[k + off]) if (v is not None and v != 1 and new_y[k + off] != old_y[k + off]) else None
+        values = [int(new_y[k + off]) if (isinstance(v, int) and v != 1 and new_y[k + off] != old_y[k + off]) else None
                   for k, v in enumerate(entries)]
         rewrite_shape_entries(rw, node, 1, values)
     c.fixup(fix)
