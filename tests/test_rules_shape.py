@@ -1225,3 +1225,20 @@ def test_slice_with_bounds_computed_from_the_sequence_length_keeps_channels_free
     assert group_sizes(m) == [(8, 8)]
     p, _ = prune_checked(m)
     assert wshape(p, "fc1.w") == (6, 4) and wshape(p, "fc2.w") == (4, 4)
+
+
+def test_tile_with_a_computed_repeat_keeps_channels_free():
+    """A learned [1, 1, 8] token tiled T times along the sequence, repeats Concat([1], Shape(x)[1:2], [1]): the
+    computed repeat used to freeze every axis; now only the sequence axis is, and the channel repeat (a literal
+    1, unchanged by pruning) lets the 8 channels prune."""
+    g = G(13)
+    h = g.add("Relu", [g.matmul("x", 6, 8, "fc1")])                  # [1, T, 8]
+    t = g.add("Slice", [g.add("Shape", ["x"]), g.ints([1]), g.ints([2])])
+    tok = g.add("Tile", [g.w(1, 1, 8, name="tok"), g.add("Concat", [g.ints([1]), t, g.ints([1])], axis=0)],
+                name="tile")
+    y = g.matmul(g.add("Add", [h, tok]), 8, 4, "fc2")
+    m = g.model([("x", [1, "T", 6])], [(y, [1, "T", 4])])
+    assert group_sizes(m) == [(8, 8)]
+    assert not any("not constant" in r for r in frozen_reasons(m)), frozen_reasons(m)   # only the T axis is
+    p, _ = prune_checked(m)
+    assert wshape(p, "fc1.w") == (6, 4) and wshape(p, "tok") == (1, 1, 4)

@@ -57,16 +57,22 @@ def expand(node, c):
 
 @rule("Tile")
 def tile(node, c):
-    """Every repeat of an element goes with it (repeat map); repeats unchanged."""
+    """Every repeat of an element goes with it (repeat map); repeats unchanged; computed repeats freeze their axis."""
     x, y = node.input[0], node.output[0]
-    reps = c.const(node.input[1])
+    xs = c.shape(x)
+    # repeats do not change when channels go (they multiply whatever is left), so literal repeats need no
+    # rewrite; one computed at run time (a Concat with a Shape-derived piece) leaves only its own axis unknown
+    reps = shape_entries(c, node.input[1], len(xs) if xs is not None else None)
     c.not_channel(node.input[1])
-    if reps is None:
+    if reps is None or xs is None or len(reps) != len(xs):
         c.freeze_all("tile repeats are not constant")
         return
-    xs = c.shape(x)
-    for ax, rep in enumerate(reps.reshape(-1)):
+    for ax, rep in enumerate(reps):
         n = xs[ax]
+        if not isinstance(rep, int):
+            c.freeze(x, ax, reason="tile repeats for this axis are computed at run time")
+            c.freeze(y, ax, reason="tile repeats for this axis are computed at run time")
+            continue
         if not is_int(n):
             c.touch(x, ax)
             c.touch(y, ax)
