@@ -1242,3 +1242,20 @@ def test_tile_with_a_computed_repeat_keeps_channels_free():
     assert not any("not constant" in r for r in frozen_reasons(m)), frozen_reasons(m)   # only the T axis is
     p, _ = prune_checked(m)
     assert wshape(p, "fc1.w") == (6, 4) and wshape(p, "tok") == (1, 1, 4)
+
+
+def test_constant_of_shape_copying_the_channel_dim_follows_it():
+    """A constant like y: ConstantOfShape(Concat(Shape(y)[0:2], [4, 4])) with a dynamic batch. Shape(y)[1] used to
+    freeze y's channels; now the created tensor's axis 1 is coupled with y's, so the size it reads after
+    pruning is exactly the width it must have to be added to y."""
+    g = G(13)
+    y1 = g.add("Relu", [g.conv("x", 3, 8, "cv1", k=3)])
+    head = g.add("Slice", [g.add("Shape", [y1]), g.ints([0]), g.ints([2])])
+    z = g.add("ConstantOfShape", [g.add("Concat", [head, g.ints([4, 4])], axis=0)], name="like",
+              value=numpy_helper.from_array(np.array([0.5], np.float32)))
+    y = g.conv(g.add("Add", [y1, z]), 8, 5, "cv2")
+    m = g.model([("x", ["N", 3, 4, 4])], [(y, ["N", 5, 4, 4])])
+    assert group_sizes(m) == [(8, 8)]
+    assert not any("Shape op" in r for r in frozen_reasons(m)), frozen_reasons(m)
+    p, _ = prune_checked(m)
+    assert wshape(p, "cv1.w") == (4, 3, 3, 3) and wshape(p, "cv2.w") == (5, 4, 1, 1)

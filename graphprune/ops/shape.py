@@ -3,7 +3,7 @@ they read stay as they are."""
 from __future__ import annotations
 
 from ..rules import rule
-from ._shape_tensors import Dim, dims_followed, follow_dim, rewrite_shape_entries, shape_dims, shape_entries
+from ._shape_tensors import Dim, dims_followed, follow_dim, freeze_dim, rewrite_shape_entries, shape_dims, shape_entries
 
 
 @rule("Shape")
@@ -66,6 +66,11 @@ def constant_of_shape(node, c):
     y = node.output[0]
     c.not_channel(node.input[0])
     entries = shape_entries(c, node.input[0], c.rank(y))
+    if c.rank(y) is None:
+        c.freeze(y, reason="tensor created by ConstantOfShape of unknown rank")
+        for v in entries or []:
+            freeze_dim(c, v, reason="its size, read by a Shape op, sizes a ConstantOfShape of unknown rank")
+        return
     for ax in range(c.rank(y)):
         entry = entries[ax] if entries is not None and ax < len(entries) else None
         if isinstance(entry, Dim):
