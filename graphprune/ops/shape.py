@@ -9,7 +9,8 @@ from ._shape_tensors import Dim, dims_followed, follow_dim, freeze_dim, rewrite_
 @rule("Shape")
 def shape(node, c):
     """Shape values change when channels go: freeze the dims whose value is read (usually only dynamic
-    batch/sequence dims are left after constant folding)."""
+    batch/sequence dims are left after constant folding), except exact copies that only size a
+    Reshape/Expand/ConstantOfShape, whose rule couples them with the axis they size."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     # negative start/end count from the back (r + v, not v mod r + 1), then clamp to [0, r]
@@ -60,9 +61,8 @@ def size(node, c):
 
 @rule("ConstantOfShape")
 def constant_of_shape(node, c):
-    """Every element holds the same value, so any of them can go on an axis whose size can follow: a literal of
-    the shape tensor (rewritten to the new size, also inside a Concat), or a copy Shape(t)[k] (coupled with t's
-    dim, so it reads the new size by itself). Sizes computed any other way are frozen."""
+    """All elements equal: an axis sized by a literal (rewritten, also inside a Concat) or by a copy Shape(t)[k]
+    (coupled with t's dim) can lose any of them; sizes computed otherwise are frozen."""
     y = node.output[0]
     c.not_channel(node.input[0])
     entries = shape_entries(c, node.input[0], c.rank(y))
