@@ -1,0 +1,225 @@
+"""onnxruntime's fused transformer ops (graphprune/ops/fused.py): each op is built with onnx.helper in the
+com.microsoft domain, onnxruntime's CPU provider runs it, and pruning must equal the masked original
+(verification on) while the widths really shrink: the input hidden axis, head_dim (num_heads kept, the original
+softmax scale written into `scale`) or whole heads, and the embedding LayerNorm's hidden axis."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune
+from graphprune.ir import attr
+
+from helpers import prune_checked, rand
+
+F = TensorProto.FLOAT
+MS = "com.microsoft"
+
+
+class Net:
+    """A tiny graph builder: fresh output names, seeded random weights, opset 17 + com.microsoft 1."""
+
+    def __init__(self, seed=0):
+        self.nodes, self.inits, self.k = [], {}, 0
+        self.rng = np.random.default_rng(seed)
+
+    def op(self, op_type, inputs, outputs=1, **attrs):
+        self.k += 1
+        outs = [f"{op_type.lower()}{self.k}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self.k}", **attrs))
+        return outs if outputs > 1 else outs[0]
+
+    def ms(self, op_type, inputs, outputs=1, **attrs):
+        return self.op(op_type, inputs, outputs, domain=MS, **attrs)
+
+    def const(self, value, name):
+        self.inits[name] = np.asarray(value)
+        return name
+
+    def w(self, *shape, name, **kw):
+        return self.const(rand(*shape, seed=int(self.rng.integers(1 << 30)), **kw), name)
+
+    def matmul(self, x, cin, cout, name):
+        return self.op("MatMul", [x, self.w(cin, cout, name=f"{name}.w")])
+
+    def model(self, inputs, outputs):
+        def vi(spec):
+            return helper.make_tensor_value_info(spec[0], spec[2] if len(spec) > 2 else F, spec[1])
+        graph = helper.make_graph(self.nodes, "t", [vi(i) for i in inputs], [vi(o) for o in outputs],
+                                  [numpy_helper.from_array(v, k) for k, v in self.inits.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+        model.ir_version = 8
+        return model
+
+
+def wshape(model, name):
+    return next(tuple(t.dims) for t in model.graph.initializer if t.name == name)
+
+
+def node_of(model, op_type):
+    return next(n for n in model.graph.node if n.op_type == op_type)
+
+
+def frozen_reasons(model, **kw):
+    return [g.reason for g in graphprune.analyze_model(model, **kw).frozen_groups]
+
+
+# ---- Attention ----------------------------------------------------------------------------------------------
+def attention_model(heads=2, sizes=(8, 8, 8), qkv_attr=True, bias=True, mask=False, scale=None, attn_bias=None,
+                    unidirectional=0):
+    """x [2,5,10] -> MatMul up (10->12) -> Attention -> MatMul out (v -> 6): the attention's input channels
+    (up's outputs) and its head channels can both be pruned."""
+    net = Net()
+    h = net.matmul("x", 10, 12, "up")
+    ins = [h, net.w(12, sum(sizes), name="attn.w"), net.w(sum(sizes), name="attn.b", scale=0.5) if bias else ""]
+    attrs = dict(num_heads=heads, unidirectional=unidirectional)
+    if qkv_attr:
+        attrs["qkv_hidden_sizes"] = list(sizes)
+    if scale is not None:
+        attrs["scale"] = scale
+    inputs = [("x", [2, 5, 10])]
+    if mask:
+        ins.append("mask")
+        inputs.append(("mask", [2, 5], TensorProto.INT32))
+    if attn_bias is not None:
+        ins += [""] * (5 - len(ins)) + [net.const(attn_bias, "attn.rel_bias")]
+    a = net.ms("Attention", ins, **attrs)
+    y = net.matmul(a, sizes[2], 6, "out")
+    return net.model(inputs, [(y, [2, 5, 6])])
+
+
+@pytest.mark.parametrize("sizes,heads", [((8, 8, 8), 2), ((8, 8, 12), 4), ((6, 6, 4), 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_attention_prunes_input_and_head_dim(sizes, heads, bias):
+    """Input channels slice the weight rows; head_dim goes from every head (Q, K and V columns and bias), so
+    num_heads stays, qkv_hidden_sizes shrinks and the original 1/sqrt(head_size) is written into `scale`."""
+    model = attention_model(heads, sizes, bias=bias)
+    pruned, report = prune_checked(model)
+    dq, _, dv = sizes
+    rows, cols = wshape(pruned, "attn.w")
+    assert rows < 12 and wshape(pruned, "up.w") == (10, rows)
+    node = node_of(pruned, "Attention")
+    new = attr(node, "qkv_hidden_sizes")
+    assert new[0] < dq and new[2] < dv and sum(new) == cols and wshape(pruned, "out.w")[0] == new[2]
+    assert new[0] == new[1] and new[0] % heads == 0 and new[2] % heads == 0
+    assert attr(node, "num_heads") == heads
+    assert attr(node, "scale") == pytest.approx(1 / math.sqrt(dq // heads))
+    if bias:
+        assert wshape(pruned, "attn.b") == (cols,)
+    assert report.verification["max_rel_diff"] < 1e-4
+
+
+def test_attention_without_qkv_hidden_sizes_and_with_mask():
+    """Equal Q/K/V widths need no qkv_hidden_sizes (the fixup writes it); a raw attention mask and the causal
+    flag are per position, untouched."""
+    model = attention_model(2, (8, 8, 8), qkv_attr=False, mask=True, unidirectional=1)
+    pruned, _ = prune_checked(model)
+    assert sum(attr(node_of(pruned, "Attention"), "qkv_hidden_sizes")) < 24
+
+
+def test_attention_keeps_an_explicit_scale():
+    model = attention_model(2, (8, 8, 8), scale=0.3)
+    pruned, _ = prune_checked(model)
+    assert attr(node_of(pruned, "Attention"), "scale") == pytest.approx(0.3)
+
+
+def test_attention_whole_heads():
+    """whole_heads=True removes whole heads: head_size stays, num_heads and the per-head attention bias shrink."""
+    rel = np.random.default_rng(3).standard_normal((1, 4, 5, 5)).astype(np.float32)
+    model = attention_model(4, (8, 8, 12), attn_bias=rel)
+    pruned, _ = prune_checked(model, whole_heads=True)
+    node = node_of(pruned, "Attention")
+    heads = attr(node, "num_heads")
+    assert heads < 4 and attr(node, "qkv_hidden_sizes") == [2 * heads, 2 * heads, 3 * heads]
+    assert wshape(pruned, "attn.rel_bias") == (1, heads, 5, 5)
+
+
+def test_attention_bias_per_head_with_head_dim():
+    rel = np.random.default_rng(4).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    pruned, _ = prune_checked(attention_model(2, (8, 8, 8), attn_bias=rel))
+    assert attr(node_of(pruned, "Attention"), "num_heads") == 2
+    assert wshape(pruned, "attn.rel_bias") == (1, 2, 5, 5)
+
+
+def test_attention_with_past_state_freezes_heads_only():
+    """A key/value cache holds the heads: the head side stays whole with the reason, the input side prunes."""
+    net = Net()
+    h = net.matmul("x", 10, 12, "up")
+    a, present = net.ms("Attention", [h, net.w(12, 24, name="attn.w"), net.w(24, name="attn.b"), "", "past"],
+                        outputs=2, num_heads=2, unidirectional=1)
+    y = net.matmul(a, 8, 6, "out")
+    model = net.model([("x", [2, 5, 10]), ("past", [2, 2, 2, 3, 4])], [(y, [2, 5, 6]), (present, [2, 2, 2, 8, 4])])
+    assert any("past/present key-value state" in r for r in frozen_reasons(model))
+    pruned, _ = prune_checked(model)
+    assert wshape(pruned, "attn.w")[0] < 12 and wshape(pruned, "attn.w")[1] == 24
+
+
+# ---- EmbedLayerNormalization --------------------------------------------------------------------------------------
+def embed_model(segment=True, mask=True, position_ids=False, esum=False, mask_out=True):
+    """EmbedLayerNormalization -> MatMul: the hidden width (tables' columns, gamma, beta) prunes."""
+    net = Net()
+    ins = ["ids", "segs" if segment else "", net.w(30, 12, name="word", scale=1.0),
+           net.w(8, 12, name="pos", scale=1.0), net.w(2, 12, name="seg", scale=1.0) if segment else "",
+           net.w(12, name="ln.gamma", positive=True), net.w(12, name="ln.beta", scale=0.5),
+           "mask" if mask else "", "pos_ids" if position_ids else ""]
+    while not ins[-1]:
+        ins.pop()
+    inputs = [("ids", [2, 5], TensorProto.INT32)] + ([("segs", [2, 5], TensorProto.INT32)] if segment else [])
+    inputs += ([("mask", [2, 5], TensorProto.INT32)] if mask else []) + \
+        ([("pos_ids", [1, 5], TensorProto.INT32)] if position_ids else [])
+    y, mask_index, total = net.ms("EmbedLayerNormalization", ins, outputs=3, epsilon=1e-5)
+    outputs = [(net.matmul(y, 12, 6, "down"), [2, 5, 6])]
+    if mask_out:
+        outputs.append((mask_index, [2], TensorProto.INT32))
+    if esum:
+        outputs.append((net.matmul(total, 12, 6, "sum_proj"), [2, 5, 6]))
+    else:
+        net.nodes[0].output[2] = ""
+    if not mask_out:
+        net.nodes[0].output[1] = ""
+    return net.model(inputs, outputs)
+
+
+@pytest.mark.parametrize("segment,mask,position_ids", [(True, True, False), (False, False, False),
+                                                      (True, True, True), (False, True, True)])
+def test_embed_layer_norm_prunes_hidden(segment, mask, position_ids):
+    model = embed_model(segment, mask, position_ids)
+    pruned, report = prune_checked(model, verify_samples=3)
+    assert wshape(pruned, "word")[1] < 12 and wshape(pruned, "ln.gamma") == (wshape(pruned, "word")[1],)
+    assert wshape(pruned, "pos")[1] == wshape(pruned, "word")[1]
+    assert "EmbedLayerNormalization" not in {n.op_type for n in pruned.graph.node}
+    assert report.verification["max_rel_diff"] < 1e-4
+
+
+def test_embed_layer_norm_embedding_sum_output():
+    pruned, _ = prune_checked(embed_model(esum=True, mask_out=False), verify_samples=3)
+    assert wshape(pruned, "sum_proj.w")[0] == wshape(pruned, "word")[1] < 12
+
+
+def test_embed_layer_norm_mask_index_counts_ones():
+    """mask_index (the count of 1s per row) is recomputed with standard ops, for masks with other values too."""
+    import onnxruntime as ort
+
+    model = embed_model(segment=False, mask=True)
+    pruned, _ = prune_checked(model)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 2, 1]], np.int32)
+    feed = {"ids": np.arange(10, dtype=np.int32).reshape(2, 5), "mask": mask}
+    outs = {}
+    for tag, m in (("orig", model), ("pruned", pruned)):
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs[tag] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    name = model.graph.output[1].name
+    assert outs["pruned"][name].tolist() == outs["orig"][name].tolist() == [3, 3]
+
+
+def test_embed_layer_norm_with_a_table_fed_at_run_time_stays_frozen():
+    net = Net()
+    ins = ["ids", "", "word", net.w(8, 12, name="pos"), "", net.w(12, name="g", positive=True), net.w(12, name="b")]
+    y = net.ms("EmbedLayerNormalization", ins, outputs=1)
+    out = net.matmul(y, 12, 6, "down")
+    model = net.model([("ids", [2, 5], TensorProto.INT32), ("word", [30, 12])], [(out, [2, 5, 6])])
+    assert any("EmbedLayerNormalization: the embedding tables" in r for r in frozen_reasons(model))
