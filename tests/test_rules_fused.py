@@ -223,3 +223,129 @@ def test_embed_layer_norm_with_a_table_fed_at_run_time_stays_frozen():
     out = net.matmul(y, 12, 6, "down")
     model = net.model([("ids", [2, 5], TensorProto.INT32), ("word", [30, 12])], [(out, [2, 5, 6])])
     assert any("EmbedLayerNormalization: the embedding tables" in r for r in frozen_reasons(model))
+
+
+# ---- MultiHeadAttention ---------------------------------------------------------------------------------------
+def mha_model(heads=2, d=8, dv=8, bias=True, attn_bias=None, kpm=False, cross=False):
+    """Q/K/V projections (MatMul) -> MultiHeadAttention -> out projection; cross: key/value from a second input."""
+    net = Net()
+    src = "mem" if cross else "x"
+    q = net.matmul("x", 10, d, "q")
+    k = net.matmul(src, 10, d, "k")
+    v = net.matmul(src, 10, dv, "v")
+    ins = [q, k, v, net.w(2 * d + dv, name="mha.b", scale=0.5) if bias else ""]
+    inputs = [("x", [2, 5, 10])] + ([("mem", [2, 7, 10])] if cross else [])
+    if kpm:
+        ins += ["kpm"]
+        inputs.append(("kpm", [2, 7 if cross else 5], TensorProto.INT32))
+    if attn_bias is not None:
+        ins += [""] * (5 - len(ins)) + [net.const(attn_bias, "mha.rel_bias")]
+    a = net.ms("MultiHeadAttention", ins, num_heads=heads)
+    y = net.matmul(a, dv, 6, "out")
+    return net.model(inputs, [(y, [2, 5, 6])])
+
+
+@pytest.mark.parametrize("heads,d,dv", [(2, 8, 8), (4, 8, 12), (2, 6, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mha_prunes_head_dim(heads, d, dv, bias):
+    """q/k channels go together (j of every head), v channels with the output; the scale is made explicit."""
+    pruned, report = prune_checked(mha_model(heads, d, dv, bias))
+    node = node_of(pruned, "MultiHeadAttention")
+    nq, nv = wshape(pruned, "q.w")[1], wshape(pruned, "v.w")[1]
+    assert nq < d and wshape(pruned, "k.w")[1] == nq and nq % heads == 0
+    assert nv < dv and wshape(pruned, "out.w")[0] == nv and nv % heads == 0
+    assert attr(node, "num_heads") == heads and attr(node, "scale") == pytest.approx(1 / math.sqrt(d // heads))
+    if bias:
+        assert wshape(pruned, "mha.b") == (2 * nq + nv,)
+    assert report.verification["max_rel_diff"] < 1e-4
+
+
+def test_mha_cross_attention_with_padding_mask():
+    pruned, _ = prune_checked(mha_model(2, 8, 8, kpm=True, cross=True))
+    assert wshape(pruned, "q.w")[1] < 8
+
+
+def test_mha_whole_heads_with_attention_bias():
+    rel = np.random.default_rng(5).standard_normal((1, 4, 5, 5)).astype(np.float32)
+    pruned, _ = prune_checked(mha_model(4, 8, 12, attn_bias=rel), whole_heads=True)
+    heads = attr(node_of(pruned, "MultiHeadAttention"), "num_heads")
+    assert heads < 4 and wshape(pruned, "q.w")[1] == 2 * heads and wshape(pruned, "v.w")[1] == 3 * heads
+    assert wshape(pruned, "mha.rel_bias") == (1, heads, 5, 5)
+
+
+def test_mha_packed_kv_stays_frozen_with_reason():
+    net = Net()
+    q = net.matmul("x", 10, 8, "q")
+    a = net.ms("MultiHeadAttention", [q, "kv"], num_heads=2)
+    y = net.matmul(a, 8, 6, "out")
+    model = net.model([("x", [2, 5, 10]), ("kv", [2, 5, 2, 2, 4])], [(y, [2, 5, 6])])
+    assert any("packed QKV/KV" in r for r in frozen_reasons(model))
+
+
+@pytest.mark.parametrize("op", ["Attention", "MultiHeadAttention"])
+def test_whole_heads_remove_q_k_and_v_of_a_head_together(op):
+    """With whole heads, one group holds Q, K and V of each head (a head's scores weigh its values)."""
+    model = attention_model(4, (8, 8, 12)) if op == "Attention" else mha_model(4, 8, 12)
+    analysis = graphprune.analyze_model(model, whole_heads=True)
+    head_groups = [g for g in analysis.groups if len(g.units) == 4]
+    assert len(head_groups) == 1
+
+
+# ---- GroupQueryAttention --------------------------------------------------------------------------------------
+def gqa_model(heads=4, kv_heads=2, d=16, rotary=False, interleaved=False, past=False, present_out=False):
+    """Q/K/V projections -> GroupQueryAttention (causal, no cache unless `past`) -> out projection. The present
+    key/value outputs are left unread unless `present_out` makes them graph outputs."""
+    net = Net()
+    q = net.matmul("x", 10, heads * d, "q")
+    k = net.matmul("x", 10, kv_heads * d, "k")
+    v = net.matmul("x", 10, kv_heads * d, "v")
+    # constants here: random verification feeds know nothing of sequence lengths
+    ins = [q, k, v, "past_k" if past else "", "past_v" if past else "",
+           net.const(np.full(2, 4, np.int32), "seqlens_k"), net.const(np.array(5, np.int32), "total_len")]
+    inputs = [("x", [2, 5, 10])]
+    if past:
+        inputs += [("past_k", [2, kv_heads, 0, d]), ("past_v", [2, kv_heads, 0, d])]
+    if rotary:
+        angles = np.outer(np.arange(16), 1.0 / (100 ** (np.arange(d // 2) / (d // 2))))
+        ins += [net.const(np.cos(angles).astype(np.float32), "cos"), net.const(np.sin(angles).astype(np.float32),
+                                                                                "sin")]
+    a, pk, pv = net.ms("GroupQueryAttention", ins, outputs=3, num_heads=heads, kv_num_heads=kv_heads,
+                       do_rotary=int(rotary), rotary_interleaved=int(interleaved))
+    y = net.matmul(a, heads * d, 6, "out")
+    outputs = [(y, [2, 5, 6])]
+    if present_out:
+        outputs += [(pk, [2, kv_heads, 5, d]), (pv, [2, kv_heads, 5, d])]
+    return net.model(inputs, outputs)
+
+
+@pytest.mark.parametrize("rotary,interleaved", [(False, False), (True, False), (True, True)])
+def test_gqa_prunes_head_dim_in_blocks(rotary, interleaved):
+    """Element j of every query and key/value head goes together, in blocks that keep head_size a multiple of 8
+    (16 with rotary, whose pairs and cos/sin columns stay together); the heads keep their number."""
+    d = 32 if rotary else 16
+    model = gqa_model(d=d, rotary=rotary, interleaved=interleaved)
+    pruned, report = prune_checked(model)
+    node = node_of(pruned, "GroupQueryAttention")
+    nd = wshape(pruned, "q.w")[1] // 4
+    assert nd < d and nd % (16 if rotary else 8) == 0
+    assert wshape(pruned, "k.w")[1] == wshape(pruned, "v.w")[1] == 2 * nd and wshape(pruned, "out.w")[0] == 4 * nd
+    assert attr(node, "num_heads") == 4 and attr(node, "kv_num_heads") == 2
+    assert attr(node, "scale") == pytest.approx(1 / math.sqrt(d))
+    if rotary:
+        assert wshape(pruned, "cos") == (16, nd // 2)
+    assert report.verification["max_rel_diff"] < 1e-4
+
+
+def test_gqa_whole_heads_remove_kv_groups():
+    pruned, _ = prune_checked(gqa_model(heads=4, kv_heads=2, d=8), whole_heads=True)
+    node = node_of(pruned, "GroupQueryAttention")
+    assert attr(node, "kv_num_heads") == 1 and attr(node, "num_heads") == 2
+    assert wshape(pruned, "q.w") == (10, 16) and wshape(pruned, "k.w") == (10, 8)
+
+
+def test_gqa_with_past_state_inputs_stays_frozen():
+    """The key/value cache is a graph input: its head_size cannot shrink, so neither can the heads."""
+    model = gqa_model(past=True, present_out=True)
+    analysis = graphprune.analyze_model(model)
+    assert any(m[0] == "q.w" and m[1] == 1 for g in analysis.frozen_groups for m in g.members)
+    assert not any(("q.w", 1) in g.members for g in analysis.groups)

@@ -118,16 +118,9 @@ def attention(node, c):
             c.oracle_mask(t, ax, t, ax)  # the masked original drops the removed Q/K/V columns inside the node
     c.link(y, 2, v, 0, np.arange(dv), v_of)
     c.producers.append(Producer(node.name, y, 2, w, 1))  # names the output's group after this node
-    if attn_bias:  # [batch or 1, heads or 1, seq, total seq]: added per head to the scores
-        ab = c.shape(attn_bias)
-        if c.whole_heads and ab is not None and len(ab) == 4 and ab[1] == heads and heads > 1:
-            hv = c.virtual(heads, "bias_heads")
-            c.link(attn_bias, 1, hv, 0)
-            c.link(hv, 0, qk, 0)
-            c.link(hv, 0, v, 0)
-            c.not_channel(attn_bias, [0, 2, 3])
-        else:
-            c.not_channel(attn_bias)
+    if c.whole_heads:  # a head's scores weigh its values: Q, K and V of a head go together
+        c.link(qk, 0, v, 0)
+    _per_head_scores(c, attn_bias, heads, qk, v)
     whole = c.whole_heads
     scale = float(c.attr("scale", 1.0 / math.sqrt(dq // heads)))
 
@@ -251,3 +244,192 @@ def _decompose_embed_layer_norm(rw, node, epsilon: float) -> None:
         if not had:
             del rw.graph.dtypes[total]
     rw.replace_node(node, e.nodes + view.nodes)
+
+
+def _per_head_scores(c, t, heads, qk, v):
+    """A [batch or 1, heads or 1, seq, total seq] tensor added to (or read from) the scores per head: its head axis
+    goes with whole heads; with head_dim it is not a channel (each head keeps its scores)."""
+    if not t:
+        return
+    shape = c.shape(t)
+    if c.whole_heads and shape is not None and len(shape) == 4 and shape[1] == heads and heads > 1:
+        c.link(t, 1, qk, 0)
+        c.link(t, 1, v, 0)
+        c.not_channel(t, [0, 2, 3])
+    else:
+        c.not_channel(t)
+
+
+def _scale_fixup(c, q_name: str, q_width: int, heads: int, extra=None):
+    """After Q channels went: keep the original softmax scale explicit; with whole heads, rewrite num_heads."""
+    head = q_width // heads
+    scale = float(c.attr("scale", 1.0 / math.sqrt(head)))
+    whole = c.whole_heads
+
+    def fix(rw, node):
+        gone = len(rw.removed(q_name, -1))
+        if not gone:
+            return
+        rw.set_attr(node, "scale", scale)
+        if whole:
+            rw.set_attr(node, "num_heads", (q_width - gone) // head)
+        if extra is not None:
+            extra(rw, node)
+    c.fixup(fix)
+
+
+# ---- MultiHeadAttention --------------------------------------------------------------------------------------
+@rule("MultiHeadAttention", domain="com.microsoft")
+def multi_head_attention(node, c):
+    """Attention over projected query [B, S, D], key [B, L, D] and value [B, L, Dv]: query and key channels are
+    contracted (QKᵀ) and go together, value channels are the output's; both uniformly across heads (or whole
+    heads). An optional bias [D | D | Dv] is added inside: its removed entries are zeroed in the masked original."""
+    q, k, v, bias, kpm, attn_bias, past_k, past_v, past_len, cache_ind = _args(node, 10)[:10]
+    y, present_k, present_v, qk_out = _outs(node, 4)[:4]
+    heads = c.attr("num_heads")
+    shapes = [c.shape(t) for t in (q, k, v, y)]
+    for t in (q, k, v):
+        if t and c.rank(t) == 3:
+            c.link(t, 0, y, 0)
+            c.not_channel(t, [1])
+    c.not_channel(y, [1])
+    for t in (kpm, past_len, cache_ind):
+        c.not_channel(t)
+    why = None
+    if not k or not v or any(s is None or len(s) != 3 for s in shapes):
+        why = "packed QKV/KV or [batch, heads, seq, head_size] key/value layouts are not mapped"
+    elif past_k or past_v or present_k or present_v:
+        why = "a past/present key-value state holds the heads (head layout not mapped)"
+    elif not isinstance(heads, int) or heads <= 0 or shapes[0][2] != shapes[1][2] \
+            or not all(isinstance(s[2], int) and s[2] % heads == 0 for s in shapes[:3]) or shapes[3][2] != shapes[2][2]:
+        why = "num_heads does not split the query/key/value widths into equal heads"
+    elif bias and (c.const(bias) is None or c.shape(bias)[0] != 2 * shapes[0][2] + shapes[2][2]):
+        why = "the bias is not a constant [hidden + hidden + v_hidden] vector"
+    if why:
+        _freeze_width(c, [(q, 2), (k, 2), (v, 2), (y, 2), (bias, 0), (past_k, None), (past_v, None),
+                          (present_k, None), (present_v, None), (attn_bias, None), (qk_out, None)],
+                      f"MultiHeadAttention head channels: {why}")
+        return
+    dq, dv = shapes[0][2], shapes[2][2]
+    qk, qk_of = _head_map(c, dq, heads, "qk")
+    vv, v_of = _head_map(c, dv, heads, "v")
+    c.contraction(q, 2, k, 2)
+    c.link(q, 2, qk, 0, np.arange(dq), qk_of)
+    c.link(v, 2, y, 2)
+    c.link(v, 2, vv, 0, np.arange(dv), v_of)
+    if bias:
+        c.role(bias, "bias")
+        c.link(bias, 0, qk, 0, np.arange(2 * dq), np.concatenate([qk_of, qk_of]))
+        c.link(bias, 0, vv, 0, np.arange(2 * dq, 2 * dq + dv), v_of)
+        c.oracle_mask(bias, 0, bias, 0)
+    if c.whole_heads:  # the scores of a head go with it
+        c.link(qk, 0, vv, 0)
+    _per_head_scores(c, attn_bias, heads, qk, vv)
+    _per_head_scores(c, qk_out, heads, qk, vv)
+    _scale_fixup(c, q, dq, heads)
+
+
+# ---- GroupQueryAttention ---------------------------------------------------------------------------------------
+_GQA_QUANTUM = 8  # onnxruntime's GroupQueryAttention wants head_size % 8 == 0 (% 16 with rotary)
+
+
+@rule("GroupQueryAttention", domain="com.microsoft")
+def group_query_attention(node, c):
+    """num_heads query heads share kv_num_heads key/value heads of one head_size. head_dim: element j of every
+    q/k/v head and of the KV state goes together, in blocks that keep head_size a multiple of 8 (16 with rotary,
+    whose pairs (j, j + d/2) or (2i, 2i + 1) and cos/sin columns stay together). whole_heads: a key/value head
+    goes with the query heads that read it; num_heads and kv_num_heads are rewritten."""
+    args = _args(node, 17)
+    q, k, v, past_k, past_v, seqlens, total_len, cos, sin, pos_ids, attn_bias, sink = args[:12]
+    k_scale, v_scale, q_norm, k_norm, query_lens = args[12:17]
+    y, present_k, present_v, qk_out = _outs(node, 4)[:4]
+    heads, kv_heads = c.attr("num_heads"), c.attr("kv_num_heads")
+    rotary = bool(c.attr("do_rotary", 0))
+    shapes = [c.shape(t) for t in (q, k, v, y)]
+    for t in (q, k, v):
+        if t and c.rank(t) == 3:
+            c.link(t, 0, y, 0)
+            c.not_channel(t, [1])
+    c.not_channel(y, [1])
+    for t in (seqlens, total_len, pos_ids, query_lens):
+        c.not_channel(t)
+    for t in (cos, sin):
+        c.not_channel(t, [0])
+    for t in (past_k, past_v, present_k, present_v):
+        if t and c.rank(t) == 4:
+            c.link(t, 0, y, 0)
+            c.not_channel(t, [2])
+    why = None
+    whole = c.whole_heads
+    if not k or not v or any(s is None or len(s) != 3 or not isinstance(s[2], int) for s in shapes):
+        why = "a packed QKV input or unknown widths are not mapped"
+    elif not isinstance(heads, int) or not isinstance(kv_heads, int) or heads <= 0 or kv_heads <= 0 \
+            or heads % kv_heads or shapes[0][2] % heads:
+        why = "num_heads / kv_num_heads do not split the widths into equal heads"
+    elif k_scale or v_scale or c.attr("kv_cache_bit_width", 0):
+        why = "a quantized key-value cache is not mapped"
+    d = shapes[0][2] // heads if why is None else 0
+    if why is None and (shapes[1][2] != kv_heads * d or shapes[2][2] != kv_heads * d or shapes[3][2] != heads * d):
+        why = "query, key, value and output heads differ in size"
+    if why is None and not whole:
+        rot = c.shape(cos)[1] * 2 if rotary and cos and c.shape(cos) is not None else None
+        if q_norm or k_norm:
+            why = "a per-head RMS norm of Q and K runs over head_size (statistics would change)"
+        elif rotary and rot != d:
+            why = "rotary embedding over part of head_size is not mapped"
+    if why:
+        _freeze_width(c, [(q, 2), (k, 2), (v, 2), (y, 2), (past_k, None), (past_v, None), (present_k, None),
+                          (present_v, None), (cos, 1), (sin, 1), (attn_bias, None), (sink, None), (qk_out, None),
+                          (q_norm, None), (k_norm, None)],
+                      f"GroupQueryAttention head channels: {why}")
+        return
+    ratio = heads // kv_heads
+    j = np.arange(d)
+    if whole:
+        unit = c.virtual(kv_heads, "kv_heads")
+        q_of = np.arange(heads * d) // d // ratio
+        kv_of = np.arange(kv_heads * d) // d
+        for t in (past_k, past_v, present_k, present_v):
+            if t:
+                c.link(t, 1, unit, 0)
+                c.not_channel(t, [3])
+        for t in (cos, sin):
+            c.not_channel(t, [1])
+        for t in (q_norm, k_norm):
+            c.not_channel(t)
+        for t in (attn_bias, qk_out):  # [batch or 1, num_heads or 1, seq, total seq]
+            if t and c.rank(t) == 4 and c.shape(t)[1] == heads and heads > 1:
+                c.link(t, 1, unit, 0, np.arange(heads), np.arange(heads) // ratio)
+                c.not_channel(t, [0, 2, 3])
+            else:
+                c.not_channel(t)
+        if sink:
+            c.link(sink, 0, unit, 0, np.arange(heads), np.arange(heads) // ratio)
+    else:
+        # blocks of channels whose removal keeps head_size a multiple of the kernel's quantum
+        if rotary and c.attr("rotary_interleaved", 0):
+            block = j // (2 * _GQA_QUANTUM)  # pairs (2i, 2i+1), 8 pairs a block
+        elif rotary:
+            block = (j % (d // 2)) // _GQA_QUANTUM  # pairs (j, j + d/2), 8 pairs a block
+        else:
+            block = j // _GQA_QUANTUM
+        unit = c.virtual(int(block.max()) + 1, "head_dim_blocks")
+        q_of, kv_of = np.tile(block, heads), np.tile(block, kv_heads)
+        for t in (past_k, past_v, present_k, present_v):
+            if t:
+                c.link(t, 3, unit, 0, j, block)
+                c.not_channel(t, [1])
+        for t in (cos, sin):  # column i rotates pair i
+            if t:
+                half = np.arange(d // 2)
+                c.link(t, 1, unit, 0, half, block[2 * half] if c.attr("rotary_interleaved", 0) else block[half])
+        for t in (attn_bias, qk_out, sink):
+            c.not_channel(t)
+    c.link(q, 2, unit, 0, np.arange(heads * d), q_of)
+    c.link(y, 2, unit, 0, np.arange(heads * d), q_of)
+    c.link(k, 2, unit, 0, np.arange(kv_heads * d), kv_of)
+    c.link(v, 2, unit, 0, np.arange(kv_heads * d), kv_of)
+
+    def fix_heads(rw, node):
+        rw.set_attr(node, "kv_num_heads", rw.new_shape(node.input[1])[2] // d)
+    _scale_fixup(c, q, heads * d, heads, fix_heads if whole else None)
