@@ -349,3 +349,61 @@ def test_gqa_with_past_state_inputs_stays_frozen():
     analysis = graphprune.analyze_model(model)
     assert any(m[0] == "q.w" and m[1] == 1 for g in analysis.frozen_groups for m in g.members)
     assert not any(("q.w", 1) in g.members for g in analysis.groups)
+
+
+# ---- RotaryEmbedding ------------------------------------------------------------------------------------------
+def rotary_model(heads=2, d=8, rot=None, interleaved=False, num_heads_attr=True):
+    """MatMul -> RotaryEmbedding ([batch, seq, heads·d]) -> MatMul; rot < d rotates part of each head."""
+    rot = rot or d
+    net = Net()
+    h = net.matmul("x", 10, heads * d, "up")
+    angles = np.outer(np.arange(8), 1.0 / (100 ** (np.arange(rot // 2) / (rot // 2))))
+    ins = [h, net.const(np.arange(5, dtype=np.int64)[None].repeat(2, 0), "pos_ids"),
+           net.const(np.cos(angles).astype(np.float32), "cos"), net.const(np.sin(angles).astype(np.float32), "sin")]
+    attrs = dict(interleaved=int(interleaved))
+    if num_heads_attr:
+        attrs["num_heads"] = heads
+    if rot != d:
+        attrs["rotary_embedding_dim"] = rot
+    r = net.ms("RotaryEmbedding", ins, **attrs)
+    y = net.matmul(r, heads * d, 6, "down")
+    return net.model([("x", [2, 5, 10])], [(y, [2, 5, 6])])
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rot,num_heads_attr", [(None, True), (None, False), (4, True)])
+def test_rotary_embedding_prunes_pairs(interleaved, rot, num_heads_attr):
+    """A rotated pair and its cos/sin column go together, from every head; a partial rotation's
+    rotary_embedding_dim is rewritten."""
+    model = rotary_model(2, 8, rot, interleaved, num_heads_attr)
+    pruned, report = prune_checked(model)
+    width = wshape(pruned, "up.w")[1]
+    assert width < 16 and width % 2 == 0 and wshape(pruned, "down.w")[0] == width
+    node = node_of(pruned, "RotaryEmbedding")
+    new_rot = 2 * wshape(pruned, "cos")[1]
+    if rot:
+        assert attr(node, "rotary_embedding_dim") == new_rot
+    assert report.verification["max_rel_diff"] < 1e-4
+
+
+def test_rotary_embedding_whole_heads():
+    pruned, _ = prune_checked(rotary_model(4, 4), whole_heads=True)
+    node = node_of(pruned, "RotaryEmbedding")
+    assert attr(node, "num_heads") * 4 == wshape(pruned, "up.w")[1] < 16 and wshape(pruned, "cos") == (8, 2)
+
+
+def test_rotary_embedding_on_heads_layout():
+    """[batch, heads, seq, head_size] (after Reshape + Transpose): pairs of the last axis go together."""
+    net = Net()
+    h = net.matmul("x", 10, 16, "up")
+    split = net.op("Transpose", [net.op("Reshape", [h, net.const(np.array([2, 5, 2, 8], np.int64), "split")])],
+                   perm=[0, 2, 1, 3])
+    angles = np.outer(np.arange(8), 1.0 / (100 ** (np.arange(4) / 4)))
+    r = net.ms("RotaryEmbedding", [split, net.const(np.arange(5, dtype=np.int64)[None].repeat(2, 0), "pos_ids"),
+                                   net.const(np.cos(angles).astype(np.float32), "cos"),
+                                   net.const(np.sin(angles).astype(np.float32), "sin")])
+    merged = net.op("Reshape", [net.op("Transpose", [r], perm=[0, 2, 1, 3]),
+                                net.const(np.array([2, 5, 16], np.int64), "merge")])
+    y = net.matmul(merged, 16, 6, "down")
+    pruned, _ = prune_checked(net.model([("x", [2, 5, 10])], [(y, [2, 5, 6])]))
+    assert wshape(pruned, "up.w")[1] < 16 and wshape(pruned, "cos")[1] < 4

@@ -433,3 +433,70 @@ def group_query_attention(node, c):
     def fix_heads(rw, node):
         rw.set_attr(node, "kv_num_heads", rw.new_shape(node.input[1])[2] // d)
     _scale_fixup(c, q, heads * d, heads, fix_heads if whole else None)
+
+
+# ---- RotaryEmbedding -------------------------------------------------------------------------------------------
+def _rotary_partner(rot: int, interleaved: bool) -> np.ndarray:
+    """For the first `rot` channels of a head: the channel each is rotated with."""
+    j = np.arange(rot)
+    return j ^ 1 if interleaved else (j + rot // 2) % rot
+
+
+@rule("RotaryEmbedding", domain="com.microsoft")
+def rotary_embedding(node, c):
+    """Rotates channel pairs of each head: (j, j + rot/2) or (2i, 2i + 1) by the angle in cos/sin column i;
+    channels past rotary_embedding_dim pass through. A pair and its cos/sin column go together, the same element
+    of every head of a [batch, seq, heads·head_size] input (whole heads with whole_heads)."""
+    x, pos_ids, cos, sin = _args(node, 4)[:4]
+    y = node.output[0]
+    xs, cs = c.shape(x), c.shape(cos)
+    heads_attr = c.attr("num_heads", 0)
+    interleaved = bool(c.attr("interleaved", 0))
+    c.not_channel(pos_ids)
+    for t in (cos, sin):
+        c.not_channel(t, [0])
+    why = None
+    if xs is None or len(xs) not in (3, 4) or cs is None or len(cs) != 2 or not isinstance(xs[-1], int) \
+            or not isinstance(cs[1], int) or c.attr("is_packed_batching", 0):
+        why = "the input is not [batch, seq, hidden] or [batch, heads, seq, head_size] with a static width"
+    else:
+        rot = 2 * cs[1]
+        d = xs[3] if len(xs) == 4 else (xs[2] // heads_attr if heads_attr else rot)
+        if not d or xs[-1] % d or rot > d:
+            why = "num_heads / the cos cache do not split the width into heads"
+        elif len(xs) == 3 and not heads_attr and rot != xs[2] and c.attr("rotary_embedding_dim", 0):
+            why = "partial rotation without num_heads"
+    for ax in range(c.rank(x) or 0):
+        if ax != c.rank(x) - 1:
+            c.link(x, ax, y, ax)
+    c.not_channel(x, [1 if len(xs or ()) == 3 else 2])
+    if why:
+        _freeze_width(c, [(x, -1), (y, -1), (cos, 1), (sin, 1)], f"RotaryEmbedding head channels: {why}")
+        return
+    c.link(x, -1, y, -1)
+    width = xs[-1]
+    heads = width // d
+    partner = _rotary_partner(rot, interleaved)
+    whole = c.whole_heads and len(xs) == 3
+    if whole:
+        unit = c.virtual(heads, "heads")
+        c.link(x, 2, unit, 0, np.arange(width), np.arange(width) // d)
+        for t in (cos, sin):
+            c.not_channel(t, [1])
+    else:
+        unit = c.virtual(d, "head_dim")
+        c.link(x, -1, unit, 0, np.arange(width), np.arange(width) % d)
+        c.link(unit, 0, unit, 0, np.arange(rot), partner)  # a pair goes together
+        column = np.arange(rot // 2)
+        for t in (cos, sin):
+            if t:
+                c.link(t, 1, unit, 0, column, 2 * column if interleaved else column)
+
+    rot_attr = c.attr("rotary_embedding_dim", 0)
+
+    def fix(rw, node):
+        if rot_attr:
+            rw.set_attr(node, "rotary_embedding_dim", 2 * rw.new_shape(node.input[2])[1])
+        if whole and heads_attr:
+            rw.set_attr(node, "num_heads", rw.new_shape(node.input[0])[2] // d)
+    c.fixup(fix)
