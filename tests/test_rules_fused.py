@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -211,7 +210,7 @@ def test_embed_layer_norm_mask_index_counts_ones():
     outs = {}
     for tag, m in (("orig", model), ("pruned", pruned)):
         sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        outs[tag] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+        outs[tag] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
     name = model.graph.output[1].name
     assert outs["pruned"][name].tolist() == outs["orig"][name].tolist() == [3, 3]
 
@@ -407,3 +406,84 @@ def test_rotary_embedding_on_heads_layout():
     y = net.matmul(merged, 16, 6, "down")
     pruned, _ = prune_checked(net.model([("x", [2, 5, 10])], [(y, [2, 5, 6])]))
     assert wshape(pruned, "up.w")[1] < 16 and wshape(pruned, "cos")[1] < 4
+
+
+# ---- a BERT layer fused by onnxruntime's transformer optimizer ------------------------------------------------------
+def bert_layer(hidden=16, heads=2, ffn=32, vocab=30, seq=5, batch=2, seed=0):
+    """One BERT encoder layer in standard ops, in the shapes onnxruntime's BERT fusions match: embeddings + LayerNorm,
+    attention with the additive mask, residual LayerNorms, an erf GELU FFN, and a classifier head."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = {}, []
+
+    def w(name, *shape, scale=None):
+        inits[name] = (rng.standard_normal(shape) * (scale or 1 / np.sqrt(shape[0]))).astype(np.float32)
+        return name
+
+    def c(name, value):
+        inits[name] = np.asarray(value)
+        return name
+
+    def node(op, ins, out, **kw):
+        nodes.append(helper.make_node(op, ins, [out], name=f"{out}_node", **kw))
+        return out
+
+    def proj(name, x, cin, cout):
+        return node("Add", [node("MatMul", [x, w(f"{name}.w", cin, cout)], f"{name}_mm"),
+                            w(f"{name}.b", cout, scale=0.1)], f"{name}_out")
+
+    def layer_norm(x, name, out):
+        return node("LayerNormalization", [x, w(f"{name}.g", hidden, scale=1.0), w(f"{name}.b", hidden, scale=0.1)],
+                    out, axis=-1, epsilon=1e-12)
+
+    d = hidden // heads
+    emb = node("Add", [node("Add", [node("Gather", [w("word", vocab, hidden, scale=1.0), "input_ids"], "we"),
+                                    node("Gather", [w("pos", 16, hidden, scale=1.0),
+                                                    c("position_ids", np.arange(seq, dtype=np.int64)[None])], "pe")],
+                            "e1"),
+                       node("Gather", [w("seg", 2, hidden, scale=1.0), "token_type_ids"], "se")], "e2")
+    x = layer_norm(emb, "ln0", "ln0_out")
+    mask = node("Unsqueeze", [node("Unsqueeze", ["attention_mask", c("ax1", np.array([1], np.int64))], "m1"),
+                              c("ax2", np.array([2], np.int64))], "m2")
+    mask = node("Sub", [c("one", np.array(1.0, np.float32)), node("Cast", [mask], "m3", to=1)], "m4")
+    mask = node("Mul", [mask, c("neg", np.array(-10000.0, np.float32))], "m5")
+    split = c("split", np.array([0, 0, heads, d], np.int64))
+    q, k, v = (node("Transpose", [node("Reshape", [proj(n, x, hidden, hidden), split], f"{n}_r")], f"{n}_t",
+                    perm=perm) for n, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])))
+    scores = node("Add", [node("Div", [node("MatMul", [q, k], "qk"), c("sqrt_d", np.array(np.sqrt(d), np.float32))],
+                               "qk_s"), mask], "qk_m")
+    ctx = node("MatMul", [node("Softmax", [scores], "probs", axis=3), v], "ctx")
+    ctx = node("Reshape", [node("Transpose", [ctx], "ctx_t", perm=[0, 2, 1, 3]),
+                           c("merge", np.array([0, 0, hidden], np.int64))], "ctx_r")
+    x = layer_norm(node("Add", [proj("o", ctx, hidden, hidden), x], "r1"), "ln1", "ln1_out")
+    h = proj("ffn1", x, hidden, ffn)
+    gelu = node("Mul", [node("Mul", [h, node("Add", [node("Erf", [node("Div", [h, c("sqrt2", np.array(
+        np.sqrt(2.0), np.float32))], "g1")], "g2"), c("one_b", np.array(1.0, np.float32))], "g3")], "g4"),
+                        c("half", np.array(0.5, np.float32))], "g5")
+    x = layer_norm(node("Add", [proj("ffn2", gelu, ffn, hidden), x], "r2"), "ln2", "ln2_out")
+    logits = node("MatMul", [x, w("head.w", hidden, 3)], "logits")
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, [batch, seq])
+              for n in ("input_ids", "attention_mask", "token_type_ids")]
+    graph = helper.make_graph(nodes, "bert", inputs, [helper.make_tensor_value_info(logits, F, [batch, seq, 3])],
+                              [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_bert_fused_by_onnxruntime_optimizer_prunes_end_to_end():
+    """optimize_model turns the layer into EmbedLayerNormalization, Attention, SkipLayerNormalization and BiasGelu;
+    the residual stream, the heads' head_dim and the FFN width all prune, and the result equals the masked
+    original."""
+    pytest.importorskip("sympy")  # onnxruntime's transformer optimizer imports it
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = optimize_model(bert_layer(), model_type="bert", num_heads=2, hidden_size=16, opt_level=0).model
+    if not any(o.domain == MS for o in fused.opset_import):
+        fused.opset_import.append(helper.make_opsetid(MS, 1))
+    ops = {n.op_type for n in fused.graph.node}
+    assert {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"} <= ops
+    pruned, report = prune_checked(fused, verify_samples=3)
+    assert wshape(pruned, "word")[1] < 16 and wshape(pruned, "ffn1.w")[1] < 32
+    node = node_of(pruned, "Attention")
+    assert sum(attr(node, "qkv_hidden_sizes")) < 48 and attr(node, "num_heads") == 2
+    assert report.verification["max_rel_diff"] < 1e-4
