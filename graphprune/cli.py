@@ -270,6 +270,10 @@ def _print_summary(report, output, verbose: bool) -> None:
     table.add_row("params", _fmt(report.params_before), _fmt(report.params_after), f"{report.params_ratio:.3f}")
     table.add_row("MACs", _fmt(report.macs_before), _fmt(report.macs_after), f"{report.macs_ratio:.3f}")
     out.print(table)
+    if report.assumed_dims:
+        out.print("MACs counted at " + ", ".join(f"{_printable(n)}={d['value']} ({d['source']})"
+                                                 for n, d in report.assumed_dims.items())
+                  + " (the written model keeps its dynamic dims)")
     out.print(f"groups: {report.groups_total} total, {report.groups_pruned} pruned, "
               f"{report.groups_frozen} frozen; channels removed: {report.channels_removed} "
               f"of {report.channels_prunable} prunable ({report.prunable_share:.0%} of all channels prunable)")
@@ -303,6 +307,10 @@ def _print_summary(report, output, verbose: bool) -> None:
             out.print(f"fidelity on {report.fidelity['samples']} held-out calibration samples, output "
                       f"'{_printable(name)}':"
                       f"{agree} cosine {f['cosine']:.4f}, relative error {f['rel_error']:.3f}")
+    if report.fidelity_search:
+        steps = ", ".join(f"{t:.3f}->{m:.3f}" for t, _r, m in report.fidelity_search)
+        out.print(f"--min-fidelity: MACs target {report.fidelity_target:.3f} chosen (bisection target->agreement: "
+                  f"{steps})")
     if verbose and report.kept_widths:
         out.print(_before_after("kept widths", "group", [(g, str(b), str(a)) for g, b, a in report.kept_widths]))
     if report.verification:

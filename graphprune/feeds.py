@@ -233,9 +233,9 @@ def synthetic_feeds(graph: Graph, samples: int = 64, seed: int = 0, dims: dict |
 
 
 # ---- calibration files -----------------------------------------------------------------------------------------
-def load_feeds(path, graph: Graph, samples: int = 256, image_scale: float = 1 / 255.0,
-               image_mean=(0.0,), image_std=(1.0,)) -> dict[str, np.ndarray]:
-    """All samples as arrays keyed by input name (first axis = samples), at most `samples` of them."""
+def load_feeds(path, graph: Graph, samples: int = 256, preprocess: dict | None = None) -> dict[str, np.ndarray]:
+    """All samples as arrays keyed by input name (first axis = samples), at most `samples` of them. Images of a
+    folder go through `preprocess` (PruneOptions.image_preprocessing: size, mean, std, order, layout)."""
     path = Path(path)
     if not path.exists():
         raise CalibrationError(f"calibration data not found: {path}")
@@ -245,7 +245,7 @@ def load_feeds(path, graph: Graph, samples: int = 256, image_scale: float = 1 / 
     elif path.is_dir():
         if len(names) != 1:
             raise CalibrationError(f"a folder of samples needs a single-input model; this one has {names}")
-        feeds = {names[0]: _load_folder(path, graph.inputs[0], samples, image_scale, image_mean, image_std)}
+        feeds = {names[0]: _load_folder(path, graph.inputs[0], samples, preprocess or {})}
     else:
         raise CalibrationError(f"{path}: expected an .npz file or a folder of .npy / image files")
     counts = {len(v) for v in feeds.values()}
@@ -345,31 +345,62 @@ def _load_npy(f: Path) -> np.ndarray:
         return _read_npy(handle, size, str(f))
 
 
-def _load_folder(folder: Path, vi, samples, scale, mean, std) -> np.ndarray:
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+def _load_folder(folder: Path, vi, samples, preprocess: dict) -> np.ndarray:
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in vi.type.tensor_type.shape.dim]
+    image = None
     arrays = []
     for f in sorted(folder.iterdir()):
         if f.suffix == ".npy":
             a = _load_npy(f)
             arrays.extend(a if a.ndim == len(dims) else [a])
         elif f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
-            arrays.append(_load_image(f, dims, scale, mean, std))
+            image = image or image_preprocessing(dims, preprocess, vi.name)
+            arrays.append(_load_image(f, **image))
         if len(arrays) >= samples:
             break
     if not arrays:
         raise CalibrationError(f"{folder}: no .npy or image files")
     shapes = {np.shape(a) for a in arrays[:samples]}
     if len(shapes) != 1:
-        raise CalibrationError(f"{folder}: samples have different shapes {sorted(shapes)[:4]}")
+        raise CalibrationError(f"{folder}: samples have different shapes {sorted(shapes)[:4]}"
+                               + ("" if image is None or image["size"] else
+                                  " (the model's height and width are dynamic: pass --image-size HxW)"))
     return np.stack(arrays[:samples])
 
 
-def _load_image(f: Path, dims, scale, mean, std) -> np.ndarray:
+def image_preprocessing(dims: list, declared: dict, name: str = "input") -> dict:
+    """The declared preprocessing with the model's input shape filling what was not given: the layout (NHWC when
+    the last dim is 3 or 1 and the second is not), the channel count, and the size (the static H, W)."""
+    layout = declared.get("layout") or "auto"
+    if layout == "auto":
+        last, second = (dims[-1], dims[1]) if len(dims) == 4 else (None, None)
+        layout = "NHWC" if last in (1, 3) and second not in (1, 3) else "NCHW"
+    if len(dims) == 4:
+        channels, height, width = (dims[3], dims[1], dims[2]) if layout == "NHWC" else (dims[1], dims[2], dims[3])
+    else:
+        channels, height, width = None, None, None
+    if channels not in (None, 1, 3):
+        raise CalibrationError(f"input '{name}' has {channels} channels in layout {layout}: images give 1 or 3 "
+                               f"(pass --image-layout, or .npy arrays)")
+    size = declared.get("size") or ((height, width) if height and width else None)
+    channels = channels or 3
+    mean, std = tuple(declared.get("mean") or (0.0,)), tuple(declared.get("std") or (1.0,))
+    for option, values in (("--image-mean", mean), ("--image-std", std)):
+        if len(values) not in (1, channels):
+            raise CalibrationError(f"{option} has {len(values)} values; input '{name}' has {channels} channels")
+    return {"size": size, "channels": channels, "mean": mean, "std": std,
+            "order": declared.get("order") or "RGB", "layout": layout}
+
+
+def _load_image(f: Path, size, channels, mean, std, order, layout) -> np.ndarray:
+    """One image as a float32 (C, H, W) or (H, W, C) array: decoded (bounded), converted to L or RGB, resized so
+    it covers `size` with its aspect ratio kept, then center-cropped to it; scaled to 0..1, channels in `order`,
+    then (x - mean) / std per channel."""
     try:
         from PIL import Image
     except ImportError as exc:
         raise CalibrationError("reading images needs Pillow (pip install pillow), or pass .npy arrays") from exc
-    channels, height, width = dims[1:4] if len(dims) == 4 else (None, None, None)
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         img = Image.open(f)
@@ -381,12 +412,21 @@ def _load_image(f: Path, dims, scale, mean, std) -> np.ndarray:
         raise
     except Exception as exc:  # DecompressionBombError, truncated or not an image
         raise CalibrationError(f"{f}: not a readable image ({type(exc).__name__}: {exc})") from None
-    if height and width:
-        img = img.resize((width, height), Image.BICUBIC)
-    a = np.asarray(img, dtype=np.float32) * scale
+    if size:
+        height, width = size
+        # the smallest scale at which the image covers height x width; the overhang is cropped evenly
+        scale = max(height / img.height, width / img.width)
+        rw, rh = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+        if (rw, rh) != (img.width, img.height):
+            img = img.resize((rw, rh), Image.BICUBIC)
+        left, top = (rw - width) // 2, (rh - height) // 2
+        img = img.crop((left, top, left + width, top + height))
+    a = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     a = a[..., None] if a.ndim == 2 else a
+    if order == "BGR":
+        a = a[..., ::-1]
     a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return a.transpose(2, 0, 1)  # HWC -> CHW
+    return np.ascontiguousarray(a if layout == "NHWC" else a.transpose(2, 0, 1))
 
 
 # ---- split and batches -----------------------------------------------------------------------------------------

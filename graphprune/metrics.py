@@ -1,4 +1,10 @@
-"""Parameter and multiply-accumulate counts from static shapes (symbolic dims count as 1).
+"""Parameter and multiply-accumulate counts from shapes, symbolic dims taken at representative values.
+
+A symbolic dim ("seq", "batch") has no size in the graph. Counting it as 1 makes MACs "per token", so attention's
+seq x seq MatMuls weigh nothing next to the projections and a MACs target cannot see them. Instead the counts
+substitute representative values (`representative_dims`: --dim, else the calibration data's shapes, else the
+defaults random verification inputs use) into the inferred shapes; names onnx made up for dims it could not relate
+to an input dim ("unk__3") still count as 1. The graph itself keeps its dynamic dims: only the counting changes.
 
 A parameter is a learned weight: a float initializer, or an integer one of a quantised model (int8/uint8/int16
 weights, the int32 bias of a quantised op). Shape constants, axes and indices (Reshape targets, Slice bounds,
@@ -7,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import GraphpruneError
 from .ir import Graph, attr
 
 
@@ -14,8 +21,87 @@ def _prod(dims) -> int:
     return int(np.prod([d if isinstance(d, int) else 1 for d in dims], dtype=np.int64)) if dims else 1
 
 
+def representative_dims(graph: Graph, given: dict | None = None, feeds: dict | None = None) -> dict[str, tuple]:
+    """dim name -> (value, where it came from: 'dim' for --dim, 'calibration', or 'default'), for every symbolic
+    dim of the graph's inputs. The sample axis (axis 0) of calibration arrays counts samples, not a model dim, so
+    it is never taken from the data: MACs stay per sample, as with random inputs (batch 1)."""
+    from .feeds import feed_shapes
+    given = dict(given or {})
+    out: dict[str, tuple] = {name: (int(v), "dim") for name, v in given.items()}
+    for vi in graph.inputs:
+        array = (feeds or {}).get(vi.name)
+        if array is None:
+            continue
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            name = d.dim_param if d.HasField("dim_param") else ""
+            if k > 0 and name and name not in out and k < np.ndim(array):
+                out[name] = (int(np.shape(array)[k]), "calibration")
+    try:
+        _shapes, chosen = feed_shapes(graph, {**given, **{n: v for n, (v, _) in out.items()}})
+    except GraphpruneError:  # hostile declared dims: no defaults, the remaining names count as 1
+        chosen = {}
+    for name, value in chosen.items():
+        out.setdefault(name, (int(value), "default"))
+    return out
+
+
+def set_dims(graph: Graph, dims: dict) -> None:
+    """Make every count on `graph` use these representative dims ({name: value} or representative_dims' result).
+    Kept on the graph object, so the allocator's counts (passes/allocate.py reads analysis.graph) use them too."""
+    values = {n: (v[0] if isinstance(v, tuple) else int(v)) for n, v in dims.items()}
+    values.update(_probed_products(graph, values))
+    graph.macs_dims = values
+
+
+def _probed_products(graph: Graph, values: dict) -> dict[str, int]:
+    """Values for the names shape probing (passes/canonicalize.probe_shapes) gives a dim that matches no input
+    dim: 'dyn_X_Y', sizes X and Y in its two runs. Such a dim is usually a product of input dims (batch x seq
+    tokens after a flatten, heads x batch): find c and exponents e_s in {0, 1, 2} with X = c·Π p0[s]^e_s and
+    Y = c·Π p1[s]^e_s, where p0, p1 are the values the probe runs gave each input dim, then substitute c·Π v[s]^e_s.
+    No fit, or two fits that disagree on the value, leaves the name unresolved (it counts as 1)."""
+    import itertools
+
+    from .passes.canonicalize import _symbolic_dims, probe_shapes
+    names = {d for dims in graph.shapes.values() for d in dims if isinstance(d, str) and d.startswith("dyn_")}
+    symbols = _symbolic_dims(graph)
+    if not names or not symbols or len(symbols) > 4:
+        return {}
+    bases = probe_shapes.__defaults__[0]
+    runs = [{name: (1 + r if first else base * (k + 1)) for k, (name, first) in enumerate(symbols)}
+            for r, base in enumerate(bases)]
+    out = {}
+    for name in names:
+        parts = name.split("_")
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+            continue
+        x, y = int(parts[1]), int(parts[2])
+        found = set()
+        for exps in itertools.product(range(3), repeat=len(symbols)):
+            p0 = int(np.prod([runs[0][s] ** e for (s, _), e in zip(symbols, exps)]))
+            p1 = int(np.prod([runs[1][s] ** e for (s, _), e in zip(symbols, exps)]))
+            if x % p0 == 0 and y % p1 == 0 and x // p0 == y // p1:
+                found.add((x // p0) * int(np.prod([values.get(s, 1) ** e for (s, _), e in zip(symbols, exps)])))
+        if len(found) == 1:
+            out[name] = found.pop()
+    return out
+
+
+def _resolved(graph: Graph, shape):
+    """`shape` (a name -> dims function) with the graph's representative dims substituted for symbolic ones."""
+    dims = getattr(graph, "macs_dims", None)
+    if not dims:
+        return shape
+
+    def resolved(name):
+        s = shape(name)
+        if s is None:
+            return None
+        return tuple(dims.get(d, d) if isinstance(d, str) else d for d in s)
+    return resolved
+
+
 def node_macs(graph: Graph, node, shape=None) -> int:
-    shape = shape or graph.shape
+    shape = _resolved(graph, shape or graph.shape)
     op = node.op_type
     out = shape(node.output[0]) if node.output else None
     if out is None:
@@ -38,6 +124,9 @@ def node_macs(graph: Graph, node, shape=None) -> int:
         if not a:
             return 0
         k = a[-1]
+        return _prod(out) * (k if isinstance(k, int) else 1)
+    if op == "MatMulNBits":  # A [..., K] · Bᵀ, B [N, K] packed: K is the attribute, not the packed shape
+        k = attr(node, "K", 0)
         return _prod(out) * (k if isinstance(k, int) else 1)
     if op == "DynamicQuantizeLSTM":  # W [dirs, input, 4H], R [dirs, H, 4H]; X [seq, batch, input]
         w, r, x = (shape(node.input[i]) for i in (1, 2, 0))
@@ -82,8 +171,10 @@ def count_after(graph: Graph, removed: dict) -> dict:
     for (name, axis), idx in removed.items():
         cut.setdefault(name, {})[axis] = idx if isinstance(idx, (int, np.integer)) else len(idx)
 
+    base = _resolved(graph, graph.shape)
+
     def shape(name):
-        dims = graph.shape(name)
+        dims = base(name)
         if dims is None or name not in cut:
             return dims
         return tuple(d - cut[name].get(ax, 0) if isinstance(d, int) else d for ax, d in enumerate(dims))
@@ -92,4 +183,5 @@ def count_after(graph: Graph, removed: dict) -> dict:
     for name, arr in graph.initializers.items():
         if is_parameter(graph, name, arr):
             params += _prod(shape(name))
+    # `shape` already substitutes the dims; node_macs' own substitution then finds nothing symbolic left to map
     return {"params": int(params), "macs": int(sum(node_macs(graph, n, shape) for n in graph.nodes))}

@@ -19,6 +19,11 @@ GLOBAL_NORMS = ("mean", "max", "lamp")
 PROXIES = ("auto", "synthetic", "bn")
 COMPENSATIONS = ("auto", "reconstruct", "none", "obs", "lsq", "bias")
 SPARSE_FORMATS = ("auto", "bsr", "csr")
+CHANNEL_ORDERS = ("RGB", "BGR")
+IMAGE_LAYOUTS = ("auto", "NCHW", "NHWC")
+FIDELITY_METRICS = ("auto", "top1", "cosine")
+# an image side beyond this is not a model input size but a typo (and a huge resize)
+MAX_IMAGE_SIDE = 16384
 
 
 class OptionError(GraphpruneError):
@@ -65,6 +70,16 @@ class PruneOptions:
     proxy: str = _opt("auto", "Data-free statistics without --calib: BatchNorm closed form where a norm feeds the "
                               "consumer and synthetic inputs elsewhere (auto), synthetic only, or closed form only.",
                       choices=PROXIES)
+    image_size: str | None = _opt(None, "Images of a --calib folder: resize (keeping the aspect ratio) to cover HxW, "
+                                        "then center-crop to it, e.g. 224x224 or 224 [default: the model input's "
+                                        "static height and width; none if dynamic].", metavar="HxW")
+    image_mean: str | None = _opt(None, "Per-channel mean subtracted from images scaled to 0..1, e.g. "
+                                        "0.485,0.456,0.406 (one value, or one per channel) [default: 0].")
+    image_std: str | None = _opt(None, "Per-channel std dividing images after the mean, e.g. 0.229,0.224,0.225 "
+                                       "[default: 1].")
+    channel_order: str = _opt("RGB", "Channel order of the image tensor.", choices=CHANNEL_ORDERS)
+    image_layout: str = _opt("auto", "Image tensor layout; auto: NHWC when the model input's last dim is 3 or 1 "
+                                     "and its second is not, else NCHW.", choices=IMAGE_LAYOUTS)
     sensitivity_samples: int = _opt(32, "Samples per probe of --scope sensitivity (>= 1).")
     # -- compensation ---------------------------------------------------------------------------------------
     compensate: str = _opt("auto", "Weight compensation. reconstruct: after verification, refit every layer "
@@ -75,6 +90,12 @@ class PruneOptions:
     bn_recalibrate: bool = _opt(False, "After verification, re-estimate BatchNorm running statistics on the --calib "
                                        "data (kept only if the held-out fidelity check improves).", flag=True)
     # -- plans ----------------------------------------------------------------------------------------------
+    min_fidelity: float | None = _opt(None, "With --calib: prune as far as the held-out agreement with the dense model "
+                                            "stays >= F, in (0, 1], by bisecting the MACs target (overrides "
+                                            "--ratio/--target-macs).")
+    fidelity_metric: str = _opt("auto", "Agreement for --min-fidelity: top-1 agreement of class scores, or the "
+                                        "cosine of the outputs; auto: top1 for outputs of shape [batch, classes], "
+                                        "else cosine.", choices=FIDELITY_METRICS)
     dry_run: bool = _opt(False, "Print the plan; write no model.", flag=True)
     plan: object = _opt(None, "A RewritePlan to replay instead of scoring (CLI: --plan-in).", cli="")
     # -- checking -------------------------------------------------------------------------------------------
@@ -138,6 +159,14 @@ class PruneOptions:
         method = ("obs" if self.importance == "obspa" else "none") if self.compensate == "auto" else self.compensate
         return "obs" if method == "lsq" else method
 
+    @property
+    def image_preprocessing(self) -> dict:
+        """{size: (H, W) | None, mean: tuple, std: tuple, order, layout} for feeds.load_feeds; parsing is the
+        validation, so a bad value is an OptionError naming the option."""
+        return {"size": _parse_size(self.image_size), "mean": _parse_floats("image_mean", self.image_mean, 0.0),
+                "std": _parse_floats("image_std", self.image_std, 1.0, positive=True),
+                "order": self.channel_order, "layout": self.image_layout}
+
     def replace(self, **changes) -> PruneOptions:
         return dataclasses.replace(self, **changes).validate()
 
@@ -164,7 +193,8 @@ class PruneOptions:
         _integer("holdout", self.holdout, lo=0)
         _integer("seed", self.seed, lo=0)
         _integer("sparse_threads", self.sparse_threads, lo=1, optional=True)
-        for name in ("importance", "scope", "global_norm", "proxy", "compensate", "sparse_format"):
+        for name in ("importance", "scope", "global_norm", "proxy", "compensate", "sparse_format", "channel_order",
+                     "image_layout", "fidelity_metric"):
             choices = _FIELDS[name].metadata["choices"]
             value = getattr(self, name)
             if value not in choices:
@@ -177,9 +207,20 @@ class PruneOptions:
             if not isinstance(name, str) or not name:
                 raise OptionError(f"input_dims: dim names must be non-empty strings, got {name!r}")
             _integer(f"input_dims[{name!r}]", value, lo=1, hi=1 << 20)
+        _ = self.image_preprocessing  # parsing is the check of image_size, image_mean, image_std
+        _number("min_fidelity", self.min_fidelity, lo=0.0, hi=1.0, lo_open=True, optional=True)
+        if self.min_fidelity is not None:
+            if self.calib is None:
+                raise OptionError("min_fidelity needs calibration data (calib=...): agreement is measured on "
+                                  "held-out samples")
+            if self.holdout < 1:
+                raise OptionError("min_fidelity needs held-out samples (holdout >= 1)")
+            if self.plan is not None or self.dry_run or self.sparsity is not None or self.target_params is not None:
+                raise OptionError("min_fidelity chooses the MACs target itself: it cannot be combined with a "
+                                  "replayed plan, dry_run, sparsity or target_params")
         if self.bn_recalibrate and self.calib is None:
             raise OptionError("bn_recalibrate needs calibration data (calib=...)")
-        if self.scope == "sensitivity" and self.plan is None and self.target is None:
+        if self.scope == "sensitivity" and self.plan is None and self.target is None and self.min_fidelity is None:
             raise OptionError("scope 'sensitivity' allocates to a budget: give target_macs or target_params")
         if self.plan is not None:
             from .plan import RewritePlan
@@ -219,6 +260,42 @@ def parse_dim(item: str) -> tuple[str, int]:
     if not sep or not name or not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise OptionError(f"--dim expects NAME=VALUE with a positive integer, got {item!r}")
     return name, int(value)
+
+
+def _parse_size(value) -> tuple[int, int] | None:
+    """'224x224', '224,192', '224' or (H, W) / H -> (H, W)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.lower().replace("x", ",").split(",")
+        if not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
+            raise OptionError(f"image_size must be HxW or N with positive integers, got {value!r}")
+        value = [int(p) for p in parts]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or len(value) not in (1, 2):
+        raise OptionError(f"image_size must be HxW or N with positive integers, got {value!r}")
+    for v in value:
+        _integer("image_size", v, lo=1, hi=MAX_IMAGE_SIDE)
+    return (int(value[0]), int(value[-1]))
+
+
+def _parse_floats(name, value, default: float, positive: bool = False) -> tuple[float, ...]:
+    """'0.485,0.456,0.406' or a sequence -> a tuple of 1 or 3 finite numbers (std: positive)."""
+    if value is None:
+        return (default,)
+    if isinstance(value, str):
+        try:
+            value = [float(p) for p in value.split(",")]
+        except ValueError:
+            raise OptionError(f"{name} must be comma-separated numbers, got {value!r}") from None
+    elif _is_number(value):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or len(value) not in (1, 3) or not all(_is_number(v) for v in value):
+        raise OptionError(f"{name} must be one number or one per channel (3), got {value!r}")
+    if positive and any(v <= 0 for v in value):
+        raise OptionError(f"{name} must be positive, got {value!r}")
+    return tuple(float(v) for v in value)
 
 
 def _is_number(value) -> bool:

@@ -88,7 +88,7 @@ def _needs_statistics(ctx: Context) -> bool:
     o = ctx.options
     return ((ctx.criterion is not None and ctx.criterion.needs_data) or o.compensation != "none"
             or o.bn_recalibrate or (o.scope == "sensitivity" and o.plan is None) or o.sparsity is not None
-            or o.reconstruct)
+            or o.reconstruct or o.min_fidelity is not None)
 
 
 def _calibrate(ctx: Context) -> str:
@@ -120,7 +120,7 @@ def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None):
     from .feeds import load_feeds, split, synthetic_feeds
     from .passes.importance.data import group_consumers
     if o.calib is not None:
-        feeds, heldout = split(load_feeds(o.calib, graph, o.calib_samples + o.holdout), o.holdout)
+        feeds, heldout = split(load_feeds(o.calib, graph, o.calib_samples + o.holdout, o.image_preprocessing), o.holdout)
         source = (f"{o.calib} ({len(next(iter(feeds.values())))} samples, "
                   f"{len(next(iter(heldout.values()), []))} held out)")
     else:
@@ -148,6 +148,21 @@ def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None):
     stats = collect(graph, wanted, feeds, progress=progress, source=source)
     stats.tensors.update(closed)
     return stats, heldout, feeds
+
+
+def _macs_dims(ctx: Context) -> str:
+    """Representative values for the symbolic dims, so MACs (targets, report) count seq x seq attention instead of
+    one token; the dense counts are redone with them. Parameters do not depend on dims and keep their count."""
+    from .metrics import representative_dims, set_dims
+    o = ctx.options
+    feeds = ctx.feeds if o.calib is not None else None
+    dims = representative_dims(ctx.graph, o.input_dims, feeds)
+    set_dims(ctx.graph, dims)
+    ctx.report.assumed_dims = {name: {"value": v, "source": src} for name, (v, src) in sorted(dims.items())}
+    if dims:
+        dense = count(ctx.graph)
+        ctx.counts_before = {**ctx.counts_before, "macs": dense["macs"], "per_node": dense["per_node"]}
+    return ", ".join(f"{n}={v} ({src})" for n, (v, src) in sorted(dims.items())) or "no symbolic dims"
 
 
 def _score(ctx: Context) -> str:
@@ -286,7 +301,7 @@ def _bn_recalibrate(ctx: Context) -> str:
     from .passes.bn_recalibrate import recalibrate_batchnorm
     from .verify import fidelity
     o, r = ctx.options, ctx.report
-    feeds, _ = split(load_feeds(o.calib, ctx.graph, o.calib_samples + o.holdout), o.holdout)
+    feeds, _ = split(load_feeds(o.calib, ctx.graph, o.calib_samples + o.holdout, o.image_preprocessing), o.holdout)
     kept_graph = ctx.graph.clone()
     r.bn_recalibrated = recalibrate_batchnorm(ctx.graph, feeds, ctx.progress)
     candidate = ctx.graph.to_model(with_value_info=True)
@@ -327,6 +342,75 @@ def _mean_rel_error(fid: dict) -> float:
     return float(np.mean(errs)) if errs else 0.0
 
 
+# ---- --min-fidelity: bisection over the MACs target ---------------------------------------------------------
+
+# Bisection steps of the MACs target over (0, 1]: 2⁻⁶ ≈ 1.6 % of the dense MACs resolution, 6 rewrites + 1 final.
+FIDELITY_STEPS = 6
+# the stages a --min-fidelity trial repeats; everything before 'allocate' (analysis, statistics, scores) runs once
+_FIRST_REPEATED = "allocate"
+
+
+def agreement(fid: dict, metric: str, graph: Graph) -> float:
+    """One number from verify.fidelity's per-output entries, the worst output's. top1: agreement of the dense
+    top-1 class; cosine: mean per-sample cosine. auto: top1 for logit-like outputs (fidelity reports a KL, i.e.
+    a last axis of >= 2 entries not L2-normalised) of rank <= 2 ([batch, classes]), cosine for the others;
+    explicit top1 falls back to cosine for an output without a class axis."""
+    values = []
+    for name, entry in fid.get("outputs", {}).items():
+        rank = len(graph.shape(name) or ())
+        logits = "kl" in entry and rank <= 2
+        use_top1 = "top1_agreement" in entry and (metric == "top1" or (metric == "auto" and logits))
+        values.append(entry["top1_agreement"] if use_top1 else entry["cosine"])
+    return float(min(values)) if values else 0.0
+
+
+def _trial(base: Context, target: float, pm: PassManager, verify: bool) -> Context:
+    """The repeated stages at MACs target `target` on a copy of the dense graph, sharing the analysis,
+    statistics and scores of `base`. The analysis' fixups name nodes of the dense graph, which the rewrite edits
+    in place: they are pointed at the copy's nodes (same order) so the dense graph stays dense for the next trial."""
+    from dataclasses import replace
+    from .metrics import set_dims
+    graph = base.graph.clone()
+    set_dims(graph, getattr(base.graph, "macs_dims", {}))
+    same = {id(a): b for a, b in zip(base.graph.nodes, graph.nodes)}
+    analysis = replace(base.analysis, fixups=[(same.get(id(n), n), fn) for n, fn in base.analysis.fixups])
+    ctx = replace(base, options=base.options.replace(target_macs=target, verify=verify), graph=graph,
+                  analysis=analysis, report=replace(base.report, diagnostics=list(base.report.diagnostics)),
+                  plan=None, removed=None, updates=None, original=None, pruned=None)
+    repeated = stages()
+    first = next(i for i, s in enumerate(repeated) if s.name == _FIRST_REPEATED)
+    pm.run_stages(repeated[first:], ctx)
+    return ctx
+
+
+def _fidelity_search(ctx: Context, pm: PassManager) -> Context:
+    """--min-fidelity F: the smallest MACs target whose pruned model keeps held-out agreement >= F.
+
+    Agreement falls (not strictly) as the target falls, so bisection on (0, 1] keeps `lo` failing and `hi`
+    passing (hi = 1 is the dense model, agreement 1, never run). After FIDELITY_STEPS halvings hi is the answer
+    within 2⁻ᴺ; it is rebuilt once more with verification on (trials skip it: same plan, so same structure)."""
+    o = ctx.options
+    all_stages = stages()
+    first = next(i for i, s in enumerate(all_stages) if s.name == _FIRST_REPEATED)
+    pm.run_stages(all_stages[:first], ctx)
+    if not ctx.heldout:
+        raise GraphpruneError(f"min_fidelity: {o.calib} gave no held-out samples (use more samples, holdout >= 1)")
+    lo, hi, curve = 0.0, 1.0, []
+    for _ in range(FIDELITY_STEPS):
+        mid = (lo + hi) / 2
+        trial = _trial(ctx, mid, pm, verify=False)
+        value = agreement(trial.report.fidelity, o.fidelity_metric, ctx.graph)
+        curve.append((round(mid, 6), round(trial.report.macs_ratio, 6), round(value, 6)))
+        lo, hi = (lo, mid) if value >= o.min_fidelity else (mid, hi)
+    final = _trial(ctx, hi, pm, verify=o.verify)
+    final.report.fidelity_search = curve
+    final.report.fidelity_target = hi
+    if hi == 1.0:
+        final.report.diagnostics.append(f"min_fidelity {o.min_fidelity:g}: every MACs target tried (down from "
+                                        f"{curve[0][0]:g}) fell below it on the held-out samples; nothing pruned")
+    return final
+
+
 # ---- the pipeline ---------------------------------------------------------------------------------------------
 
 def stages() -> list[Stage]:
@@ -342,6 +426,7 @@ def stages() -> list[Stage]:
         Stage("analyze", _analyze, needs=("graph",), provides=("analysis",)),
         Stage("calibrate", _calibrate, needs=("graph", "analysis"), provides=("heldout",),
               when=_needs_statistics),
+        Stage("macs dims", _macs_dims, needs=("graph", "counts_before")),
         Stage("score", _score, needs=("analysis", "criterion"), provides=("scores",),
               when=lambda c: c.options.plan is None),
         Stage("sensitivity", _sensitivity, needs=("analysis", "scores", "feeds"), provides=("sensitivity",),
@@ -379,7 +464,10 @@ def run(source, options: PruneOptions, progress=None) -> Context:
         ctx.criterion = get_criterion(options.importance, seed=options.seed)
         ctx.criterion.intercept = options.compensation == "obs"  # obspa's ΔL assumes the refit may move the bias
     pm = PassManager(progress=progress)
-    pm.run_stages(stages(), ctx)
+    if options.min_fidelity is None:
+        pm.run_stages(stages(), ctx)
+    else:
+        ctx = _fidelity_search(ctx, pm)
     ctx.report.timings = pm.timings()
     ctx.report.stage_log = pm.log()
     ctx.report.seconds = time.perf_counter() - start

@@ -36,6 +36,9 @@ class PruneReport:
     sensitivity: dict | None = None    # group -> relative output error at passes.sensitivity.LEVELS
     sparse_layers: list = field(default_factory=list)  # passes.sparsify.SparseLayerReport per eligible layer
     sparse: dict | None = None         # sparsify totals: layers sparse/dense, bytes, end-to-end ms, notes
+    assumed_dims: dict = field(default_factory=dict)  # symbolic dim -> {value, source} the MACs were counted at
+    fidelity_search: list = field(default_factory=list)  # --min-fidelity: (MACs target, MACs ratio, agreement)
+    fidelity_target: float | None = None  # --min-fidelity: the MACs target chosen
     reconstruction: dict | None = None  # passes.reconstruct summary: per-layer relative errors before/after
 
     @property

@@ -1105,3 +1105,157 @@ def test_shape_read_through_cast_freezes_only_the_dims_it_reads():
     assert not any("Shape" in r for r in report.frozen_reasons)
     weights = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
     assert weights["w1"].shape == (6, 4) and weights["w2"].shape == (4, 4)
+
+
+# ---- shape arithmetic: targets computed from Shape() (issue 11, item 7) ---------------------------------------------
+def _batch(g, t):
+    """[N] of t, as exporters compute it: Unsqueeze(Gather(Shape(t), 0))."""
+    n = g.add("Gather", [g.add("Shape", [t]), g.ints(0)], axis=0)
+    return g.add("Unsqueeze", [n, g.ints([0])])
+
+
+def _flatten_then_linear(g, target):
+    """cv1 (8 channels, dynamic batch) -> Reshape to [N, 8, 16] by `target(y1)` -> [N, 16, 8] -> MatMul 8->5."""
+    y1 = g.add("Relu", [g.conv("x", 3, 8, "cv1", k=3)])
+    r = g.add("Reshape", [y1, target(y1)], name="flat")
+    t = g.add("Transpose", [r], perm=[0, 2, 1])
+    return g.matmul(t, 8, 5, "fc")
+
+
+def test_reshape_target_literal_next_to_a_computed_length_is_rewritten():
+    """paddle2onnx: Reshape [1, 8, H, 4] -> Concat([8], Unsqueeze(Gather(Shape(y), 2)), [4]) with H dynamic. The
+    computed piece has a known length, so the literal 8 next to it is rewritten inside its Concat piece (this
+    already worked before item 7: a regression test for the shape_entries rewrite)."""
+    g = G(13)
+    y1 = g.add("Relu", [g.conv("x", 3, 8, "cv1", k=3)])
+    h = g.add("Unsqueeze", [g.add("Gather", [g.add("Shape", [y1]), g.ints(2)], axis=0), g.ints([0])])
+    r = g.add("Reshape", [y1, g.add("Concat", [g.ints([8]), h, g.ints([4])], axis=0)], name="flat")
+    y = g.matmul(g.add("Transpose", [r], perm=[1, 2, 0]), 8, 5, "fc")     # [H, 4, 8] @ [8, 5]
+    m = g.model([("x", [1, 3, "H", 4])], [(y, ["H", 4, 5])])
+    assert group_sizes(m) == [(8, 8)]
+    assert not any("computed at run time" in r for r in frozen_reasons(m)), frozen_reasons(m)
+    p, _ = prune_checked(m)
+    assert wshape(p, "cv1.w") == (4, 3, 3, 3) and wshape(p, "fc.w") == (4, 5)
+    cat = next(n for n in p.graph.node if n.op_type == "Concat")
+    assert inits(p)[cat.input[0]].tolist() == [4]                      # the literal piece follows the width
+
+
+def test_reshape_target_copying_the_channel_dim_follows_it():
+    """paddle2onnx flatten: Concat(Slice(Shape(y), 0, 2), [-1]) copies y's channel dim into the target. After
+    pruning Shape(y)[1] reads the new width, exactly the size of the output axis it is coupled with one to one,
+    so neither the Shape nor the Reshape freezes the channels any more."""
+    g = G(13)
+
+    def target(y1):
+        head = g.add("Slice", [g.add("Shape", [y1]), g.ints([0]), g.ints([2])])
+        return g.add("Concat", [head, g.ints([-1])], axis=0)
+    y = _flatten_then_linear(g, target)
+    m = g.model([("x", ["N", 3, 4, 4])], [(y, ["N", 16, 5])])
+    assert group_sizes(m) == [(8, 8)]
+    assert frozen_reasons(m) == [] or not any("Shape" in r or "run time" in r for r in frozen_reasons(m))
+    p, _ = prune_checked(m)
+    assert wshape(p, "cv1.w") == (4, 3, 3, 3) and wshape(p, "fc.w") == (4, 5)
+    assert any(n.op_type == "Shape" for n in p.graph.node)             # still computed at run time
+
+
+def test_reshape_target_c_over_heads_from_a_static_channel_dim_prunes():
+    """paddle2onnx heads split: [N, 2, Shape(y)[1] // 2, -1]. The channel dim is static, so canonicalisation
+    folds Shape(y)[1] // 2 to the literal 4 (only the batch stays computed); the literals 2 and 4 are rewritten
+    to the surviving factorisation, so the channels prune (a regression test: the fold already did this)."""
+    g = G(13)
+
+    def target(y1):
+        c = g.add("Gather", [g.add("Shape", [y1]), g.ints([1])], axis=0)
+        half = g.add("Div", [c, g.ints([2])])
+        return g.add("Concat", [_batch(g, y1), g.ints([2]), half, g.ints([-1])], axis=0)
+    y1 = g.add("Relu", [g.conv("x", 3, 8, "cv1", k=3)])
+    r = g.add("Reshape", [y1, target(y1)], name="split")             # [N, 2, 4, 16]
+    y = g.conv(g.add("Relu", [r]), 2, 5, "cv2")
+    m = g.model([("x", ["N", 3, 4, 4])], [(y, ["N", 5, 4, 16])])
+    assert group_sizes(m) == [(2, 8)]                                 # whole 4-channel blocks (the conv sees 2)
+    assert not any("Shape op" in r or "run time" in r for r in frozen_reasons(m)), frozen_reasons(m)
+    p, _ = prune_checked(m)
+    assert wshape(p, "cv1.w") == (4, 3, 3, 3) and wshape(p, "cv2.w") == (5, 1, 1, 1)
+
+
+def test_constant_of_shape_zero_state_width_prunes():
+    """Unrolled RNN zero state: s = ConstantOfShape(Concat(Gather(Shape(x), [0]), [16])) feeds s @ Wh. The
+    literal 16 used to freeze the recurrent width; it is now rewritten with it."""
+    g = G(13)
+    n = g.add("Gather", [g.add("Shape", ["x"]), g.ints([0])], axis=0)
+    s = g.add("ConstantOfShape", [g.add("Concat", [n, g.ints([16])], axis=0)], name="zero",
+              value=numpy_helper.from_array(np.array([0.5], np.float32)))
+    h = g.add("Tanh", [g.add("Add", [g.matmul("x", 6, 16, "wx"), g.matmul(s, 16, 16, "wh")])])
+    y = g.matmul(h, 16, 4, "out")
+    m = g.model([("x", ["N", 6])], [(y, ["N", 4])])
+    assert (16, 16) in group_sizes(m) and len(group_sizes(m)) == 2   # the state width and the hidden width
+    assert not any("ConstantOfShape" in r for r in frozen_reasons(m)), frozen_reasons(m)
+    p, _ = prune_checked(m)
+    assert wshape(p, "wh.w") == (8, 8) and wshape(p, "out.w") == (8, 4)
+    cat = next(n for n in p.graph.node if n.op_type == "Concat")
+    assert inits(p)[cat.input[1]].tolist() == [8]
+
+
+def test_expand_target_literal_next_to_a_computed_length_is_rewritten():
+    """tf2onnx: a learned [1, 1, 8] token expanded to Concat([1], Shape(x)[1:2], [8]) (T dynamic) and added to
+    the features: the literal 8 is rewritten, so the 8 channels prune (already worked: regression test)."""
+    g = G(13)
+    h = g.add("Relu", [g.matmul("x", 6, 8, "fc1")])                  # [1, T, 8]
+    t = g.add("Slice", [g.add("Shape", ["x"]), g.ints([1]), g.ints([2])])
+    tok = g.add("Expand", [g.w(1, 1, 8, name="tok"), g.add("Concat", [g.ints([1]), t, g.ints([8])], axis=0)],
+                name="expand")
+    y = g.matmul(g.add("Add", [h, tok]), 8, 4, "fc2")
+    m = g.model([("x", [1, "T", 6])], [(y, [1, "T", 4])])
+    assert group_sizes(m) == [(8, 8)]
+    assert not any("computed at run time" in r for r in frozen_reasons(m)), frozen_reasons(m)
+    p, _ = prune_checked(m)
+    assert wshape(p, "fc1.w") == (6, 4) and wshape(p, "tok") == (1, 1, 4)
+
+
+def test_slice_with_bounds_computed_from_the_sequence_length_keeps_channels_free():
+    """T5 relative bias: Slice(h, 0, Shape(h)[1] - 1, axes=[1]) cuts the sequence axis at run time. It used to
+    freeze every axis of h; now only the sliced (sequence) axis is frozen and the channels prune."""
+    g = G(13)
+    h = g.add("Relu", [g.matmul("x", 6, 8, "fc1")])                  # [1, T, 8]
+    t = g.add("Gather", [g.add("Shape", [h]), g.ints([1])], axis=0)
+    end = g.add("Sub", [t, g.ints([1])])
+    s = g.add("Slice", [h, g.ints([0]), end, g.ints([1])], name="cut")
+    y = g.matmul(s, 8, 4, "fc2")
+    m = g.model([("x", [1, "T", 6])], [(y, [1, "T'", 4])])
+    assert group_sizes(m) == [(8, 8)]
+    p, _ = prune_checked(m)
+    assert wshape(p, "fc1.w") == (6, 4) and wshape(p, "fc2.w") == (4, 4)
+
+
+def test_tile_with_a_computed_repeat_keeps_channels_free():
+    """A learned [1, 1, 8] token tiled T times along the sequence, repeats Concat([1], Shape(x)[1:2], [1]): the
+    computed repeat used to freeze every axis; now only the sequence axis is, and the channel repeat (a literal
+    1, unchanged by pruning) lets the 8 channels prune."""
+    g = G(13)
+    h = g.add("Relu", [g.matmul("x", 6, 8, "fc1")])                  # [1, T, 8]
+    t = g.add("Slice", [g.add("Shape", ["x"]), g.ints([1]), g.ints([2])])
+    tok = g.add("Tile", [g.w(1, 1, 8, name="tok"), g.add("Concat", [g.ints([1]), t, g.ints([1])], axis=0)],
+                name="tile")
+    y = g.matmul(g.add("Add", [h, tok]), 8, 4, "fc2")
+    m = g.model([("x", [1, "T", 6])], [(y, [1, "T", 4])])
+    assert group_sizes(m) == [(8, 8)]
+    assert not any("not constant" in r for r in frozen_reasons(m)), frozen_reasons(m)   # only the T axis is
+    p, _ = prune_checked(m)
+    assert wshape(p, "fc1.w") == (6, 4) and wshape(p, "tok") == (1, 1, 4)
+
+
+def test_constant_of_shape_copying_the_channel_dim_follows_it():
+    """A constant like y: ConstantOfShape(Concat(Shape(y)[0:2], [4, 4])) with a dynamic batch. Shape(y)[1] used to
+    freeze y's channels; now the created tensor's axis 1 is coupled with y's, so the size it reads after
+    pruning is exactly the width it must have to be added to y."""
+    g = G(13)
+    y1 = g.add("Relu", [g.conv("x", 3, 8, "cv1", k=3)])
+    head = g.add("Slice", [g.add("Shape", [y1]), g.ints([0]), g.ints([2])])
+    z = g.add("ConstantOfShape", [g.add("Concat", [head, g.ints([4, 4])], axis=0)], name="like",
+              value=numpy_helper.from_array(np.array([0.5], np.float32)))
+    y = g.conv(g.add("Add", [y1, z]), 8, 5, "cv2")
+    m = g.model([("x", ["N", 3, 4, 4])], [(y, ["N", 5, 4, 4])])
+    assert group_sizes(m) == [(8, 8)]
+    assert not any("Shape op" in r for r in frozen_reasons(m)), frozen_reasons(m)
+    p, _ = prune_checked(m)
+    assert wshape(p, "cv1.w") == (4, 3, 3, 3) and wshape(p, "cv2.w") == (5, 4, 1, 1)

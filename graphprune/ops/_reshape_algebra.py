@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._shape_tensors import Dim, follow_dim, freeze_dim
+
 
 def is_int(d) -> bool:
     """A static dim (symbolic dims are str, unknown ones None)."""
@@ -112,9 +114,20 @@ def map_reshape(c, x, y, entries=None):
         if entries is None:
             return True
         v = entries[oax] if oax < len(entries) else None
+        if isinstance(v, Dim):  # a copy of another dim: it follows only an axis it is coupled with one to one
+            return False
         return v is not None and (v != 0 or (oax < len(xs) and xs[oax] == ys[oax]))
 
+    followed = set()
     for k, (ia, oa) in enumerate(segs):
+        entry = entries[oa[0]] if entries and len(oa) == 1 and oa[0] < len(entries) else None
+        if len(ia) == 1 and len(oa) == 1 and xs[ia[0]] == ys[oa[0]] and isinstance(entry, Dim):
+            # the target copies Shape(t)[k] here: y's axis is x's axis unchanged, so coupling t's dim with it
+            # (same elements go) keeps the computed size equal to the new size of the axis
+            c.link(x, ia[0], y, oa[0])
+            follow_dim(c, entry, y, oa[0], reason="its size, read by a Shape op, sizes a reshape axis of another size")
+            followed.add(oa[0])
+            continue
         if len(ia) == 1 and len(oa) == 1 and xs[ia[0]] == ys[oa[0]]:
             if is_int(ys[oa[0]]) and not rewritable(oa[0]) and not (entries and entries[oa[0]] == -1):
                 c.freeze(x, ia[0], reason="reshape target for this axis is computed at run time")
@@ -174,3 +187,6 @@ def map_reshape(c, x, y, entries=None):
         for pos, a in enumerate(oa):
             if pos != po:
                 c.freeze(y, a, reason="reshape keeps this axis whole") if out_sizes[pos] > 1 else c.not_channel(y, [a])
+    for oax, v in enumerate(entries or []):
+        if oax not in followed:
+            freeze_dim(c, v, reason="its size, read by a Shape op, sizes a reshape axis that does not keep it")

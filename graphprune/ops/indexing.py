@@ -93,6 +93,11 @@ def split(node, c):
     _split(node, c, given, _sizes_input)
 
 
+def _length(c, name):
+    shape = c.shape(name)
+    return int(shape[0]) if shape and is_int(shape[0]) else None
+
+
 def _slice_attributes(node, c):
     starts, ends = c.attr("starts"), c.attr("ends")
     axes = c.attr("axes", list(range(len(starts))))
@@ -108,11 +113,17 @@ def _slice_inputs(node, c):
             vals.append(None)
             continue
         v = c.const(name)
-        if v is None:
-            return None
         c.not_channel(name)
-        vals.append([int(a) for a in v.reshape(-1)])
+        vals.append(None if v is None else [int(a) for a in v.reshape(-1)])
     starts, ends, axes, steps = vals
+    if axes is None and len(node.input) > 3 and node.input[3]:
+        return None  # axes computed at run time: any axis may be cut
+    if starts is None or ends is None or (steps is None and len(node.input) > 4 and node.input[4]):
+        # bounds computed at run time (T5: a Shape of the sequence axis): only the axes they name are unknown
+        n = _length(c, node.input[1]) if starts is None else len(starts)
+        if axes is None and n is None:
+            return None
+        return None, None, list(range(n)) if axes is None else axes, None, "computed"
     if axes is None:
         axes = list(range(len(starts)))
     if steps is None:
@@ -140,6 +151,14 @@ def _slice(node, c, params):
         c.freeze_all("slice bounds are not constant")
         return
     starts, ends, axes, steps, source = params
+    if source == "computed":
+        for ax in range(r):
+            if ax in {a % r for a in axes}:
+                c.freeze(x, ax, reason="slice bounds on this axis are computed at run time")
+                c.freeze(y, ax, reason="slice bounds on this axis are computed at run time")
+            else:
+                c.link(x, ax, y, ax)
+        return
     spec = {a % r: (s, e, st) for s, e, a, st in zip(starts, ends, axes, steps)}
     selections = {}
     for ax in range(r):

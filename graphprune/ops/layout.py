@@ -6,19 +6,24 @@ import numpy as np
 
 from ..rules import rule
 from ._reshape_algebra import map_reshape
-from ._shape_tensors import rewrite_shape_entries, shape_entries
+from ._shape_tensors import freeze_dim, rewrite_shape_entries, shape_entries
 
 
 @rule("Reshape")
 def reshape(node, c):
     """Exact mixed-radix index algebra: split/merged axes couple through one factor; the target constant is rewritten."""
     x, y = node.input[0], node.output[0]
+    entries = shape_entries(c, node.input[1], c.rank(y))
+    # the Shape rule leaves dims copied into this target (Dim entries) to this rule: freeze them when giving up
     if c.shape(x) is None or c.shape(y) is None:
         c.freeze_all("shapes unknown")
+        for v in entries or []:
+            freeze_dim(c, v, reason="its size, read by a Shape op, sizes a reshape of unknown shapes")
         return
-    entries = shape_entries(c, node.input[1], c.rank(y))
     if c.attr("allowzero", 0) and entries and 0 in entries:
         c.freeze_all("allowzero reshape")
+        for v in entries:
+            freeze_dim(c, v, reason="its size, read by a Shape op, sizes an allowzero reshape")
         return
     c.not_channel(node.input[1])
     map_reshape(c, x, y, entries)
@@ -26,7 +31,8 @@ def reshape(node, c):
     def fix(rw, node):
         old = entries
         new_shape = rw.new_shape(node.output[0])
-        values = [None if (v is None or v in (0, -1)) else int(new_shape[k]) for k, v in enumerate(old)]
+        # computed entries (None) and copies of a dim (Dim) follow by themselves; 0 and -1 need no rewrite
+        values = [None if (not isinstance(v, int) or v in (0, -1)) else int(new_shape[k]) for k, v in enumerate(old)]
         rewrite_shape_entries(rw, node, 1, values)
     c.fixup(fix)
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..rules import rule
 from ._reshape_algebra import is_int
-from ._shape_tensors import rewrite_shape_entries, shape_entries
+from ._shape_tensors import Dim, follow_dim, freeze_dim, rewrite_shape_entries, shape_entries
 
 
 # ---- repeats: Expand / Tile ---------------------------------------------------------------------------------------
@@ -23,7 +23,11 @@ def expand(node, c):
         entry = entries[ao - (r - len(entries))] if entries and ao - (r - len(entries)) >= 0 else None
         # a shape tensor shorter than the output leaves the leading axes to x: nothing there to rewrite
         uncovered = entries is not None and ao < r - len(entries)
-        if ax >= 0 and xs[ax] == ys[ao]:
+        if ax >= 0 and xs[ax] == ys[ao] and isinstance(entry, Dim):
+            # the target copies Shape(t)[k] here: coupled with this axis it keeps equal to its new size
+            c.link(x, ax, y, ao)
+            follow_dim(c, entry, y, ao, reason="its size, read by a Shape op, sizes an expand axis of another size")
+        elif ax >= 0 and xs[ax] == ys[ao]:
             if entry is None and is_int(ys[ao]) and not uncovered:
                 c.freeze(x, ax, reason="expand target computed at run time")
                 c.freeze(y, ao, reason="expand target computed at run time")
@@ -37,6 +41,7 @@ def expand(node, c):
                 c.touch(y, ao)
             else:
                 c.freeze(y, ao, reason="expand target computed at run time")
+                freeze_dim(c, entry, reason="its size, read by a Shape op, sizes a broadcast copy of an expand")
 
     def fix(rw, node, entries=entries):
         if entries is None:
@@ -44,7 +49,7 @@ def expand(node, c):
         new_y = rw.new_shape(node.output[0])
         old_y = rw.old_shape(node.output[0])
         off = len(new_y) - len(entries)
-        values = [int(new_y[k + off]) if (v is not None and v != 1 and new_y[k + off] != old_y[k + off]) else None
+        values = [int(new_y[k + off]) if (isinstance(v, int) and v != 1 and new_y[k + off] != old_y[k + off]) else None
                   for k, v in enumerate(entries)]
         rewrite_shape_entries(rw, node, 1, values)
     c.fixup(fix)
@@ -52,16 +57,22 @@ def expand(node, c):
 
 @rule("Tile")
 def tile(node, c):
-    """Every repeat of an element goes with it (repeat map); repeats unchanged."""
+    """Every repeat of an element goes with it (repeat map); repeats unchanged; computed repeats freeze their axis."""
     x, y = node.input[0], node.output[0]
-    reps = c.const(node.input[1])
+    xs = c.shape(x)
+    # repeats do not change when channels go (they multiply whatever is left), so literal repeats need no
+    # rewrite; one computed at run time (a Concat with a Shape-derived piece) leaves only its own axis unknown
+    reps = shape_entries(c, node.input[1], len(xs) if xs is not None else None)
     c.not_channel(node.input[1])
-    if reps is None:
+    if reps is None or xs is None or len(reps) != len(xs):
         c.freeze_all("tile repeats are not constant")
         return
-    xs = c.shape(x)
-    for ax, rep in enumerate(reps.reshape(-1)):
+    for ax, rep in enumerate(reps):
         n = xs[ax]
+        if not isinstance(rep, int):
+            c.freeze(x, ax, reason="tile repeats for this axis are computed at run time")
+            c.freeze(y, ax, reason="tile repeats for this axis are computed at run time")
+            continue
         if not is_int(n):
             c.touch(x, ax)
             c.touch(y, ax)

@@ -3,12 +3,14 @@ they read stay as they are."""
 from __future__ import annotations
 
 from ..rules import rule
+from ._shape_tensors import Dim, dims_followed, follow_dim, freeze_dim, rewrite_shape_entries, shape_dims, shape_entries
 
 
 @rule("Shape")
 def shape(node, c):
     """Shape values change when channels go: freeze the dims whose value is read (usually only dynamic
-    batch/sequence dims are left after constant folding)."""
+    batch/sequence dims are left after constant folding), except exact copies that only size a
+    Reshape/Expand/ConstantOfShape, whose rule couples them with the axis they size."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     # negative start/end count from the back (r + v, not v mod r + 1), then clamp to [0, r]
@@ -18,6 +20,11 @@ def shape(node, c):
     # a shape that is itself a graph output is read in full (it has no uses inside the graph)
     read = set(range(end - start)) if y in c.graph.output_names else set()
     for use in _value_uses(c.graph, y):
+        if (use.op_type in ("Gather", "Slice") and shape_dims(c, use.output[0]) is not None
+                and dims_followed(c, use.output[0])):
+            # the dims picked here only size a Reshape/Expand/ConstantOfShape output (possibly via
+            # Concat/Unsqueeze/Cast): that rule couples each with the axis it sizes, or freezes it
+            continue
         if use.op_type == "Gather" and c.const(use.input[1]) is not None:
             read.update(int(i) % (end - start) for i in c.const(use.input[1]).reshape(-1))
         elif use.op_type == "Slice" and len(use.input) >= 3 and all(c.const(n) is not None for n in use.input[1:3]):
@@ -52,10 +59,40 @@ def size(node, c):
     c.not_channel(node.output[0])
 
 
-@rule("ConstantOfShape", "Range", "RandomNormalLike", "RandomUniformLike", "EyeLike", "NonZero")
+@rule("ConstantOfShape")
+def constant_of_shape(node, c):
+    """All elements equal: an axis sized by a literal (rewritten, also inside a Concat) or by a copy Shape(t)[k]
+    (coupled with t's dim) can lose any of them; sizes computed otherwise are frozen."""
+    y = node.output[0]
+    c.not_channel(node.input[0])
+    entries = shape_entries(c, node.input[0], c.rank(y))
+    if c.rank(y) is None:
+        c.freeze(y, reason="tensor created by ConstantOfShape of unknown rank")
+        for v in entries or []:
+            freeze_dim(c, v, reason="its size, read by a Shape op, sizes a ConstantOfShape of unknown rank")
+        return
+    for ax in range(c.rank(y)):
+        entry = entries[ax] if entries is not None and ax < len(entries) else None
+        if isinstance(entry, Dim):
+            follow_dim(c, entry, y, ax, reason="its size, read by a Shape op, sizes a ConstantOfShape of another size")
+        elif isinstance(entry, int):
+            c.touch(y, ax)
+        else:
+            c.freeze(y, ax, reason="tensor created by ConstantOfShape with a size computed at run time")
+
+    def fix(rw, node, entries=entries):
+        new_y, old_y = rw.new_shape(node.output[0]), rw.old_shape(node.output[0])
+        values = [int(new_y[k]) if isinstance(v, int) and new_y[k] != old_y[k] else None
+                  for k, v in enumerate(entries or [])]
+        if any(v is not None for v in values):
+            rewrite_shape_entries(rw, node, 0, values)
+    c.fixup(fix)
+
+
+@rule("Range", "RandomNormalLike", "RandomUniformLike", "EyeLike", "NonZero")
 def new_tensor(node, c):
     """The output is a new tensor whose size comes from values: frozen."""
     for name in node.input:
-        c.not_channel(name) if node.op_type in ("ConstantOfShape", "Range") else c.freeze(name, reason="shape read")
+        c.not_channel(name) if node.op_type == "Range" else c.freeze(name, reason="shape read")
     for name in node.output:
         c.freeze(name, reason=f"tensor created by {node.op_type}")
