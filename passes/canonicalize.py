@@ -2,6 +2,7 @@
 unique node names, topological order, fresh shapes."""
 from __future__ import annotations
 
+import functools
 from collections import deque
 
 import numpy as np
@@ -80,10 +81,17 @@ def probe_shapes(graph: Graph, bases=(32, 48)) -> int:
     one input dim, so equal dynamic dims compare equal downstream. Returns the number of tensors refined."""
     # onnx infers no type at all behind ops whose function body it cannot expand (GroupNormalization,
     # MeanVarianceNormalization without axes, onnxruntime ops in the ONNX domain): guess the type of the
-    # node's first input (a wrong guess only makes the session below fail, which skips probing as before)
+    # node's first input (a wrong guess only makes the session below fail, which skips probing as before);
+    # where onnxruntime registers the op's schema (com.microsoft ops), its type constraints decide instead, so an
+    # integer output (EmbedLayerNormalization's mask_index) is not guessed float behind an integer first input
     for node in graph.nodes:
-        for o in node.output:
-            if o and o not in graph.dtypes and node.input and graph.dtypes.get(node.input[0]) in FLOAT_TYPES:
+        from_schema = _schema_output_types(node, graph.dtypes)
+        for k, o in enumerate(node.output):
+            if not o or o in graph.dtypes:
+                continue
+            if from_schema.get(k) is not None:
+                graph.dtypes[o] = from_schema[k]
+            elif node.input and graph.dtypes.get(node.input[0]) in FLOAT_TYPES:
                 graph.dtypes[o] = graph.dtypes[node.input[0]]
     unknown = [n for n in _value_names(graph) if graph.dtypes.get(n) in FLOAT_TYPES and
                (graph.shape(n) is None or any(d is None for d in graph.shape(n)))]
@@ -116,6 +124,56 @@ def probe_shapes(graph: Graph, bases=(32, 48)) -> int:
         if cur is None or any(x is None for x in cur):
             graph.shapes[name] = d
     return len(hints)
+
+
+_ORT_TYPE_NAMES = {f"tensor({k})": v for k, v in (
+    ("float", onnx.TensorProto.FLOAT), ("float16", onnx.TensorProto.FLOAT16), ("double", onnx.TensorProto.DOUBLE),
+    ("bfloat16", onnx.TensorProto.BFLOAT16), ("int32", onnx.TensorProto.INT32), ("int64", onnx.TensorProto.INT64),
+    ("int8", onnx.TensorProto.INT8), ("uint8", onnx.TensorProto.UINT8), ("bool", onnx.TensorProto.BOOL))}
+
+
+@functools.lru_cache(maxsize=1)
+def _ort_schemas() -> dict:
+    """(domain, op) -> onnxruntime's schemas of that op, newest first (empty without the schema API)."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+        schemas = ort_state.get_all_operator_schema()
+    except Exception:
+        return {}
+    out: dict = {}
+    for s in schemas:
+        out.setdefault((s.domain if s.domain != "ai.onnx" else "", s.name), []).append(s)
+    for v in out.values():
+        v.sort(key=lambda s: -s.since_version)
+    return out
+
+
+def _schema_output_types(node, dtypes) -> dict:
+    """Output index -> element type, from onnxruntime's schema of a non-ONNX-domain op: an output whose type
+    parameter some input shares takes that input's type, one allowed a single type takes it. Outputs the
+    schema leaves open (or ops without one) are missing: the caller guesses those."""
+    if node.domain in ("", "ai.onnx"):
+        return {}
+    found = _ort_schemas().get((node.domain, node.op_type))
+    if not found:
+        return {}
+    schema = found[0]
+    allowed = {t.type_param_str: t.allowed_type_strs for t in schema.type_constraints}
+    if not schema.inputs or not schema.outputs:
+        return {}
+    by_param: dict = {}
+    for i, name in enumerate(node.input):
+        formal = schema.inputs[min(i, len(schema.inputs) - 1)]
+        if name and name in dtypes:
+            by_param.setdefault(formal.typeStr, dtypes[name])
+    out = {}
+    for k in range(len(node.output)):
+        param = schema.outputs[min(k, len(schema.outputs) - 1)].typeStr
+        if param in by_param:
+            out[k] = by_param[param]
+        elif len(allowed.get(param, [])) == 1 or param in _ORT_TYPE_NAMES:
+            out[k] = _ORT_TYPE_NAMES.get(allowed[param][0] if param in allowed else param)
+    return out
 
 
 def _symbolic_dims(graph: Graph) -> list[tuple[str, bool]]:
