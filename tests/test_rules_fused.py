@@ -474,7 +474,7 @@ def test_bert_fused_by_onnxruntime_optimizer_prunes_end_to_end():
     """optimize_model turns the layer into EmbedLayerNormalization, Attention, SkipLayerNormalization and BiasGelu;
     the residual stream, the heads' head_dim and the FFN width all prune, and the result equals the masked
     original."""
-    pytest.importorskip("sympy")  # onnxruntime's transformer optimizer imports it
+    # onnxruntime's transformer optimizer imports sympy, which the test extra installs
     from onnxruntime.transformers.optimizer import optimize_model
 
     fused = optimize_model(bert_layer(), model_type="bert", num_heads=2, hidden_size=16, opt_level=0).model
