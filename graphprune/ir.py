@@ -303,24 +303,8 @@ def _partial_order(graph: onnx.GraphProto) -> list:
 
 def _toposorted(graph: onnx.GraphProto) -> list | None:
     """The graph's nodes in dependency order, or None when there is a cycle."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
-    deps = [{producer[i] for i in n.input if i in producer and i not in available} for n in graph.node]
-    users = defaultdict(list)
-    for k, d in enumerate(deps):
-        for p in d:
-            users[p].append(k)
-    indeg = [len(d) for d in deps]
-    ready = [k for k, d in enumerate(indeg) if d == 0]
-    order = []
-    while ready:
-        k = ready.pop()
-        order.append(k)
-        for u in users[k]:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                ready.append(u)
-    return [graph.node[k] for k in order] if len(order) == len(graph.node) else None
+    order = _partial_order(graph)
+    return order if len(order) == len(graph.node) else None
 
 
 # onnx.checker complaints about models onnxruntime runs (its own ops in the ONNX domain, ops onnx deprecated,
