@@ -107,6 +107,14 @@ def _shape_range(node, r):
     return start, end
 
 
+def write_int64_input(rw, node, values, index: int = 1) -> None:
+    """Set input `index` (Split's sizes, Squeeze/Unsqueeze's axes from opset 13) to an int64 constant, adding
+    the empty inputs before it if the node left them out."""
+    while len(node.input) < index + 1:
+        node.input.append("")
+    rw.set_const_input(node, index, np.array(values, dtype=np.int64))
+
+
 def rewrite_shape_entries(rw, node, index, new_values):
     """Write new values (None = keep) into the shape tensor at node.input[index]: a constant, or the constant
     pieces of a Concat. Shared constants are never changed in place."""

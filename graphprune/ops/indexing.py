@@ -6,6 +6,7 @@ import numpy as np
 
 from ..rules import rule
 from ._reshape_algebra import is_int
+from ._shape_tensors import write_int64_input
 
 @rule("Concat")
 def concat(node, c):
@@ -66,12 +67,6 @@ def _sizes_attribute(rw, node, sizes):
     rw.set_attr(node, "split", sizes)
 
 
-def _sizes_input(rw, node, sizes):
-    while len(node.input) < 2:
-        node.input.append("")
-    rw.set_const_input(node, 1, np.array(sizes, dtype=np.int64))
-
-
 @rule("Split", until=12)
 def split_attr(node, c):
     """Output i maps to its offset range of the input; the `split` attribute is rewritten."""
@@ -90,7 +85,7 @@ def split(node, c):
             c.freeze_all("split sizes unknown")
             return
         given = [int(v) for v in value.reshape(-1)]
-    _split(node, c, given, _sizes_input)
+    _split(node, c, given, write_int64_input)
 
 
 def _length(c, name):

@@ -2,11 +2,10 @@
 _reshape_algebra), Squeeze/Unsqueeze and Transpose."""
 from __future__ import annotations
 
-import numpy as np
 
 from ..rules import rule
 from ._reshape_algebra import map_reshape
-from ._shape_tensors import freeze_dim, rewrite_shape_entries, shape_entries
+from ._shape_tensors import freeze_dim, rewrite_shape_entries, shape_entries, write_int64_input
 
 
 @rule("Reshape")
@@ -84,12 +83,6 @@ def _axes_attribute(rw, node, axes):
     rw.set_attr(node, "axes", axes)
 
 
-def _axes_input(rw, node, axes):
-    while len(node.input) < 2:
-        node.input.append("")
-    rw.set_const_input(node, 1, np.array(axes, dtype=np.int64))
-
-
 @rule("Squeeze", until=12)
 def squeeze_attr(node, c):
     """Remaining axes pass through; squeezed size-1 axes are not channels (axes as an attribute)."""
@@ -99,7 +92,7 @@ def squeeze_attr(node, c):
 @rule("Squeeze", since=13)
 def squeeze(node, c):
     """Remaining axes pass through; squeezed size-1 axes are not channels (axes as an input)."""
-    _squeeze(node, c, _axes_input)
+    _squeeze(node, c, write_int64_input)
 
 
 @rule("Unsqueeze")
