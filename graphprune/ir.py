@@ -6,7 +6,7 @@ strict re-inference. The wrapper never mutates an array in place: setting an ini
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 
 import numpy as np
@@ -279,26 +279,33 @@ def _cycle_node(graph: onnx.GraphProto):
     return graph.node[k]
 
 
-def _partial_order(graph: onnx.GraphProto) -> list:
-    """The nodes a topological sort can place (all of them unless there is a cycle)."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
-    deps = [{producer[i] for i in n.input if i in producer and i not in available} for n in graph.node]
+def dependency_order(deps: list[set[int]]) -> list[int]:
+    """Kahn's algorithm, first in first out: the indices of the nodes a topological sort can place, given
+    deps[i] = the nodes node i reads from. All of them unless there is a cycle; the nodes on or behind a cycle
+    are left out."""
     users = defaultdict(list)
     for k, d in enumerate(deps):
         for p in d:
             users[p].append(k)
     indeg = [len(d) for d in deps]
-    ready = [k for k, d in enumerate(indeg) if d == 0]
+    ready = deque(k for k, d in enumerate(indeg) if d == 0)
     order = []
     while ready:
-        k = ready.pop()
+        k = ready.popleft()
         order.append(k)
         for u in users[k]:
             indeg[u] -= 1
             if indeg[u] == 0:
                 ready.append(u)
-    return [graph.node[k] for k in order]
+    return order
+
+
+def _partial_order(graph: onnx.GraphProto) -> list:
+    """The nodes a topological sort can place (all of them unless there is a cycle)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
+    deps = [{producer[i] for i in n.input if i in producer and i not in available} for n in graph.node]
+    return [graph.node[k] for k in dependency_order(deps)]
 
 
 def _toposorted(graph: onnx.GraphProto) -> list | None:

@@ -3,14 +3,13 @@ unique node names, topological order, fresh shapes."""
 from __future__ import annotations
 
 import functools
-from collections import deque
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from graphprune.errors import ModelLoadError
-from graphprune.ir import FLOAT_TYPES, Graph, attr, subgraph_outer_names
+from graphprune.ir import FLOAT_TYPES, Graph, attr, dependency_order, subgraph_outer_names
 
 NON_FOLDABLE = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform",
                 "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
@@ -352,20 +351,7 @@ def _toposort(graph: Graph) -> None:
     for node in graph.nodes:
         needs = {i for i in list(node.input) + sorted(subgraph_outer_names(node)) if i not in available}
         deps.append({producers[i] for i in needs if i in producers})
-    indeg = [len(d) for d in deps]
-    users = [[] for _ in graph.nodes]
-    for idx, d in enumerate(deps):
-        for p in d:
-            users[p].append(idx)
-    queue = deque(i for i, k in enumerate(indeg) if k == 0)
-    order = []
-    while queue:
-        i = queue.popleft()
-        order.append(i)
-        for u in users[i]:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                queue.append(u)
+    order = dependency_order(deps)
     if len(order) < len(graph.nodes):
         raise ModelLoadError(_cycle_message(graph.nodes, deps))
     graph.nodes = [graph.nodes[i] for i in order]
