@@ -41,6 +41,8 @@ REPO = HERE.parent
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from graphprune.timing import cpu_model  # noqa: E402
+
 CASES = ("mlp", "bert_ffn", "mobilenet_1x1")
 MODELS = ("mnist", "digits_cnn", "efficientnet_lite0", "minilm")
 TARGETS = {0.75: 1.8, 0.5: 1.3}  # end-to-end speed-up wanted on mlp / bert_ffn at batch 1, 2 threads
@@ -230,16 +232,6 @@ def _git() -> str:
         return "unknown"
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _x(v) -> str:
     return "–" if v is None or v != v else f"{v:.2f}×"
 
@@ -346,7 +338,7 @@ def main(argv=None) -> int:
         if not args.no_latency:
             return 2
     import onnxruntime as ort
-    info = {"when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "git": _git(), "cpu": _cpu(),
+    info = {"when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "git": _git(), "cpu": cpu_model(),
             "cores": os.cpu_count(), "python": platform.python_version(), "ort": ort.__version__,
             "native": kernels.status(), "args": " ".join(argv if argv is not None else sys.argv[1:])}
     latency = [] if args.no_latency else latency_runs(args.cases, args.sparsities, args.batches, args.threads)
