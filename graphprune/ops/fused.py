@@ -41,6 +41,19 @@ def _outs(node, n):
     return list(node.output) + [""] * (n - len(node.output))
 
 
+def _batch_and_sequence(c, qkv, y, index_inputs):
+    """What MultiHeadAttention and GroupQueryAttention share: [B, S, D] inputs pass their batch to the output, the
+    sequence axes and the length/position/mask index inputs are not channels. Returns the shapes of q, k, v, y."""
+    for t in qkv:
+        if t and c.rank(t) == 3:
+            c.link(t, 0, y, 0)
+            c.not_channel(t, [1])
+    c.not_channel(y, [1])
+    for t in index_inputs:
+        c.not_channel(t)
+    return [c.shape(t) for t in (*qkv, y)]
+
+
 def _freeze_width(c, members, reason):
     """Freeze (tensor, axis) pairs, skipping absent tensors."""
     for name, axis in members:
@@ -287,14 +300,7 @@ def multi_head_attention(node, c):
     q, k, v, bias, kpm, attn_bias, past_k, past_v, past_len, cache_ind = _args(node, 10)[:10]
     y, present_k, present_v, qk_out = _outs(node, 4)[:4]
     heads = c.attr("num_heads")
-    shapes = [c.shape(t) for t in (q, k, v, y)]
-    for t in (q, k, v):
-        if t and c.rank(t) == 3:
-            c.link(t, 0, y, 0)
-            c.not_channel(t, [1])
-    c.not_channel(y, [1])
-    for t in (kpm, past_len, cache_ind):
-        c.not_channel(t)
+    shapes = _batch_and_sequence(c, (q, k, v), y, (kpm, past_len, cache_ind))
     why = None
     if not k or not v or any(s is None or len(s) != 3 for s in shapes):
         why = "packed QKV/KV or [batch, heads, seq, head_size] key/value layouts are not mapped"
@@ -345,14 +351,7 @@ def group_query_attention(node, c):
     y, present_k, present_v, qk_out = _outs(node, 4)[:4]
     heads, kv_heads = c.attr("num_heads"), c.attr("kv_num_heads")
     rotary = bool(c.attr("do_rotary", 0))
-    shapes = [c.shape(t) for t in (q, k, v, y)]
-    for t in (q, k, v):
-        if t and c.rank(t) == 3:
-            c.link(t, 0, y, 0)
-            c.not_channel(t, [1])
-    c.not_channel(y, [1])
-    for t in (seqlens, total_len, pos_ids, query_lens):
-        c.not_channel(t)
+    shapes = _batch_and_sequence(c, (q, k, v), y, (seqlens, total_len, pos_ids, query_lens))
     for t in (cos, sin):
         c.not_channel(t, [0])
     for t in (past_k, past_v, present_k, present_v):
