@@ -94,7 +94,7 @@ def _needs_statistics(ctx: Context) -> bool:
 def _calibrate(ctx: Context) -> str:
     try:
         ctx.stats, ctx.heldout, ctx.feeds = _statistics(ctx.graph, ctx.analysis, ctx.criterion, ctx.options,
-                                                         ctx.progress)
+                                                         ctx.progress, ctx.counts_before["macs"])
     except GraphpruneError as exc:
         o = ctx.options
         if o.calib is not None or o.sparsity is not None or o.scope == "sensitivity" or ctx.criterion is None:
@@ -113,7 +113,7 @@ def _calibrate(ctx: Context) -> str:
     return ctx.stats.source
 
 
-def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None):
+def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None, macs: int = 0):
     """Statistics for the criterion and the compensation, from calibration data or a data-free proxy.
     Returns (Statistics, held-out feeds for the fidelity check, the feeds the statistics came from)."""
     from .calibration import collect
@@ -126,8 +126,8 @@ def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None):
     else:
         # The proxy's cost is running the model on its samples: 64 for models under 1 GMAC per sample, 16 above
         # (ResNet-50 at 224²: 4.1 GMACs, 51 s of proxy runs with 64 samples on 2 shared cores). Conv layers
-        # still see thousands of rows per sample; Gemm heads are rank-deficient either way and damped.
-        macs = count(graph)["macs"]
+        # still see thousands of rows per sample; Gemm heads are rank-deficient either way and damped. `macs`: the
+        # dense count canonicalize made (symbolic dims as 1).
         n = min(o.calib_samples, 64 if macs < 1e9 else 16)
         feeds = synthetic_feeds(graph, n, seed=o.seed, dims=o.input_dims)
         heldout = {}
@@ -430,7 +430,7 @@ def stages() -> list[Stage]:
         Stage("add biases", _add_biases, needs=("graph",),
               when=lambda c: c.options.compensation in ("obs", "bias") or c.options.reconstruct),
         Stage("analyze", _analyze, needs=("graph",), provides=("analysis",)),
-        Stage("calibrate", _calibrate, needs=("graph", "analysis"), provides=("heldout",),
+        Stage("calibrate", _calibrate, needs=("graph", "analysis", "counts_before"), provides=("heldout",),
               when=_needs_statistics),
         Stage("macs dims", _macs_dims, needs=("graph", "counts_before")),
         Stage("score", _score, needs=("analysis", "criterion"), provides=("scores",),
