@@ -241,8 +241,7 @@ def _dry_run_counts(ctx: Context) -> str:
 
 
 def _rewrite(ctx: Context) -> str:
-    if ctx.options.verify or ctx.options.calib is not None or ctx.options.reconstruct:
-        ctx.original = ctx.graph.clone()
+    ctx.original = ctx.graph.clone()  # shares the weight arrays: only the nodes are copied
     apply_removal(ctx.graph, ctx.analysis.fixups, ctx.removed, ctx.updates)
     ctx.pruned = ctx.graph.to_model(with_value_info=True)
     after = count(ctx.graph)
@@ -262,11 +261,8 @@ def _check(ctx: Context) -> str:
             return "over 2 GiB: full check skipped"
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        dense = (ctx.original or ctx.graph).to_model(with_value_info=False) if ctx.original is not None else None
         try:
-            if dense is None:
-                raise exc
-            check_model(dense)
+            check_model(ctx.original.to_model(with_value_info=False))
         except onnx.checker.ValidationError as dense_exc:
             if str(dense_exc).strip().splitlines()[:1] == [first]:
                 ctx.report.diagnostics.append(f"onnx.checker rejects the input model too, so the pruned one is "
@@ -447,7 +443,7 @@ def stages() -> list[Stage]:
         Stage("count", _dry_run_counts, needs=("graph", "removed"), when=lambda c: c.options.dry_run),
         Stage("rewrite", _rewrite, needs=("graph", "analysis", "removed", "updates"), provides=("pruned",),
               when=writing),
-        Stage("check", _check, needs=("pruned",), when=writing),
+        Stage("check", _check, needs=("pruned", "original"), when=writing),
         Stage("verify", _verify, needs=("original", "pruned", "removed"),
               when=lambda c: writing(c) and c.options.verify),
         Stage("reconstruct", _reconstruct, needs=("original", "graph", "removed", "feeds"), provides=("pruned",),

@@ -165,3 +165,23 @@ def test_sparse_plan_out_may_not_be_the_model(tmp_path):
     model.write_bytes(_tiny().SerializeToString())
     result = CliRunner().invoke(cli.main, [str(model), "--sparsity", "0.5", "--sparse-plan-out", str(model)])
     assert result.exit_code == 2 and "--sparse-plan-out" in result.output and "input model" in result.output
+
+
+def test_checker_failure_of_the_pruned_model_alone_fails_even_without_verification(monkeypatch):
+    """Only a complaint the dense input model draws as well is a note; one the pruned model alone draws fails,
+    whether or not verification (which used to be the only reason a dense copy was kept) runs."""
+    import onnx
+
+    from graphprune import runtime
+
+    calls = []
+
+    def check(model):
+        calls.append(model)
+        if len(calls) == 1:  # the pruned model
+            raise onnx.checker.ValidationError("broken by the rewrite")
+        return True
+    monkeypatch.setattr(runtime, "check_model", check)
+    with pytest.raises(PassError, match="stage 'check' failed .*broken by the rewrite"):
+        graphprune.prune(_tiny(), ratio=0.5, verify=False, importance="l1")
+    assert len(calls) == 2  # the dense model was checked too, and passed
