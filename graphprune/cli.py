@@ -13,7 +13,7 @@ from rich.text import Text
 from rich.table import Table
 
 from .errors import GraphpruneError
-from .fileio import Terminated
+from .fileio import Terminated, write_text
 from .options import PruneOptions, option_fields, parse_dim
 
 # markup off: model, tensor and file names are data and may contain "[...]"; styles go through Text/style=
@@ -174,7 +174,7 @@ def prune(model, output, plan_out, plan_in, no_verify, dims, verbose, **fields):
             if bad:
                 _fail("strict mode: groups frozen by missing/failing rules: " + "; ".join(bad))
         if plan_out:
-            _write_text(plan_out, report.plan.to_json())
+            write_text(plan_out, report.plan.to_json())  # fresh O_EXCL temp file, then a rename
         if dry_run:
             _print_plan(report.plan)
         else:
@@ -234,12 +234,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomically, through graphprune.fileio (fresh O_EXCL temp file in the same folder, then a rename)."""
-    from .fileio import write_text
-    write_text(path, text)
 
 
 def _print_plan(plan) -> None:
