@@ -286,6 +286,14 @@ def _print_summary(report, output, verbose: bool) -> None:
         out.print(f"reconstructed {rec['layers_refit']} of {rec['layers']} layers in {rec['seconds']:.1f} s "
                   f"(largest layer error after: {worst['rel_error_after']:.3f} at '{_printable(worst['node'])}', "
                   f"{worst['rel_error_before']:.3f} before)")
+        e2e = rec.get("end_to_end") or {}
+        if verbose and "before" in e2e:
+            def show(e):
+                return f"{e['rel_error']:.4f}" + ("" if e["top1"] is None else f" (top-1 agreement {e['top1']:.1%})")
+            reverted = sum(1 for r in rec["per_layer"] if r.get("reverted"))
+            out.print(f"reconstruction end-to-end check on the held-out calibration batches: output error "
+                      f"{show(e2e['before'])} -> {show(e2e['after'])}"
+                      + (f"; {reverted} layer refits reverted" if reverted else "; every refit kept"))
         if verbose:
             out.print(_before_after("reconstruction: relative layer error", "node",
                                     [(r["node"], f"{r['rel_error_before']:.4f}", f"{r['rel_error_after']:.4f}")

@@ -295,7 +295,13 @@ def _reconstruct(ctx: Context) -> str:
     r.compensated += result.refit
     if result.refit:
         ctx.pruned = ctx.graph.to_model(with_value_info=True)
-    return f"{result.refit} of {len(result.layers)} layers refit in {result.waves} waves"
+    msg = f"{result.refit} of {len(result.layers)} layers refit in {result.waves} waves"
+    e2e = result.end_to_end
+    if "before" in e2e:
+        reverted = sum(1 for layer in result.layers if layer.reverted)
+        msg += (f"; held-out output error {e2e['before']['rel_error']:.4f} -> {e2e['after']['rel_error']:.4f}"
+                + (f" ({reverted} refits reverted by the end-to-end check)" if reverted else ""))
+    return msg
 
 
 def _bn_recalibrate(ctx: Context) -> str:

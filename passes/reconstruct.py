@@ -29,16 +29,23 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
+from onnx import helper
 
-from graphprune.calibration import GRAM_ROWS
 from graphprune.ir import Graph, attr
 
-from .layer_stats import PrefixCache, at_positions, conv_output_size, conv_positions, feed_batches, im2col_at
+from .layer_stats import PrefixCache, at_positions, conv_columns, conv_output_size, feed_batches
 from .sparse_layers import _resolved_pads
 
 DAMPING = (0.001, 0.01, 0.1, 1.0)  # candidate λ / mean diag(XᵀX/n), chosen per output on held-out batches
 ROW_ELEMENTS = 1 << 22          # cap on rows × columns of one batch's im2col (bounds memory for wide layers)
 LAYER_ROWS = 8192               # rows per layer over all batches: ≥ 7× the widest EfficientNet/BERT layer input
+MIN_ROWS = 2048                 # ... and at least this many,
+ROWS_PER_DIM = 16               # ... or 16 per unknown of a group's problem (a depthwise 5×5 group has 26)
+TARGET_BUDGET = 256 << 20       # bytes of dense target rows held at once (more layers: several dense runs)
+WALK_FRONTIER = 512 << 20       # frontier cache of the pruned walk: fits EfficientNet-Lite0's 56² stage at 256
+                                # samples, so its layers resume there instead of re-running from the input
+CHECKPOINTS = 4                 # end-to-end error checks along the walk (the last one after it)
 
 
 @dataclass
@@ -69,6 +76,7 @@ class LayerResult:
     outputs_refit: int
     outputs: int
     damping: float
+    reverted: bool = False     # refit, then put back by an end-to-end check
 
 
 @dataclass
@@ -79,14 +87,19 @@ class ReconstructionResult:
     runs: int = 0                                    # onnxruntime segment sessions built
     waves: int = 0
     source: str = ""
+    end_to_end: dict = field(default_factory=dict)   # held-out output error before/after, and at checkpoints
+    timings: dict = field(default_factory=dict)      # seconds per phase (see reconstruct)
+    node_runs: dict = field(default_factory=dict)    # node executions (a node on one batch) per model
 
     @property
     def refit(self) -> int:
-        return sum(1 for r in self.layers if r.outputs_refit)
+        return sum(1 for r in self.layers if r.outputs_refit and not r.reverted)
 
     def summary(self) -> dict:
         return {"layers": len(self.layers), "layers_refit": self.refit, "waves": self.waves, "runs": self.runs,
                 "seconds": round(self.seconds, 2), "source": self.source, "notes": list(self.notes),
+                "end_to_end": self.end_to_end, "timings": {k: round(v, 2) for k, v in self.timings.items()},
+                "node_runs": self.node_runs,
                 "per_layer": [vars(r) for r in self.layers]}
 
 
@@ -249,24 +262,24 @@ def waves(graph: Graph, layers: list[Layer]) -> list[list[Layer]]:
 
 # ---- statistics -------------------------------------------------------------------------------------------
 class _Accumulator:
-    """Σ XᵀX, Σ XᵀY, Σ Y² and the row count, per group."""
+    """Σ XᵀX, Σ XᵀY, Σ Y² and the row count, per group, from rows given as columns."""
 
     def __init__(self):
         self.xx = self.xy = self.yy = None
         self.n = 0
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        """x [G, n, d], y [G, n, m] float32."""
-        xt = x.transpose(0, 2, 1)
-        xx, xy = (xt @ x).astype(np.float64), (xt @ y).astype(np.float64)
-        yy = np.einsum("gnm,gnm->gm", y, y, dtype=np.float64)
+    def add(self, a: np.ndarray, yt: np.ndarray) -> None:
+        """a [G, d, n] = Xᵀ, yt [G, m, n] = Yᵀ, float32 (products in float32, sums in float64)."""
+        xx = np.matmul(a, a.transpose(0, 2, 1)).astype(np.float64)
+        xy = np.matmul(a, yt.transpose(0, 2, 1)).astype(np.float64)
+        yy = np.einsum("gmn,gmn->gm", yt, yt, dtype=np.float64)
         if self.xx is None:
             self.xx, self.xy, self.yy = xx, xy, yy
         else:
             self.xx += xx
             self.xy += xy
             self.yy += yy
-        self.n += x.shape[1]
+        self.n += a.shape[2]
 
 
 def _token_rows(feed: dict, leading: tuple) -> np.ndarray | None:
@@ -278,46 +291,17 @@ def _token_rows(feed: dict, leading: tuple) -> np.ndarray | None:
     return None
 
 
-def _rows(layer: Layer, x: np.ndarray, y: np.ndarray, kept: np.ndarray, feed: dict, seed, limit: int) -> tuple:
-    """(X [G, n, d], Y [G, n, m]) of one batch at the same seeded rows (at most `limit`) of the pruned input and
-    the dense target."""
-    rng = np.random.default_rng(seed)
-    g = layer.groups
-    if layer.conv is not None:
-        out_hw = conv_output_size(x.shape, layer.conv)
-        if tuple(out_hw) != tuple(y.shape[2:]):
-            raise ValueError(f"output size {out_hw} does not match the dense output {y.shape[2:]}")
-        cols = x.shape[1] * int(np.prod(layer.conv["kernel_shape"]))
-        n = max(64, min(limit, ROW_ELEMENTS // max(cols, 1)))
-        pick = conv_positions(x.shape[0], out_hw, n, rng)
-        patches = im2col_at(x, layer.conv, pick).reshape(len(pick), g, -1)          # [n, G, Cin_g·k]
-        xs = patches.transpose(1, 0, 2)
-        ys = at_positions(y, pick)[:, kept].reshape(len(pick), g, -1).transpose(1, 0, 2)
-    else:
-        rows_x = x.reshape(-1, x.shape[-1])
-        rows_y = np.moveaxis(y, layer.out_axis, -1).reshape(-1, y.shape[layer.out_axis])[:, kept]
-        use = _token_rows(feed, tuple(x.shape[:-1])) if x.ndim == 3 else None
-        if use is None:
-            use = np.arange(len(rows_x))
-        if len(use) > limit:
-            use = np.sort(rng.choice(use, limit, replace=False))
-        xs, ys = rows_x[use][None], rows_y[use][None]
-    xs = np.ascontiguousarray(xs, dtype=np.float32)
-    if layer.intercept:
-        xs = np.concatenate([xs, np.ones(xs.shape[:2] + (1,), np.float32)], axis=2)
-    return xs, np.ascontiguousarray(ys, dtype=np.float32)
-
-
 def _errors(acc: _Accumulator, w: np.ndarray) -> np.ndarray:
-    """Σ over rows of (XW − Y)² per group and output: wᵀ(XᵀX)w − 2wᵀXᵀY + ΣY²."""
-    quad = np.sum(w * (acc.xx @ w), axis=1)
-    cross = np.sum(w * acc.xy, axis=1)
+    """Σ over rows of (XW − Y)² per group and output: wᵀ(XᵀX)w − 2wᵀXᵀY + ΣY² (w [..., G, d, m])."""
+    quad = np.sum(w * (acc.xx @ w), axis=-2)
+    cross = np.sum(w * acc.xy, axis=-2)
     return np.maximum(quad - 2 * cross + acc.yy, 0.0)
 
 
-def solve(fit: _Accumulator, w0: np.ndarray, c: float) -> np.ndarray:
-    """(XᵀX/n + λI)⁻¹ (XᵀY/n + λW₀) per group, λ = c · mean of the non-intercept diagonal of XᵀX/n.
-    Cholesky of the SPD system; least squares if rounding made it indefinite."""
+def solve(fit: _Accumulator, w0: np.ndarray, c) -> np.ndarray:
+    """(XᵀX/n + λI)⁻¹ (XᵀY/n + λW₀) per group, λ = c · mean of the non-intercept diagonal of XᵀX/n; `c` a
+    scalar ([G, d, m]) or a sequence of candidates, solved as one batched system ([len(c), G, d, m]).
+    λ > 0 makes the system positive definite; least squares where rounding made it singular anyway."""
     n = max(fit.n, 1)
     h = fit.xx / n
     r = fit.xy / n
@@ -325,14 +309,16 @@ def solve(fit: _Accumulator, w0: np.ndarray, c: float) -> np.ndarray:
     diag = np.diagonal(h, axis1=1, axis2=2)
     scale = np.mean(diag[:, :-1] if d > 1 else diag, axis=1)
     scale = np.where(scale > 0, scale, 1.0)
-    lam = (c * scale)[:, None, None]
-    m = h + lam * np.eye(d)[None]
-    rhs = r + lam * w0
+    cs = np.atleast_1d(np.asarray(c, dtype=np.float64))
+    lam = cs[:, None, None, None] * scale[None, :, None, None]               # [C, G, 1, 1]
+    m = h[None] + lam * np.eye(d)
+    rhs = r[None] + lam * w0[None]
     try:
-        low = np.linalg.cholesky(m)
-        return np.linalg.solve(low.transpose(0, 2, 1), np.linalg.solve(low, rhs))
+        out = np.linalg.solve(m, rhs)
     except np.linalg.LinAlgError:
-        return np.stack([np.linalg.lstsq(m[g], rhs[g], rcond=None)[0] for g in range(len(m))])
+        out = np.stack([np.stack([np.linalg.lstsq(m[k, g], rhs[k, g], rcond=None)[0] for g in range(m.shape[1])])
+                        for k in range(len(cs))])
+    return out if np.ndim(c) else out[0]
 
 
 def refit(fit: _Accumulator, val: _Accumulator, w0: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -340,10 +326,10 @@ def refit(fit: _Accumulator, val: _Accumulator, w0: np.ndarray) -> tuple[np.ndar
     add up), so each output gets the damping c ∈ DAMPING with the lowest error on `val`, and keeps its refit
     only where that error is lower than W₀'s."""
     base = _errors(val, w0)
-    sols = [solve(fit, w0, c) for c in DAMPING]
-    errs = np.stack([_errors(val, w) for w in sols])                      # [c, G, m]
+    sols = solve(fit, w0, DAMPING)                                        # [c, G, d, m]
+    errs = _errors(val, sols)                                             # [c, G, m]
     best = errs.argmin(axis=0)                                            # [G, m]
-    w = np.take_along_axis(np.stack(sols), best[None, :, None, :], axis=0)[0]
+    w = np.take_along_axis(sols, best[None, :, None, :], axis=0)[0]
     err = np.take_along_axis(errs, best[None], axis=0)[0]
     # a decrease must clear the rounding floor of errors evaluated from float32-accumulated Grams
     # (‖e‖² = wᵀXᵀXw − 2wᵀXᵀY + ΣY² cancels): 1e-6 of the output's energy
@@ -358,7 +344,7 @@ def refit(fit: _Accumulator, val: _Accumulator, w0: np.ndarray) -> tuple[np.ndar
                    "rel_error_after": float(np.sqrt(after.sum() / ref))}
 
 
-# ---- the pass ---------------------------------------------------------------------------------------------
+# ---- rows: where each layer is sampled, the dense targets there ------------------------------------------
 def _kept(dense: Graph, layer: Layer, removed: dict) -> np.ndarray:
     """Output channels of the dense layer the pruned one still has."""
     node = next(n for n in dense.nodes if n.name == layer.name)
@@ -377,12 +363,216 @@ def _is_validation(batch: int, count: int) -> bool:
     return count >= 2 and batch == count - 1
 
 
+def _unknowns(graph: Graph, layer: Layer) -> tuple[int, int]:
+    """(unknowns per group's least-squares problem, outputs) of the pruned layer."""
+    w = graph.initializers[layer.weight]
+    if layer.conv is not None:
+        d, m = int(np.prod(w.shape[1:])), w.shape[0]
+    else:
+        d, m = (w.shape[1], w.shape[0]) if layer.trans_b else w.shape
+    return d + layer.intercept, m
+
+
+@dataclass
+class _Probe:
+    """Where one layer is sampled and what the dense model computes there. Conv rows are P output positions
+    shared by the samples of a batch (a fresh seeded draw per batch); where the dense output's spatial size is
+    static, the dense model gathers those positions itself (an appended Reshape + Gather with the positions as
+    an input), so only [B, C, P] leaves onnxruntime instead of the whole activation."""
+    layer: Layer
+    index: int                         # order of the layer in the walk (seeds its draws)
+    kept: np.ndarray
+    rows: int                          # rows per batch to aim at
+    out: str                           # dense tensor the pass reads: the gathered rows or the whole target
+    positions_input: str = ""          # graph input carrying the positions (in-graph gather), else ''
+    hw: tuple = ()                     # static output size (in-graph gather)
+    picks: dict = field(default_factory=dict)     # batch -> flat rows (conv: b·Ho·Wo + p; linear: row index)
+    targets: dict = field(default_factory=dict)   # batch -> Yᵀ [G, m, n] float32 (dense, kept outputs)
+
+
+def _make_probes(dense: Graph, pruned: Graph, layers: list, removed: dict, n_batches: int, samples: int) -> list:
+    probes = []
+    for i, layer in enumerate(layers):
+        d, _ = _unknowns(pruned, layer)
+        total = min(LAYER_ROWS, max(MIN_ROWS, ROWS_PER_DIM * d))
+        if layer.conv is not None:
+            # one batch's columns are Cin·k × rows: cap them (a wide layer with a big kernel)
+            cols = d * layer.groups
+            total = min(total, n_batches * max(64, ROW_ELEMENTS // max(cols, 1)))
+        probe = _Probe(layer, i, _kept(dense, layer, removed), -(-total // n_batches), layer.target)
+        shape = dense.shape(layer.target) if layer.conv is not None else None
+        if shape and len(shape) == 4 and all(isinstance(s, int) and s > 0 for s in shape[2:]):
+            probe.hw = tuple(shape[2:])
+        probes.append(probe)
+    return probes
+
+
+def _gathering_graph(dense: Graph, probes: list) -> Graph:
+    """The dense graph with, after each conv target of static spatial size, Reshape [B, C, H·W] + Gather of the
+    positions fed as a new graph input."""
+    graph = dense.clone()
+    shape_const = graph.add_initializer("gp_rows_shape", np.array([0, 0, -1], np.int64))
+    extra = {}
+    for probe in probes:
+        if not probe.hw:
+            continue
+        t = probe.layer.target
+        flat, rows, idx = (graph.fresh_name(f"{t}__gp_{s}") for s in ("flat", "rows", "positions"))
+        extra.setdefault(t, []).extend([
+            helper.make_node("Reshape", [t, shape_const], [flat], name=graph.fresh_name(f"{t}__gp_reshape")),
+            helper.make_node("Gather", [flat, idx], [rows], name=graph.fresh_name(f"{t}__gp_gather"), axis=2)])
+        graph.inputs.append(helper.make_tensor_value_info(idx, onnx.TensorProto.INT64, [None]))
+        graph.dtypes[idx] = onnx.TensorProto.INT64
+        probe.out, probe.positions_input = rows, idx
+    nodes = []
+    for node in graph.nodes:
+        nodes.append(node)
+        for o in node.output:
+            nodes.extend(extra.pop(o, []))
+    graph.nodes = nodes
+    graph.reindex()
+    return graph
+
+
+def _draw(probe: _Probe, batch: int, size: int, feed: dict, seed: int, shape=None) -> np.ndarray:
+    """The batch's rows of the layer: conv, flat output positions of all samples at P shared spatial
+    positions; linear, rows (tokens where a mask says so) of the flattened leading dims."""
+    rng = np.random.default_rng((seed, probe.index, batch))
+    if probe.layer.conv is not None:
+        hw = probe.hw or tuple(shape[2:])
+        area = hw[0] * hw[1]
+        p = min(area, max(1, -(-probe.rows // size)))
+        spots = np.arange(area) if p == area else np.sort(rng.choice(area, p, replace=False))
+        return spots, (np.arange(size)[:, None] * area + spots[None]).reshape(-1)
+    leading = tuple(shape[:-1])
+    use = _token_rows(feed, leading) if len(leading) == 2 else None
+    if use is None:
+        use = np.arange(int(np.prod(leading)))
+    if len(use) > probe.rows:
+        use = np.sort(rng.choice(use, probe.rows, replace=False))
+    return None, use
+
+
+def _targets(probe: _Probe, value: np.ndarray, batch: int, size: int, feed: dict, seed: int) -> None:
+    """Store the batch's dense target rows (kept outputs) as Yᵀ [G, m, n], drawing the rows if not drawn yet."""
+    layer = probe.layer
+    if layer.conv is not None:
+        if probe.hw:                                   # gathered: [B, C, P]
+            rows = value[:, probe.kept].transpose(1, 0, 2).reshape(len(probe.kept), -1)
+        else:
+            _, probe.picks[batch] = _draw(probe, batch, size, feed, seed, value.shape)
+            rows = at_positions(value, probe.picks[batch])[:, probe.kept].T
+    else:
+        _, probe.picks[batch] = _draw(probe, batch, size, feed, seed, value.shape)
+        flat = np.moveaxis(value, layer.out_axis, -1).reshape(-1, value.shape[layer.out_axis])
+        rows = flat[probe.picks[batch]][:, probe.kept].T
+    probe.targets[batch] = np.ascontiguousarray(rows.reshape(layer.groups, -1, rows.shape[1]), dtype=np.float32)
+
+
+def _columns(probe: _Probe, x: np.ndarray, batch: int) -> np.ndarray:
+    """Xᵀ [G, d (+1 intercept), n] of the pruned layer input at the batch's rows."""
+    layer, pick = probe.layer, probe.picks[batch]
+    if layer.conv is not None:
+        out_hw = conv_output_size(x.shape, layer.conv)
+        if probe.hw and tuple(out_hw) != probe.hw:
+            raise ValueError(f"output size {out_hw} does not match the dense output {probe.hw}")
+        if pick.size and pick.max() >= x.shape[0] * out_hw[0] * out_hw[1]:
+            raise IndexError("rows outside the pruned layer's output")
+        a = conv_columns(x, layer.conv, layer.groups, pick)
+    else:
+        a = x.reshape(-1, x.shape[-1])[pick].T[None]
+    a = a.astype(np.float32, copy=False)
+    if layer.intercept:
+        a = np.concatenate([a, np.ones((a.shape[0], 1, a.shape[2]), np.float32)], axis=1)
+    return a
+
+
+# ---- end-to-end check ---------------------------------------------------------------------------------------
+def _classifier_like(a: np.ndarray) -> bool:
+    """Logits-like output: a last axis of several entries whose rows are not unit vectors (embeddings)."""
+    if a.ndim < 2 or a.shape[-1] < 2:
+        return False
+    rows = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    return not np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3)
+
+
+def output_error(dense: dict, pruned: dict) -> dict:
+    """End-to-end error of a model's outputs against the dense ones over held-out batches ({batch: {name: value}}):
+    the mean over float outputs of the relative L2 error, and the top-1 agreement over the logits-like ones
+    (None without any)."""
+    rel, hits, count = [], 0, 0
+    for name in next(iter(dense.values())):
+        a = [dense[b][name] for b in sorted(dense)]
+        if a[0].dtype.kind != "f" or a[0].ndim == 0:
+            continue
+        a = np.concatenate([v.reshape(len(v), -1) if v.ndim > 1 else v[:, None] for v in a]).astype(np.float64)
+        p = [pruned[b][name] for b in sorted(dense)]
+        p = np.concatenate([v.reshape(len(v), -1) if v.ndim > 1 else v[:, None] for v in p]).astype(np.float64)
+        rel.append(float(np.linalg.norm(a - p) / (np.linalg.norm(a) or 1.0)))
+        shaped = dense[min(dense)][name]
+        if _classifier_like(shaped):
+            k = shaped.shape[-1]
+            la, lp = a.reshape(-1, k), p.reshape(-1, k)
+            hits += int((la.argmax(1) == lp.argmax(1)).sum())
+            count += len(la)
+    return {"rel_error": float(np.mean(rel)) if rel else 0.0, "top1": hits / count if count else None}
+
+
+def _acceptable(new: dict, old: dict) -> bool:
+    """For logits, no fewer top-1 agreements (a lower L2 error alone may still flip classes)."""
+    return new["top1"] is None or old["top1"] is None or new["top1"] >= old["top1"]
+
+
+class _Undo:
+    """The weights (and bias) of layers as they were before their refit, to put back."""
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, graph: Graph, layer: Layer) -> None:
+        bias = graph.initializers[layer.bias] if layer.bias else None
+        self.saved.append((layer, graph.initializers[layer.weight], layer.bias, bias))
+
+    def restore(self, graph: Graph) -> list[str]:
+        names = []
+        for layer, weight, bias_name, bias in reversed(self.saved):
+            graph.set_initializer(layer.weight, weight)
+            if bias_name:
+                graph.set_initializer(bias_name, bias)
+            elif layer.bias:                                 # the refit added a bias: take it out again
+                node = next(n for n in graph.nodes if n.name == layer.name)
+                del node.input[2:]
+                graph.initializers.pop(layer.bias, None)
+                layer.bias = ""
+                graph.reindex()
+            names.append(layer.name)
+        self.saved = []
+        return names
+
+
+# ---- the pass ---------------------------------------------------------------------------------------------
+def _chunks(groups: list, probes: dict, n_batches: int) -> list:
+    """Consecutive waves whose dense target rows fit TARGET_BUDGET together (at least one wave each)."""
+    out, current, size = [], [], 0
+    for wave in groups:
+        need = sum(4 * probes[layer.name].rows * n_batches * len(probes[layer.name].kept) for layer in wave)
+        if current and size + need > TARGET_BUDGET:
+            out.append(current)
+            current, size = [], 0
+        current.append(wave)
+        size += need
+    return out + ([current] if current else [])
+
+
 def reconstruct(dense: Graph, pruned: Graph, removed: dict, feeds: dict, source: str = "", seed: int = 0,
-                progress=None, budget: int | None = None) -> ReconstructionResult:
-    """Refit the layers of `pruned` (changed in place) to reproduce `dense` layer by layer on `feeds`.
+                progress=None, budget: int | None = None, checkpoints: int = CHECKPOINTS) -> ReconstructionResult:
+    """Refit the layers of `pruned` (changed in place) to reproduce `dense` layer by layer on `feeds`, keeping
+    only refits that lower the end-to-end error on the held-out batches (see the module docstring).
     `removed`: {(tensor, axis): removed indices} of the plan (dense tensor names). Node names of the pruned
-    graph are those of the dense graph."""
+    graph are those of the dense graph. `checkpoints`: how many times along the walk the end-to-end error is
+    measured (the last one after the walk); 0 turns the end-to-end check off."""
     start = time.perf_counter()
+    tm = {}
     say = progress or (lambda msg: None)
     result = ReconstructionResult(source=source)
     layers, notes = find_layers(pruned)
@@ -394,55 +584,148 @@ def reconstruct(dense: Graph, pruned: Graph, removed: dict, feeds: dict, source:
         result.seconds = time.perf_counter() - start
         return result
     feed_list = feed_batches(dense, feeds)
-    kwargs = {} if budget is None else {"budget": budget}
-    pruned_cache = PrefixCache(pruned, feed_list, **kwargs)
-    dense_cache = PrefixCache(dense, feed_list, **kwargs)
-    dense_pos = {n.name: i for i, n in enumerate(dense.nodes)}
-    per_batch = max(64, min(GRAM_ROWS, LAYER_ROWS // len(feed_list)))
+    sizes = [len(next(iter(f.values()))) for f in feed_list]
+    val_batches = {b for b in range(len(feed_list)) if _is_validation(b, len(feed_list))}
+    probes = {p.layer.name: p for p in _make_probes(dense, pruned, layers, removed, len(feed_list), sum(sizes))}
+    gathering = _gathering_graph(dense, probes.values())
+    # positions of the in-graph gathers are drawn now: they are inputs of the dense runs
+    dense_feeds = [dict(f) for f in feed_list]
+    for probe in probes.values():
+        if probe.positions_input:
+            for b, f in enumerate(dense_feeds):
+                spots, probe.picks[b] = _draw(probe, b, sizes[b], f, seed)
+                f[probe.positions_input] = spots.astype(np.int64)
+    dense_cache = PrefixCache(gathering, dense_feeds, **({} if budget is None else {"budget": budget}))
+    pruned_cache = PrefixCache(pruned, feed_list, budget=WALK_FRONTIER if budget is None else budget)
+    gather_pos = {}
+    for i, n in enumerate(gathering.nodes):
+        for o in n.output:
+            gather_pos[o] = i
+    outputs = [o for o in dense.output_names]
+    checking = checkpoints > 0 and bool(val_batches)
+    reference = None
+    if checking:
+        base = dict(_timed(pruned_cache.values(outputs, len(pruned.nodes), batches=val_batches), tm, "check"))
     groups = waves(pruned, layers)
     result.waves = len(groups)
-    done = 0
-    for wave in groups:
-        pruned_pos = {n.name: i for i, n in enumerate(pruned.nodes)}
-        targets = {layer.name: layer.target for layer in wave}
-        kept = {layer.name: _kept(dense, layer, removed) for layer in wave}
-        fits = {layer.name: _Accumulator() for layer in wave}
-        vals = {layer.name: _Accumulator() for layer in wave}
-        failed = {}
-        xs = pruned_cache.values([layer.x for layer in wave], min(pruned_pos[layer.name] for layer in wave))
-        ys = dense_cache.values(list(targets.values()), min(dense_pos[layer.name] for layer in wave))
-        for (b, xv), (_, yv) in zip(xs, ys):
-            for k, layer in enumerate(wave):
+    chunks = _chunks(groups, probes, len(feed_list))
+    # checkpoint after these waves (counted over the walk); the last one ends the walk
+    marks = set(np.unique(np.linspace(0, len(groups), checkpoints + 1).round().astype(int)[1:] - 1)) if checking \
+        else set()
+    undo = _Undo()
+    states = []          # (held-out output error, last layer refit before it, _Undo of the refits since the last)
+    done = wave_no = 0
+    for chunk in chunks:
+        chunk_probes = [probes[layer.name] for wave in chunk for layer in wave]
+        # the dense outputs on the held-out batches: with the only chunk's run, else once on those batches
+        with_outputs = checking and reference is None and len(chunks) == 1
+        if checking and reference is None and not with_outputs:
+            reference = dict(_timed(dense_cache.values(outputs, len(gathering.nodes), batches=val_batches), tm,
+                                    "check"))
+        names = [p.out for p in chunk_probes] + (outputs if with_outputs else [])
+        position = max(gather_pos[p.out] for p in chunk_probes) + 1
+        got = {}
+        for b, values in _timed(dense_cache.values(names, position), tm, "dense runs"):
+            for p in chunk_probes:
+                _targets(p, values[p.out], b, sizes[b], feed_list[b], seed)
+            if with_outputs and b in val_batches:
+                got[b] = {o: values[o] for o in outputs}
+        if with_outputs:
+            reference = got
+        if checking and not states:
+            states.append((output_error(reference, base), "", None))
+            result.end_to_end["before"] = states[0][0]
+        for wave in chunk:
+            pruned_pos = {n.name: i for i, n in enumerate(pruned.nodes)}
+            fits = {layer.name: _Accumulator() for layer in wave}
+            vals = {layer.name: _Accumulator() for layer in wave}
+            failed = {}
+            xs = _timed(pruned_cache.values([layer.x for layer in wave],
+                                            min(pruned_pos[layer.name] for layer in wave)), tm, "pruned runs")
+            for b, xv in xs:
+                for layer in wave:
+                    if layer.name in failed:
+                        continue
+                    probe = probes[layer.name]
+                    t = time.perf_counter()
+                    try:
+                        a = _columns(probe, xv[layer.x], b)
+                    except (ValueError, IndexError) as exc:
+                        failed[layer.name] = str(exc)
+                        continue
+                    t1 = time.perf_counter()
+                    (vals if b in val_batches else fits)[layer.name].add(a, probe.targets.pop(b))
+                    tm["rows"] = tm.get("rows", 0.0) + t1 - t
+                    tm["grams"] = tm.get("grams", 0.0) + time.perf_counter() - t1
+            for layer in wave:
+                done += 1
+                probes[layer.name].targets.clear()
                 if layer.name in failed:
+                    result.notes.append(f"{layer.op} '{layer.name}': {failed[layer.name]}; not refit")
                     continue
-                try:
-                    x, y = _rows(layer, xv[layer.x], yv[targets[layer.name]], kept[layer.name], feed_list[b],
-                                 (seed, done + k, b), per_batch)
-                except (ValueError, IndexError) as exc:
-                    failed[layer.name] = str(exc)
+                fit, val = fits[layer.name], vals[layer.name]
+                if val.n == 0:          # a single batch: validate on the fit rows (errors can only be optimistic)
+                    val = fit
+                w0 = get_weights(pruned, layer)
+                if w0.shape[1] != fit.xx.shape[1] or w0.shape[2] != fit.xy.shape[2]:
+                    result.notes.append(f"{layer.op} '{layer.name}': weight {w0.shape} does not match the rows "
+                                        f"{fit.xx.shape[1:]} / targets {fit.xy.shape[2]}; not refit")
                     continue
-                (vals if _is_validation(b, len(feed_list)) else fits)[layer.name].add(x, y)
-        for _ in ys:        # let the dense walk finish (it moves its frontier cache at the end)
-            pass
-        for layer in wave:
-            done += 1
-            if layer.name in failed:
-                result.notes.append(f"{layer.op} '{layer.name}': {failed[layer.name]}; not refit")
-                continue
-            fit, val = fits[layer.name], vals[layer.name]
-            if val.n == 0:          # a single batch: validate on the fit rows (errors can only be optimistic)
-                val = fit
-            w0 = get_weights(pruned, layer)
-            if w0.shape[1] != fit.xx.shape[1] or w0.shape[2] != fit.xy.shape[2]:
-                result.notes.append(f"{layer.op} '{layer.name}': weight {w0.shape} does not match the rows "
-                                    f"{fit.xx.shape[1:]} / targets {fit.xy.shape[2]}; not refit")
-                continue
-            w, info = refit(fit, val, w0)
-            if info["outputs_refit"]:
-                set_weights(pruned, layer, w)
-            result.layers.append(LayerResult(layer.name, layer.op, layer.groups, fit.n, **info))
-            say(f"reconstruct {done}/{len(layers)} {layer.name}: relative error "
-                f"{info['rel_error_before']:.4f} -> {info['rel_error_after']:.4f}")
+                t = time.perf_counter()
+                w, info = refit(fit, val, w0)
+                tm["solves"] = tm.get("solves", 0.0) + time.perf_counter() - t
+                if info["outputs_refit"]:
+                    undo.save(pruned, layer)
+                    set_weights(pruned, layer, w)
+                result.layers.append(LayerResult(layer.name, layer.op, layer.groups, fit.n, **info))
+                say(f"reconstruct {done}/{len(layers)} {layer.name}: relative error "
+                    f"{info['rel_error_before']:.4f} -> {info['rel_error_after']:.4f}")
+            if wave_no in marks and undo.saved:
+                now = output_error(reference, dict(_timed(pruned_cache.values(outputs, len(pruned.nodes),
+                                                                              batches=val_batches), tm, "check")))
+                result.end_to_end.setdefault("checkpoints", []).append({"after": wave[-1].name, **now})
+                states.append((now, wave[-1].name, undo))
+                undo = _Undo()
+            wave_no += 1
+    if checking:
+        # the walk's states: the refits up to a checkpoint, the weights as they came for the rest; keep the best
+        # one (the first state, no refit, always qualifies), revert the refits after it
+        chosen = min(range(len(states)), key=lambda k: (not _acceptable(states[k][0], states[0][0]),
+                                                        states[k][0]["rel_error"], k))
+        result.end_to_end["after"] = states[chosen][0]
+        reverted = []
+        for _, _, later in reversed(states[chosen + 1:]):
+            reverted += later.restore(pruned)
+        for r in result.layers:
+            r.reverted = r.node in reverted
+        if reverted:
+            where = (f"kept the refits up to '{states[chosen][1]}'" if chosen else "kept no refit")
+            result.notes.append(
+                f"reconstruction end-to-end check: held-out output error {_fmt(states[0][0])} without refits, "
+                f"{_fmt(states[-1][0])} with all; {where} ({_fmt(states[chosen][0])}) and reverted the "
+                f"{len(reverted)} later refits")
     result.runs = pruned_cache.runs + dense_cache.runs
+    result.node_runs = {"dense": dense_cache.node_runs, "pruned": pruned_cache.node_runs,
+                        "one pass": len(pruned.nodes) * len(feed_list)}
     result.seconds = time.perf_counter() - start
+    result.timings = tm
     return result
+
+
+def _timed(items, timings: dict, key: str):
+    """`items` (a generator of onnxruntime runs), adding the time spent producing each item to timings[key]."""
+    it = iter(items)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+            return
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+        yield item
+
+
+def _fmt(err: dict) -> str:
+    top1 = "" if err["top1"] is None else f", top-1 agreement {100 * err['top1']:.1f} %"
+    return f"{err['rel_error']:.4f}{top1}"

@@ -134,8 +134,10 @@ def test_refit_rejects_outputs_whose_held_out_error_would_grow():
     fit, val = rc._Accumulator(), rc._Accumulator()
     xf, xv = rng.standard_normal((1, 200, 2)).astype(np.float32), rng.standard_normal((1, 200, 2)).astype(np.float32)
     target = np.array([[1.0, 0.5], [0.0, 1.5]], np.float32)           # output 1: what both sets agree on
-    fit.add(xf, np.stack([2 * xf[0, :, 0], xf[0] @ target[:, 1]], axis=1)[None])
-    val.add(xv, np.stack([xv[0, :, 0], xv[0] @ target[:, 1]], axis=1)[None])
+    def columns(rows):                                                 # the accumulator takes Xᵀ, Yᵀ
+        return np.ascontiguousarray(rows.transpose(0, 2, 1))
+    fit.add(columns(xf), columns(np.stack([2 * xf[0, :, 0], xf[0] @ target[:, 1]], axis=1)[None]))
+    val.add(columns(xv), columns(np.stack([xv[0, :, 0], xv[0] @ target[:, 1]], axis=1)[None]))
     w0 = np.array([[[1.0, 0.0], [0.0, 0.0]]])                          # output 0 exact on val, output 1 poor
     w, info = rc.refit(fit, val, w0)
     np.testing.assert_array_equal(w[0, :, 0], w0[0, :, 0])
@@ -245,3 +247,59 @@ def test_im2col_rows_times_weights_equal_the_conv_output_at_those_positions(kern
     pick = conv_positions(2, y.shape[2:], 40, np.random.default_rng(1))
     rows = im2col_at(x, conv, pick).reshape(len(pick), -1)
     np.testing.assert_allclose(rows @ w.reshape(5, -1).T, at_positions(y, pick), rtol=1e-4, atol=1e-5)
+
+
+def squared_output_case(samples=64):
+    """x -> MatMul w1 (4->6) -> h -> MatMul w2 (6->3) -> z -> y = z * z. Hidden channel 5 of h is always zero, so
+    removing it loses nothing; the pruned w2 is the negated slice, so the pruned z = -z_dense and y is exact.
+    A refit of w2 to the dense z is layer-locally far better (z error 200 % -> ~0) but, damped towards the
+    negated weights, reproduces z only up to a small shrinkage, which y = z² shows: end to end it is worse."""
+    w1 = rand(4, 6, seed=1)
+    w1[:, 5] = 0.0
+    w2 = rand(6, 3, seed=2)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["z"], name="mm2"),
+             helper.make_node("Mul", ["z", "z"], ["y"], name="square")]
+    model = make_model(nodes, [("x", [None, 4])], [("y", [None, 3])], {"w1": w1, "w2": w2})
+    dense, pruned = Graph(model), Graph(model)
+    kept = np.arange(5)
+    pruned.set_initializer("w1", w1[:, kept])
+    pruned.set_initializer("w2", -w2[kept])
+    for g in (dense, pruned):
+        g.infer_shapes()
+    feeds = {"x": np.random.default_rng(0).standard_normal((samples, 4)).astype(np.float32)}
+    return dense, pruned, {("h", 1): np.array([5])}, feeds
+
+
+def test_end_to_end_check_reverts_a_layer_refit_that_makes_the_output_worse():
+    dense, pruned, removed, feeds = squared_output_case()
+    before = {k: v.copy() for k, v in pruned.initializers.items()}
+    result = rc.reconstruct(dense, pruned, removed, feeds)
+    layer = result.layers[0]
+    # the layer-local criterion accepted the refit: its held-out layer error fell from 200 %
+    assert layer.node == "mm2" and layer.outputs_refit == 3 and layer.rel_error_before > 1.9
+    assert layer.rel_error_after < 0.1
+    # ... the end-to-end check saw the output error rise from 0 and put the weights back
+    e2e = result.end_to_end
+    assert e2e["before"]["rel_error"] < 1e-6 and e2e["checkpoints"][-1]["rel_error"] > 1e-4
+    assert layer.reverted and result.refit == 0 and e2e["after"] == e2e["before"]
+    assert any("reverted" in note for note in result.notes)
+    for k, v in before.items():
+        np.testing.assert_array_equal(pruned.initializers[k], v)
+    # without the check the refit stays, and the output really is worse on fresh data
+    dense, unchecked, removed, feeds = squared_output_case()
+    rc.reconstruct(dense, unchecked, removed, feeds, checkpoints=0)
+    x = {"x": np.random.default_rng(5).standard_normal((32, 4)).astype(np.float32)}
+    y = {name: session(g.to_model()).run(None, x)[0] for name, g in
+         (("dense", dense), ("checked", pruned), ("unchecked", unchecked))}
+    assert np.abs(y["checked"] - y["dense"]).max() < 1e-5 * np.abs(y["dense"]).max()
+    assert np.linalg.norm(y["unchecked"] - y["dense"]) > 1e-3 * np.linalg.norm(y["dense"])
+
+
+def test_end_to_end_check_keeps_a_refit_that_helps(calib):
+    _, report = graphprune.prune(conv_gemm_model(), ratio=0.5, importance="l1", calib=calib,
+                                 compensate="reconstruct")
+    e2e = report.reconstruction["end_to_end"]
+    assert e2e["after"]["rel_error"] < 0.8 * e2e["before"]["rel_error"]
+    assert not any(r["reverted"] for r in report.reconstruction["per_layer"])
+    assert "held-out output error" in next(line for line in report.stage_log if line.startswith("reconstruct"))
