@@ -16,15 +16,33 @@ rows) near weights that already work.
 Only X_pᵀX_p and X_pᵀY_d are needed (and ΣY² for errors), streamed batch by batch. Every fourth calibration
 batch is held out of the fit. Every output channel is its own least-squares problem (the errors of all outputs
 of all groups add up independently), so per output λ = c · mean diag(X_pᵀX_p / n) with c ∈ DAMPING is chosen
-on those batches, and the output keeps its refit only if its error on them went down (never worse than no
-compensation, as far as calibration data can tell).
+on those batches (the candidates solved as one batched system), and the output keeps its refit only if its
+error on them went down.
 
-Efficiency: layers whose inputs do not depend on each other's refits (Q/K/V projections, parallel branches)
-are refit together from one run; every run resumes from a cached frontier of the pruned and of the dense model
-where it fits in memory (layer_stats.PrefixCache), so a walk costs O(L) node executions, not O(L²).
+End to end: a layer-locally better refit can still make the model output worse (downstream layers that are not
+refit, nonlinearities, a head fitted to few rows). So the walk measures the model output on the held-out batches
+before it starts and at CHECKPOINTS states along it (refits up to a wave, the weights as they came after it),
+and keeps the state with the lowest relative L2 error of the graph outputs against the dense outputs, among
+those that do not lose top-1 agreement on logits-like outputs; the refits after it are reverted and the report
+says so (ReconstructionResult.end_to_end, notes). The state without any refit is a candidate, so the result is
+never worse than no reconstruction on the held-out calibration batches (data unlike the calibration set can
+still disagree).
+
+Rows: a Conv is sampled at P output positions per batch shared by its samples (drawn per batch and layer from
+the seed), a Gemm/MatMul at up to that many rows (tokens where an attention mask says so). Per layer
+min(LAYER_ROWS, max(MIN_ROWS, ROWS_PER_DIM · unknowns per group)) rows over all batches: a depthwise 5×5 group
+has 26 unknowns and needs far fewer rows than a 1×1 conv over 900 channels.
+
+Cost (EfficientNet-Lite0, 256 samples; the numbers in the PR note): the dense targets of all layers come from
+one dense run (chunked when their rows exceed TARGET_BUDGET), each layer's positions gathered inside
+onnxruntime (Reshape + Gather appended to the dense graph), so whole activations are not copied out. The pruned
+walk resumes every wave from a cached frontier (layer_stats.PrefixCache) at the latest position whose tensors
+fit WALK_FRONTIER bytes, so early high-resolution layers re-run one block, not the whole prefix. Layers whose
+inputs do not depend on each other's refits (Q/K/V projections, parallel branches) are refit from one run.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -321,12 +339,24 @@ def solve(fit: _Accumulator, w0: np.ndarray, c) -> np.ndarray:
     return out if np.ndim(c) else out[0]
 
 
+def _one_blas_thread():
+    """LAPACK on one thread where threadpoolctl is installed (optional). Its factorizations synchronise their
+    threads at every panel; on 2 cores shared with onnxruntime's spinning workers and other jobs a 385-wide
+    solve measured 1.7 s on two threads and 0.16 s on one. Without threadpoolctl: the BLAS default."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def refit(fit: _Accumulator, val: _Accumulator, w0: np.ndarray) -> tuple[np.ndarray, dict]:
     """The accepted weights and what happened. Outputs are independent least-squares problems (their errors
     add up), so each output gets the damping c ∈ DAMPING with the lowest error on `val`, and keeps its refit
     only where that error is lower than W₀'s."""
     base = _errors(val, w0)
-    sols = solve(fit, w0, DAMPING)                                        # [c, G, d, m]
+    with _one_blas_thread():
+        sols = solve(fit, w0, DAMPING)                                    # [c, G, d, m]
     errs = _errors(val, sols)                                             # [c, G, m]
     best = errs.argmin(axis=0)                                            # [G, m]
     w = np.take_along_axis(sols, best[None, :, None, :], axis=0)[0]
@@ -610,8 +640,10 @@ def reconstruct(dense: Graph, pruned: Graph, removed: dict, feeds: dict, source:
     result.waves = len(groups)
     chunks = _chunks(groups, probes, len(feed_list))
     # checkpoint after these waves (counted over the walk); the last one ends the walk
-    marks = set(np.unique(np.linspace(0, len(groups), checkpoints + 1).round().astype(int)[1:] - 1)) if checking \
-        else set()
+    # checkpoints after 1/2, 3/4, 7/8, ... of the waves and after the last: each costs a run from there to the
+    # outputs on the held-out batches, cheap late in the walk, where a head fitted to few rows can go wrong
+    fractions = [1 - 0.5 ** k for k in range(1, checkpoints)] + [1.0]
+    marks = {max(0, int(round(f * len(groups))) - 1) for f in fractions} if checking else set()
     undo = _Undo()
     states = []          # (held-out output error, last layer refit before it, _Undo of the refits since the last)
     done = wave_no = 0
