@@ -265,25 +265,32 @@ def at_positions(y: np.ndarray, pick: np.ndarray) -> np.ndarray:
     return y.reshape(b, c, h * w)[bi, :, rest]
 
 
+def conv_taps(hw: tuple, conv: dict, oi: np.ndarray, oj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For output rows `oi`, cols `oj` of a Conv over an H×W input: the flat input position i·W + j every tap
+    (r, s) reads, [kh·kw, n] (clamped into the input where it falls in the padding), and whether it lies inside."""
+    kh, kw = conv["kernel_shape"]
+    sh, sw = conv["strides"]
+    dh, dw = conv["dilations"]
+    top, left = conv["pads"][:2]
+    h, w = hw
+    ii = (oi * sh - top)[None, :] + (np.arange(kh) * dh)[:, None]           # [kh, n]
+    jj = (oj * sw - left)[None, :] + (np.arange(kw) * dw)[:, None]          # [kw, n]
+    ii, jj = np.broadcast_to(ii[:, None], (kh, kw, len(oi))), np.broadcast_to(jj[None], (kh, kw, len(oi)))
+    valid = ((ii >= 0) & (ii < h) & (jj >= 0) & (jj < w)).reshape(kh * kw, -1)
+    flat = (np.clip(ii, 0, h - 1) * w + np.clip(jj, 0, w - 1)).reshape(kh * kw, -1)
+    return flat, valid
+
+
 def conv_columns(x: np.ndarray, conv: dict, groups: int, pick: np.ndarray) -> np.ndarray:
     """[G, Cin_g·kh·kw, n] the im2col rows of a Conv at the flat output positions `pick`, as columns, one block per
     group (tap order as im2col_at). Gathered straight from the NCHW input, no padded copy: a tap that falls in
     the padding reads a clamped position and is zeroed. Columns are the layout the Gram products want
     (XᵀX = A·Aᵀ, XᵀY = A·Y for A = Xᵀ), and a depthwise layer's blocks come out without a transpose."""
-    kh, kw = conv["kernel_shape"]
-    sh, sw = conv["strides"]
-    dh, dw = conv["dilations"]
-    top, left = conv["pads"][:2]
     b, c, h, w = x.shape
     ho, wo = conv_output_size(x.shape, conv)
     bi, rest = np.divmod(pick, ho * wo)
-    oi, oj = np.divmod(rest, wo)
-    ii = (oi * sh - top)[None, :] + (np.arange(kh) * dh)[:, None]           # [kh, n]
-    jj = (oj * sw - left)[None, :] + (np.arange(kw) * dw)[:, None]          # [kw, n]
-    ii, jj = np.broadcast_to(ii[:, None], (kh, kw, len(pick))), np.broadcast_to(jj[None], (kh, kw, len(pick)))
-    valid = (ii >= 0) & (ii < h) & (jj >= 0) & (jj < w)
-    flat = (np.clip(ii, 0, h - 1) * w + np.clip(jj, 0, w - 1)).reshape(kh * kw, -1)
+    flat, valid = conv_taps((h, w), conv, *np.divmod(rest, wo))
     cols = x.reshape(b, c, h * w).transpose(1, 0, 2)[:, np.broadcast_to(bi, flat.shape), flat]   # [C, T, n]
     if not valid.all():
-        cols *= valid.reshape(kh * kw, -1)
-    return cols.reshape(groups, (c // groups) * kh * kw, len(pick))
+        cols *= valid
+    return cols.reshape(groups, c // groups * flat.shape[0], len(pick))
