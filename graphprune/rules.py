@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .errors import RuleError
-from .ir import Graph, attr, subgraph_outer_names
+from .ir import Graph, attr, subgraph_outer_names, subgraphs
 from .registry import Registry
 
 RULES = Registry("channel rule")
@@ -419,22 +419,38 @@ class Coupler:
 
 def couple(graph: Graph, exclude: list[str] | None = None, choices: dict | None = None,
            whole_heads: bool = False) -> Coupler:
-    """Run every node's rule over `graph`. Graph inputs and outputs, tensors read inside subgraphs, and every
-    tensor of a node whose name matches an `exclude` glob are frozen too."""
+    """Run every node's rule over `graph`, inside Loop/Scan/If bodies too (their rules tie the bodies' formal
+    inputs and outputs to the node's). Graph inputs and outputs, tensors read inside subgraphs no rule follows,
+    and every tensor of a node whose name matches an `exclude` glob are frozen too."""
     from . import ops  # noqa: F401  (registers the rules)
+    from .ops.control import CONTROL_FLOW
 
     c = Coupler(graph, choices, whole_heads)
     for name in graph.input_names:
         c.freeze(name, reason=f"graph input '{name}'")
-    for node in graph.nodes:
-        c.run_rule(node)
-        if any(fnmatch.fnmatch(node.name, pat) for pat in exclude or []):
-            c.freeze_at(node, list(node.input) + list(node.output),
-                        reason=f"excluded by pattern matching node '{node.name}'")
+
+    def run_scope(nodes):
+        for node in nodes:
+            failures = len(c.rule_failures)
+            c.run_rule(node)
+            if any(fnmatch.fnmatch(node.name, pat) for pat in exclude or []):
+                c.freeze_at(node, list(node.input) + list(node.output),
+                            reason=f"excluded by pattern matching node '{node.name}'")
+            bodies = subgraphs(node)
+            if not bodies:
+                continue
+            followed = node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx") \
+                and RULES.lookup(node.op_type, node.domain, graph.opset(node.domain)) is not None \
+                and len(c.rule_failures) == failures
+            if followed:
+                for body in bodies:
+                    run_scope(body.node)
+            else:  # the body's formal inputs and outputs are tied to nothing: what it reads stays whole
+                c.freeze_at(node, subgraph_outer_names(node),
+                            reason=f"read inside a subgraph of {node.op_type} node '{node.name}', which no "
+                                   f"channel rule follows")
+
+    run_scope(graph.nodes)
     for name in graph.output_names:
         c.freeze(name, reason=f"reaches graph output '{name}'")
-    for node in graph.nodes:
-        outer = subgraph_outer_names(node)
-        if outer:
-            c.freeze_at(node, outer, reason="read inside a subgraph")
     return c
