@@ -107,6 +107,7 @@ class Coupler:
         self._edges_b: list[np.ndarray] = []
         self._frozen: list[tuple[np.ndarray, int]] = []
         self.reasons: list[str] = ["not a channel axis"]
+        self._io_frozen: list[tuple[np.ndarray, int]] = []  # elements of graph inputs/outputs, with that reason
         self._reason_ids: dict[str, int] = {"not a channel axis": NOT_CHANNEL}
         self.fixups: list[tuple[onnx.NodeProto, Callable]] = []
         self.consumers: list[Consumer] = []
@@ -394,6 +395,16 @@ class Coupler:
                     self.freeze(name, ax, reason=f"axis {ax} of '{name}' is not mapped by the rule")
         self.node = None
 
+    def freeze_io(self, name: str, reason: str) -> None:
+        """Freeze a graph input or output: a reason that wins over any other in the unit (it alone already keeps
+        the channels, whatever else a rule found)."""
+        self.freeze(name, reason=reason)
+        rid = self._reason(f"graph: {reason}")
+        for ax in range(self.rank(name) or 0):
+            ids = self._ids(name, ax)
+            if ids is not None and len(ids):
+                self._io_frozen.append((ids, rid))
+
     def freeze_at(self, node: onnx.NodeProto, names, reason: str) -> None:
         """Freeze every axis of `names`, with a reason that names `node` (outside any rule)."""
         self.node = node
@@ -407,6 +418,13 @@ class Coupler:
         a = np.concatenate(self._edges_a) if self._edges_a else np.zeros(0, np.int64)
         b = np.concatenate(self._edges_b) if self._edges_b else np.zeros(0, np.int64)
         return a, b
+
+    def element_io_reasons(self) -> np.ndarray:
+        """Per element: the id of its graph input/output reason, -1 where it is not one's."""
+        reason = np.full(self.n, -1, dtype=np.int64)
+        for ids, rid in self._io_frozen:
+            reason[ids] = rid
+        return reason
 
     def element_reasons(self) -> np.ndarray:
         """Per element: the id of the reason it is frozen for (an index into `reasons`), -1 where it is free.
@@ -427,7 +445,7 @@ def couple(graph: Graph, exclude: list[str] | None = None, choices: dict | None 
 
     c = Coupler(graph, choices, whole_heads)
     for name in graph.input_names:
-        c.freeze(name, reason=f"graph input '{name}'")
+        c.freeze_io(name, reason=f"graph input '{name}'")
 
     def run_scope(nodes):
         for node in nodes:
@@ -452,5 +470,5 @@ def couple(graph: Graph, exclude: list[str] | None = None, choices: dict | None 
 
     run_scope(graph.nodes)
     for name in graph.output_names:
-        c.freeze(name, reason=f"reaches graph output '{name}'")
+        c.freeze_io(name, reason=f"reaches graph output '{name}'")
     return c
