@@ -517,8 +517,8 @@ def _try_fold(graph: Graph, node):
         if shape is not None and all(isinstance(d, int) for d in shape):
             return np.array(int(np.prod(shape)), dtype=np.int64)
         return None
-    if op in ("Gather", "Slice") and node.input[0] in graph.producer and \
-            graph.producer[node.input[0]].op_type == "Shape" and all(graph.is_const(i) for i in node.input[1:] if i):
+    if op in ("Gather", "Slice") and _shape_source(graph, node.input[0])[0] is not None \
+            and all(graph.is_const(i) for i in node.input[1:] if i):
         return _fold_partial_shape(graph, node)
     inputs = [i for i in node.input if i]
     if not inputs or not all(graph.is_const(i) for i in inputs):
@@ -571,8 +571,24 @@ def _fold_output_too_big(graph: Graph, node, arrays) -> bool:
     return not n <= FOLD_LIMIT
 
 
+def _shape_source(graph: Graph, name: str, depth: int = 0):
+    """(the Shape node, element type) where `name` is Shape(t), possibly cast (tf2onnx reads shapes as int32:
+    Shape -> Cast -> Slice), else (None, None)."""
+    node = graph.producer.get(name)
+    if node is None or depth > 4:
+        return None, None
+    if node.op_type == "Shape":
+        return node, np.int64
+    if node.op_type == "Cast" and attr(node, "to") in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
+        src, _ = _shape_source(graph, node.input[0], depth + 1)
+        return src, (np.int32 if attr(node, "to") == onnx.TensorProto.INT32 else np.int64)
+    return None, None
+
+
 def _fold_partial_shape(graph: Graph, node):
-    shape_node = graph.producer[node.input[0]]
+    """Gather/Slice of a (cast) Shape that picks static dims only: their values, in the shape's element type
+    (a channel count read this way becomes a literal that rules rewrite; Div/Mul/Range on it then fold too)."""
+    shape_node, dtype = _shape_source(graph, node.input[0])
     shape = graph.shape(shape_node.input[0])
     if shape is None:
         return None
@@ -583,13 +599,13 @@ def _fold_partial_shape(graph: Graph, node):
         idx = graph.const(node.input[1])
         picked = [full[int(i) % n] for i in idx.reshape(-1)]
         if all(isinstance(d, int) for d in picked):
-            return np.array(picked, dtype=np.int64).reshape(idx.shape)
+            return np.array(picked, dtype=dtype).reshape(idx.shape)
         return None
     starts, ends = graph.const(node.input[1]), graph.const(node.input[2])
     steps = graph.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.array([1])
     picked = full[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
     if all(isinstance(d, int) for d in picked):
-        return np.array(picked, dtype=np.int64)
+        return np.array(picked, dtype=dtype)
     return None
 
 
