@@ -194,3 +194,13 @@ def test_masked_reference_masks_reads_inside_bodies():
     matmul = next(n for n in body.node if n.op_type == "MatMul" and n.input[1] == "R_in")
     assert matmul.input[0] == where[0].output[0]
     onnx.checker.check_model(model)
+
+
+def test_data_aware_scoring_and_sensitivity_skip_tensors_inside_bodies():
+    """Calibration exposes consumer inputs as graph outputs; a body's tensors have one value per iteration and
+    cannot be: they get no statistics, and the data-aware criterion, compensation and the sensitivity scope
+    still prune the Scan model and verify."""
+    model = scan_rnn_model()
+    _, report = prune_checked(model, importance="obspa", scope="sensitivity", target_params=0.7,
+                              sensitivity_samples=2, calib_samples=8)
+    assert report.params_after <= 0.75 * report.params_before
