@@ -204,3 +204,17 @@ def test_data_aware_scoring_and_sensitivity_skip_tensors_inside_bodies():
     _, report = prune_checked(model, importance="obspa", scope="sensitivity", target_params=0.7,
                               sensitivity_samples=2, calib_samples=8)
     assert report.params_after <= 0.75 * report.params_before
+
+
+def test_loop_and_scan_macs_count_their_bodies_once_per_iteration():
+    from graphprune.metrics import count
+    graph = Graph(loop_lstm_model())
+    canonicalize(graph)
+    body = SEQ * (BATCH * 4 * H * IN + BATCH * 4 * H * H)        # x_t·W and h·R, SEQ iterations
+    outside = SEQ * BATCH * IN * D + SEQ * BATCH * 3 * H + BATCH * 3 * H
+    assert count(graph)["macs"] == body + outside
+    graph = Graph(scan_rnn_model())
+    canonicalize(graph)
+    body = SEQ * (BATCH * H * IN + BATCH * H * H)                 # the Scan iterates over x1's axis 1 (SEQ)
+    outside = BATCH * SEQ * IN * D + BATCH * SEQ * 3 * H + BATCH * 3 * H
+    assert count(graph)["macs"] == body + outside
