@@ -314,11 +314,19 @@ def flatten_subgraph_scopes(graph: Graph) -> int:
     taken |= {o for node in graph.nodes for o in node.output}
     hoisted = 0
     for node in graph.nodes:
-        for body in subgraphs(node):
+        for body in _control_flow_bodies(node):
             hoisted += _flatten_body(graph, body, {}, taken)
         _read_invariants_from_outside(node)
     graph.reindex()
     return hoisted
+
+
+def _control_flow_bodies(node) -> list:
+    """The bodies of an ONNX Loop/Scan/If (the ones channel rules follow); other ops' subgraphs (onnxruntime's
+    BeamSearch decoder, ...) may bind names their own way and stay as they are."""
+    if node.op_type in ("Loop", "Scan", "If") and node.domain in ("", "ai.onnx"):
+        return subgraphs(node)
+    return []
 
 
 def _fresh(base: str, taken: set) -> str:
@@ -367,7 +375,7 @@ def _flatten_body(graph: Graph, body: onnx.GraphProto, outer_rename: dict, taken
     del body.node[:]
     body.node.extend(kept)
     for n in body.node:
-        for nested in subgraphs(n):  # a nested body reads this scope's names under their new names
+        for nested in _control_flow_bodies(n):  # a nested body reads this scope's names under their new names
             n_hoisted += _flatten_body(graph, nested, {k: v for k, v in rename.items() if k != v}, taken)
         _read_invariants_from_outside(n)
     return n_hoisted
