@@ -34,7 +34,7 @@ def body_of(model, op_type, attr_name="body"):
     return next(a.g for a in node.attribute if a.name == attr_name)
 
 
-def loop_lstm_model():
+def loop_lstm_model(gates: str = "split"):
     """A Keras-style LSTM as a Loop: h and c carried, x_t = Gather(x1, i), z = x_t·W + h·R + B split in 4
     gates, scan output h. W is read from the outer scope, R carried unchanged (tf2onnx does both); the body
     holds its own Split sizes as a Constant and defines a tensor 'z' that also exists outside (shadowing)."""
@@ -45,8 +45,7 @@ def loop_lstm_model():
          mk("MatMul", ["h", "R_in"], ["zh"]),
          mk("Add", ["zx", "zh"], ["zs"]),
          mk("Add", ["zs", "B"], ["z"]),
-         mk("Constant", [], ["sizes"], value=numpy_helper.from_array(np.full(4, H, np.int64))),
-         mk("Split", ["z", "sizes"], ["gi", "gf", "gg", "go"], axis=1),
+         *_gate_nodes(gates),
          mk("Sigmoid", ["gi"], ["si"]), mk("Sigmoid", ["gf"], ["sf"]), mk("Tanh", ["gg"], ["tg"]),
          mk("Sigmoid", ["go"], ["so"]),
          mk("Mul", ["sf", "c"], ["fc"]), mk("Mul", ["si", "tg"], ["ig"]), mk("Add", ["fc", "ig"], ["c_out"]),
@@ -69,8 +68,21 @@ def loop_lstm_model():
     return make_model(nodes, [("x", [SEQ, BATCH, D])], [("y", [SEQ, BATCH, 3]), ("y_h", [BATCH, 3])], init)
 
 
-def test_loop_lstm_prunes_hidden_units_through_carried_state_scan_output_and_outer_weights():
-    model = loop_lstm_model()
+def _gate_nodes(gates):
+    """z [BATCH, 4H] into four [BATCH, H] gates: Split with sizes held by a body Constant, or a body Reshape to
+    [BATCH, 4, H] (its target a body Constant) and one Gather per gate."""
+    const = lambda name, v: mk("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v)))  # noqa: E731
+    if gates == "split":
+        return [const("sizes", np.full(4, H, np.int64)), mk("Split", ["z", "sizes"], ["gi", "gf", "gg", "go"], axis=1)]
+    nodes = [const("target", np.array([BATCH, 4, H], np.int64)), mk("Reshape", ["z", "target"], ["zr"])]
+    for k, gate in enumerate(["gi", "gf", "gg", "go"]):
+        nodes += [const(f"k{k}", np.array(k, np.int64)), mk("Gather", ["zr", f"k{k}"], [gate], axis=1)]
+    return nodes
+
+
+@pytest.mark.parametrize("gates", ["split", "reshape"])
+def test_loop_lstm_prunes_hidden_units_through_carried_state_scan_output_and_outer_weights(gates):
+    model = loop_lstm_model(gates)
     analysis = graphprune.analyze_model(model)
     widths = sorted((len(g.units), g.channels) for g in analysis.groups)
     # the x1 channels (IN) and the hidden units, each hidden unit owning one row of every gate (4H rows)
@@ -84,10 +96,14 @@ def test_loop_lstm_prunes_hidden_units_through_carried_state_scan_output_and_out
     assert w["W"].shape[1] == w["R"].shape[1] == w["B"].shape[0] == 4 * h and w["R"].shape[0] == h
     assert w["h0"].shape == w["c0"].shape == (BATCH, h)
     assert w["W0"].shape[1] == w["W"].shape[0] < IN  # outer-scope weight read in the body lost its rows too
-    # the body's Split sizes (a hoisted Constant) were rewritten, and its declared state shapes too
+    # the body's Split sizes / Reshape target (hoisted Constants) were rewritten, and its declared state shapes
     body = body_of(pruned, "Loop")
-    split = next(n for n in body.node if n.op_type == "Split")
-    assert list(w[split.input[1]]) == [h] * 4
+    if gates == "split":
+        split = next(n for n in body.node if n.op_type == "Split")
+        assert list(w[split.input[1]]) == [h] * 4
+    else:
+        reshape = next(n for n in body.node if n.op_type == "Reshape")
+        assert list(w[reshape.input[1]]) == [BATCH, 4, h]
     assert [d.dim_value for d in body.input[2].type.tensor_type.shape.dim] == [BATCH, h]
 
 def test_loop_with_a_body_op_no_rule_follows_freezes_with_the_body_node_named():
