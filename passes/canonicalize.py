@@ -505,6 +505,32 @@ def fold_constants(graph: Graph) -> int:
         else:
             kept.append(node)
     graph.nodes = kept
+    return folded + _fold_in_bodies(graph, graph.nodes)
+
+
+def _fold_in_bodies(graph: Graph, nodes) -> int:
+    """Fold inside Loop/Scan/If bodies too (a body Reshape whose target is computed from Shape of a body
+    tensor). Bodies were renamed apart, so a folded value becomes a top-level initializer the body reads; a
+    body's own outputs stay nodes (the Loop binds them by position)."""
+    folded = 0
+    for node in nodes:
+        for body in _control_flow_bodies(node):
+            outputs = {o.name for o in body.output}
+            kept = []
+            for n in body.node:
+                value = None
+                if n.domain in ("", "ai.onnx") and n.op_type not in NON_FOLDABLE and not subgraphs(n) \
+                        and len(n.output) == 1 and n.output[0] not in outputs:
+                    value = _try_fold(graph, n)
+                if value is not None:
+                    graph.set_initializer(n.output[0], value)
+                    folded += 1
+                else:
+                    kept.append(n)
+            if len(kept) < len(body.node):
+                del body.node[:]
+                body.node.extend(kept)
+            folded += _fold_in_bodies(graph, body.node)
     return folded
 
 

@@ -1,9 +1,9 @@
 """Computed sizes (ops/_shape_tensors.py, ops/shape.py, canonicalize): reshape targets and Range limits computed
 at run time from a channel count, as exporters write them when batch and sequence are dynamic: heads = C /
 head_dim, C = heads * head_dim (Div/Mul of Shape(x)[c] by a literal), Range(0, C, 1). A static channel count
-read from Shape (also through tf2onnx's int32 Cast + Slice) folds to a literal, Div/Mul/Range on it fold too,
-and the reshape rule rewrites the literal. Where nothing folds (inside a Loop body), a Range limit that is a
-channel count freezes that count, naming the Range."""
+read from Shape (also through tf2onnx's int32 Cast + Slice, and inside Loop bodies) folds to a literal,
+Div/Mul/Range on it fold too, and the reshape rule rewrites the literal. A Range whose limit is a channel count
+that does not fold freezes that count, naming the Range."""
 from __future__ import annotations
 
 import numpy as np
@@ -99,31 +99,89 @@ def test_range_over_a_channel_count_folds_and_prunes():
     assert wshape(p, "wq.w")[1] == wshape(p, "wo.w")[0] < C
 
 
-def test_range_over_a_channel_count_inside_a_loop_body_freezes_it_naming_the_range():
-    """Inside a body nothing folds: h + sum(Range(0, Shape(h)[1])) keeps the hidden width whole, and the
-    frozen group says which Range made it so."""
+def range_in_body_model(read: str):
+    """A Loop whose body adds sum(Range(0, width of h)) to its state h [N, C] before h·R. read 'static': N is
+    static, so Shape(h) folds and the Range with it; 'dynamic': N is dynamic and the width is read through a
+    Reshape of the shape (Gather(Reshape(Shape(h), [-1]), 1)), which nothing folds."""
     vi = helper.make_tensor_value_info
+    mk = helper.make_node
+    n = 2 if read == "static" else "N"
+    width = [mk("Shape", ["h"], ["hs"], name="body_shape")]
+    if read == "dynamic":
+        width.append(mk("Reshape", ["hs", "flat"], ["hs_flat"], name="body_flat"))
+    width.append(mk("Gather", ["hs" if read == "static" else "hs_flat", "one"], ["width"], axis=0,
+                    name="body_width"))
     body = helper.make_graph(
-        [helper.make_node("Shape", ["h"], ["hs"], name="body_shape"),
-         helper.make_node("Gather", ["hs", "one"], ["width"], axis=0, name="body_width"),
-         helper.make_node("Range", ["zero", "width", "step"], ["idx"], name="body_range"),
-         helper.make_node("Cast", ["idx"], ["idx_f"], to=TensorProto.FLOAT, name="body_cast"),
-         helper.make_node("ReduceSum", ["idx_f"], ["total"], keepdims=0, name="body_sum"),
-         helper.make_node("Add", ["h", "total"], ["h_pos"], name="body_add"),
-         helper.make_node("MatMul", ["h_pos", "R"], ["h_mm"], name="body_mm"),
-         helper.make_node("Tanh", ["h_mm"], ["h_next"], name="body_tanh"),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")],
-        "body", [vi("i", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, []), vi("h", TensorProto.FLOAT,
-                                                                                            [2, C])],
-        [vi("cond_out", TensorProto.BOOL, []), vi("h_next", TensorProto.FLOAT, [2, C])])
+        width + [mk("Range", ["zero", "width", "step"], ["idx"], name="body_range"),
+                 mk("Cast", ["idx"], ["idx_f"], to=TensorProto.FLOAT, name="body_cast"),
+                 mk("ReduceSum", ["idx_f"], ["total"], keepdims=0, name="body_sum"),
+                 mk("Add", ["h", "total"], ["h_pos"], name="body_add"),
+                 mk("MatMul", ["h_pos", "R"], ["h_mm"], name="body_mm"),
+                 mk("Tanh", ["h_mm"], ["h_next"], name="body_tanh"),
+                 mk("Identity", ["cond_in"], ["cond_out"], name="body_cond")],
+        "body", [vi("i", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, []),
+                 vi("h", TensorProto.FLOAT, [n, C])],
+        [vi("cond_out", TensorProto.BOOL, []), vi("h_next", TensorProto.FLOAT, [n, C])])
     g = G(13)
     g.inits.update({"one": np.array(1, np.int64), "zero": np.array(0, np.int64), "step": np.array(1, np.int64),
-                    "M": np.array(3, np.int64), "cond": np.array(True), "R": rand(C, C, seed=3)})
+                    "flat": np.array([-1], np.int64), "M": np.array(3, np.int64), "cond": np.array(True),
+                    "R": rand(C, C, seed=3)})
     h0 = g.matmul("x", 8, C, "w0")
     g.nodes.append(helper.make_node("Loop", ["M", "cond", h0], ["h_T"], body=body, name="loop"))
-    m = g.model([("x", [2, 8])], [(g.matmul("h_T", C, 4, "wo"), [2, 4])])
+    return g.model([("x", [n, 8])], [(g.matmul("h_T", C, 4, "wo"), [n, 4])])
+
+
+def test_range_over_a_static_channel_count_inside_a_loop_body_folds_and_prunes():
+    m = range_in_body_model("static")
+    assert [(len(gr.units), gr.channels) for gr in graphprune.analyze_model(m).groups] == [(C, C)]
+    p, _ = prune_checked(m)
+    assert wshape(p, "R")[0] == wshape(p, "w0.w")[1] < C
+
+
+def test_range_over_a_channel_count_that_does_not_fold_freezes_it_naming_the_range():
+    m = range_in_body_model("dynamic")
     analysis = graphprune.analyze_model(m)
     assert not analysis.groups
     reasons = [gr.reason for gr in analysis.frozen_groups]
     assert any("limit of Range node 'body_range'" in r for r in reasons), reasons
-    prune_checked(m, expect_smaller=False)
+    prune_checked(m, expect_smaller=False, input_dims={"N": 2})
+
+
+def test_reshape_target_computed_inside_a_loop_body_folds_and_prunes():
+    """A body that splits its state into heads with a target computed from Shape(h) and Div (as tf2onnx writes
+    tf.reshape(h, [tf.shape(h)[0], HEADS, tf.shape(h)[1] // HEADS])) and merges them back with Shape(h): the
+    static reads fold inside the body like outside, and the literals are rewritten."""
+    vi = helper.make_tensor_value_info
+    mk = helper.make_node
+    body = helper.make_graph(
+        [mk("Shape", ["h"], ["hs"], name="b_shape"),
+         mk("Gather", ["hs", "i0"], ["n"], axis=0, name="b_n"),
+         mk("Gather", ["hs", "i1"], ["c"], axis=0, name="b_c"),
+         mk("Div", ["c", "heads"], ["hd"], name="b_hd"),
+         mk("Concat", ["n", "heads", "hd"], ["tgt"], axis=0, name="b_tgt"),
+         mk("Reshape", ["h", "tgt"], ["h3"], name="b_split"),
+         mk("Relu", ["h3"], ["r3"], name="b_relu"),
+         mk("Reshape", ["r3", "hs"], ["r"], name="b_merge"),
+         mk("MatMul", ["r", "R"], ["hm"], name="b_mm"),
+         mk("Tanh", ["hm"], ["h_next"], name="b_tanh"),
+         mk("Identity", ["cond_in"], ["cond_out"], name="b_cond")],
+        "body", [vi("i", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, []),
+                 vi("h", TensorProto.FLOAT, [2, C])],
+        [vi("cond_out", TensorProto.BOOL, []), vi("h_next", TensorProto.FLOAT, [2, C])])
+    g = G(13)
+    g.inits.update({"i0": np.array([0], np.int64), "i1": np.array([1], np.int64),
+                    "heads": np.array([HEADS], np.int64), "M": np.array(3, np.int64), "cond": np.array(True),
+                    "R": rand(C, C, seed=3)})
+    h0 = g.matmul("x", 8, C, "w0")
+    g.nodes.append(helper.make_node("Loop", ["M", "cond", h0], ["h_T"], body=body, name="loop"))
+    m = g.model([("x", [2, 8])], [(g.matmul("h_T", C, 4, "wo"), [2, 4])])
+    analysis = graphprune.analyze_model(m)
+    assert [(len(gr.units), gr.channels) for gr in analysis.groups] == [(HD, C)], \
+        [gr.reason for gr in analysis.frozen_groups]
+    p, _ = prune_checked(m)
+    kept = wshape(p, "w0.w")[1]
+    assert kept < C and wshape(p, "R") == (kept, kept) and wshape(p, "wo.w")[0] == kept
+    loop = next(n for n in p.graph.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    split = next(n for n in body.node if n.name == "b_split")
+    assert inits(p)[split.input[1]].tolist() == [2, HEADS, kept // HEADS]

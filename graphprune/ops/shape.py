@@ -92,8 +92,8 @@ def constant_of_shape(node, c):
 @rule("Range")
 def range_(node, c):
     """The output is a new tensor of values start, start + delta, ... < limit: frozen. A start/limit/delta read
-    from a dim (Shape(t)[k], after canonicalize folded every static one, e.g. a channel count inside a body)
-    keeps that dim whole: removing an element would change the values made."""
+    from a dim (Shape(t)[k] where canonicalize could not fold it: static reads fold to literals) keeps that dim
+    whole: removing an element would change the values made."""
     for k, name in enumerate(node.input):
         c.not_channel(name)
         for entry in shape_entries(c, name) or []:
