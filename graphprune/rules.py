@@ -452,7 +452,8 @@ def couple(graph: Graph, exclude: list[str] | None = None, choices: dict | None 
             failures = len(c.rule_failures)
             c.run_rule(node)
             if any(fnmatch.fnmatch(node.name, pat) for pat in exclude or []):
-                c.freeze_at(node, list(node.input) + list(node.output),
+                # an excluded Loop/Scan/If keeps what its bodies read whole too (the weights of the layer)
+                c.freeze_at(node, list(node.input) + list(node.output) + sorted(subgraph_outer_names(node)),
                             reason=f"excluded by pattern matching node '{node.name}'")
             bodies = subgraphs(node)
             if not bodies:

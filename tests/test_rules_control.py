@@ -234,3 +234,9 @@ def test_loop_and_scan_macs_count_their_bodies_once_per_iteration():
     body = SEQ * (BATCH * H * IN + BATCH * H * H)                 # the Scan iterates over x1's axis 1 (SEQ)
     outside = BATCH * SEQ * IN * D + BATCH * SEQ * 3 * H + BATCH * 3 * H
     assert count(graph)["macs"] == body + outside
+
+
+def test_excluding_the_loop_keeps_its_body_weights_whole():
+    analysis = graphprune.analyze_model(loop_lstm_model(), exclude=["Loop*"])
+    assert sorted(g.channels for g in analysis.groups) == []  # x1 is read by the body's x_t·W: W is the Loop's
+    assert any("excluded by pattern" in g.reason for g in analysis.frozen_groups)
