@@ -7,10 +7,12 @@ Pieces:
   the latest cached *frontier* (every tensor produced before a position that a later node reads) instead of the
   graph inputs. A sequential walk that ran the whole prefix for every layer would cost O(L²) node executions;
   with a frontier every node runs O(1) times per walk. A frontier is kept only while it fits `budget` bytes
-  (all calibration batches): early layers of a CNN have large activations but short prefixes, so they re-run
-  from the inputs; deep layers have small frontiers and resume from them;
+  (all calibration batches); where the frontier at the position asked for does not fit, the latest earlier one
+  that does (sizes predicted from the inferred shapes in one sweep): in a MobileNet block the wide expanded
+  tensors sit between narrow block inputs, so an early layer re-runs one block instead of the whole prefix;
 - `im2col_rows` / `conv_positions`: Conv input patches at seeded random output positions (so the same rows
-  can be taken from two models), tap order t = (ci·kh + r)·kw + s.
+  can be taken from two models), tap order t = (ci·kh + r)·kw + s; `conv_columns`: the same patches as
+  columns [G, Cin_g·k, n], gathered without a padded copy (reconstruction's Gram layout).
 """
 from __future__ import annotations
 

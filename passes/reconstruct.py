@@ -21,7 +21,8 @@ error on them went down.
 
 End to end: a layer-locally better refit can still make the model output worse (downstream layers that are not
 refit, nonlinearities, a head fitted to few rows). So the walk measures the model output on the held-out batches
-before it starts and at CHECKPOINTS states along it (refits up to a wave, the weights as they came after it),
+before it starts and at CHECKPOINTS states along it (after 1/2, 3/4, ... of the waves and after the last: refits
+up to there, the weights as they came after it),
 and keeps the state with the lowest relative L2 error of the graph outputs against the dense outputs, among
 those that do not lose top-1 agreement on logits-like outputs; the refits after it are reverted and the report
 says so (ReconstructionResult.end_to_end, notes). The state without any refit is a candidate, so the result is
@@ -33,7 +34,7 @@ the seed), a Gemm/MatMul at up to that many rows (tokens where an attention mask
 min(LAYER_ROWS, max(MIN_ROWS, ROWS_PER_DIM · unknowns per group)) rows over all batches: a depthwise 5×5 group
 has 26 unknowns and needs far fewer rows than a 1×1 conv over 900 channels.
 
-Cost (EfficientNet-Lite0, 256 samples; the numbers in the PR note): the dense targets of all layers come from
+Cost (numbers: benchmarks/results/reconstruct.md): the dense targets of all layers come from
 one dense run (chunked when their rows exceed TARGET_BUDGET), each layer's positions gathered inside
 onnxruntime (Reshape + Gather appended to the dense graph), so whole activations are not copied out. The pruned
 walk resumes every wave from a cached frontier (layer_stats.PrefixCache) at the latest position whose tensors

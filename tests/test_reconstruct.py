@@ -303,3 +303,30 @@ def test_end_to_end_check_keeps_a_refit_that_helps(calib):
     assert e2e["after"]["rel_error"] < 0.8 * e2e["before"]["rel_error"]
     assert not any(r["reverted"] for r in report.reconstruction["per_layer"])
     assert "held-out output error" in next(line for line in report.stage_log if line.startswith("reconstruct"))
+
+
+def test_prefix_cache_keeps_the_latest_frontier_that_fits_the_budget():
+    # conv_a 3->4 (narrow), conv_b 4->32 (wide), relu, conv_c 32->4: asked to stop before conv_c, whose frontier
+    # (the wide relu output) is over the budget, the cache keeps the narrow frontier before conv_b instead of
+    # going back to the inputs, and serves the next request from there with the same values
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a"),
+             helper.make_node("Conv", ["a", "wb"], ["b"], name="conv_b"),
+             helper.make_node("Relu", ["b"], ["rb"], name="relu"),
+             helper.make_node("Conv", ["rb", "wc"], ["c"], name="conv_c")]
+    weights = {"wa": rand(4, 3, 1, 1, seed=1), "wb": rand(32, 4, 1, 1, seed=2), "wc": rand(4, 32, 1, 1, seed=3)}
+    model = make_model(nodes, [("x", [None, 3, 8, 8])], [("c", [None, 4, 8, 8])], weights)
+    graph = Graph(model)
+    graph.infer_shapes()
+    feeds = feed_batches(graph, {"x": smooth_inputs(32, seed=4)}, batch=16)
+    narrow, wide = 32 * 4 * 64 * 4, 32 * 32 * 64 * 4           # bytes of 'a' and of 'b' / 'rb' over 32 samples
+    cache = PrefixCache(graph, feeds, budget=(narrow + wide) // 2, optimize=False)
+    assert cache._frontier_sizes()[1:4] == [narrow, wide, wide]
+    full = [Runner(graph, ["rb", "c"])(f) for f in feeds]
+    got = dict(cache.values(["rb"], 3))
+    assert cache.cut == 1 and set(cache.cached[0]) == {"a"}
+    got_c = dict(cache.values(["c"], 4))
+    for b in range(len(feeds)):
+        np.testing.assert_allclose(got[b]["rb"], full[b]["rb"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_c[b]["c"], full[b]["c"], rtol=1e-5, atol=1e-6)
+    # 3 nodes, then conv_b, relu, conv_c from the cut (not 4 from the inputs), on each of the 2 batches
+    assert cache.node_runs == 2 * 3 + 2 * 3
