@@ -1,9 +1,10 @@
 """Task fidelity of pruned real models, without fine-tuning: every criterion x MAC reduction x calibration.
 
     python benchmarks/fidelity_models.py            # once: real models and data into benchmarks/.cache/
-    python benchmarks/fidelity.py [--models mnist digits_cnn efficientnet_lite0 minilm]
+    python benchmarks/fidelity.py [--models mnist digits_cnn efficientnet_lite0 minilm ocr_crnn]
         [--criteria l1 l2 random bn-scale lamp hessian obspa activation fluctuation]
-        [--speedups 1.25 1.5 2 3] [--calib both|none|only] [--calib-samples 256] [--quick] [--fresh]
+        [--speedups 1.25 1.5 2 3] [--calib both|none|only] [--calib-samples 256] [--scope uniform|global]
+        [--compensate auto none obs reconstruct] [--no-sensitivity] [--no-bn-recalibrate] [--quick] [--fresh]
 
 For each model, criterion, speed-up s and calibration setting it calls
 `graphprune.prune(model, importance=C, target_macs=1/s, calib=NPZ or None, calib_samples=256, verify=False)`,
@@ -16,18 +17,22 @@ default: it collapses before 1.25x):
   within the pruned top-5) on 128 views of 8 bundled photos;
 - minilm: mean cosine similarity of the sentence embeddings to the dense ones / retrieval top-1 agreement (the
   passage the pruned model ranks first for a query is the dense model's first) / mean Spearman correlation of
-  each query's passage similarities, dense vs pruned.
+  each query's passage similarities, dense vs pruned;
+- ocr_crnn: exact match (the greedy CTC decoding equals the rendered string) / character accuracy (1 - edit
+  distance / length of the true string, floored at 0), each divided by the dense model's, on 1200 held-out
+  rendered lines (a quarter of them in fonts the model never saw in training).
 
 Without calibration, data-aware criteria run on whatever the API does without data (its synthetic proxy); the
 table says what the API reported. Models with BatchNormalization nodes also get a third data setting,
 calibration + `bn_recalibrate=True` (BN running statistics re-estimated on the calibration data after pruning).
-`--compensate none obs reconstruct` adds one row per compensation (default: the API's `auto`). Every run
+`--compensate none obs reconstruct` adds one row per compensation (default: the API's `auto`); `--scope global`
+runs the non-sensitivity rows with scope='global' (their own rows, beside the API-default ones). Every run
 calls this revision's API directly (no version sniffing) and records the revision; a failure is recorded with
 its reason.
 No fine-tuning anywhere. Writes benchmarks/results/fidelity.md and fidelity.png (--quick writes to
 benchmarks/.cache/quick/ instead and never touches the committed results). Raw runs accumulate in
 benchmarks/.cache/fidelity_runs.json; a re-run replaces the runs it repeats (same model, criterion, data
-setting, speed-up) and keeps the others (--fresh drops them).
+setting, compensation, scope, speed-up) and keeps the others (--fresh drops them).
 """
 from __future__ import annotations
 

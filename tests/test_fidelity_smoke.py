@@ -267,3 +267,14 @@ def test_ocr_evaluator_decodes_model_outputs_and_scores_against_dense(tmp_path):
     # characters: "Qb" vs "ab" 1 - 1/2, "QQ" 1, "Qx" vs "7y" 1 - 2/2
     assert s["char"] == pytest.approx(100 * (0.5 + 1 + 0) / 3) and s["same_as_dense"] == pytest.approx(100 / 3)
     assert s["exact_train_fonts"] == 50.0 and s["exact_heldout_fonts"] == 0.0
+
+
+def test_scope_gets_its_own_row_and_store_key():
+    kw = {"macs_ratio": 0.5, "calibration": "c.npz", "git": "abc"}
+    uniform = fid.Run("m", "obspa", "calib", 2.0, metrics={"exact_rel": 80.0, "char_rel": 95.0}, **kw)
+    glob = fid.Run("m", "obspa", "calib", 2.0, metrics={"exact_rel": 90.0, "char_rel": 97.0}, scope="global", **kw)
+    assert uniform.key() != glob.key()
+    info = {"metrics": [["exact_rel", "exact match"], ["char_rel", "characters"]], "header": "dense", "git": "abc"}
+    text = "\n".join(fid.render_model("m", [uniform, glob], info))
+    assert "| obspa | calib | 80.0 / 95.0 |" in text and "| obspa | calib, scope=global | 90.0 / 97.0 |" in text
+    assert "2×: obspa, calib, scope=global: 90.0" in text
