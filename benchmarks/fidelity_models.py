@@ -1061,7 +1061,8 @@ def prepare_ocr_crnn() -> None:
         "description": f"CRNN text-line recognizer trained here (6 conv-BN-ReLU, channels "
                        f"{'-'.join(map(str, OCR_CHANNELS))}, pools collapsing the height, bidirectional LSTM "
                        f"{OCR_HIDDEN}, linear to 64 classes + CTC blank; CTC loss, seed 0, batch {batch}, "
-                       f"{epochs} epochs AdamW on {len(tr_texts)} rendered lines, {train_s:.0f} s on 1 thread); "
+                       f"{epochs} epoch{'s' if epochs > 1 else ''} AdamW on {len(tr_texts)} rendered lines, "
+                       f"{train_s:.0f} s on 1 thread); "
                        "legacy exporter, opset 17, no constant folding, input image [batch, 1, 32, width] "
                        "(width dynamic)",
         "data": f"lines of 3-12 characters ({OCR_CHARSET[:10]}, a-z, A-Z, '-', '.': stdlib docstring words, "
