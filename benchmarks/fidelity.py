@@ -356,6 +356,22 @@ class OCREvaluator(Evaluator):
         self.dense_exact = exact_match(self.dense_pred, labels)
         self.dense_char = char_accuracy(self.dense_pred, labels)
         self.dense_exact_split = self._split_exact(self.dense_pred)
+        self.dense_macs = self.macs_at_eval_width(self.paths["onnx"])
+
+    def macs_at_eval_width(self, model) -> int:
+        """graphprune's MAC count of `model` with the input fixed at batch 1 and the evaluation width. With the width
+        symbolic, onnx's shape inference names every Conv/MaxPool output width anew ('unk__N'), and graphprune
+        counts such a dim as 1 (graphprune/metrics.py): its MACs, and so its targets, weigh each layer by channels
+        and height only. The fixed-width copy counts what the evaluation runs."""
+        import onnx
+
+        import graphprune
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)))
+        dims = fixed.graph.input[0].type.tensor_type.shape.dim
+        dims[0].dim_value, dims[3].dim_value = 1, int(self.x.shape[3])     # dim_value replaces the dim_param
+        _, report = graphprune.prune(fixed, ratio=0.0, verify=False, dry_run=True)
+        return report.macs_before
 
     def decode(self, logits):
         return ctc_greedy_decode(logits, self.charset)
@@ -370,13 +386,15 @@ class OCREvaluator(Evaluator):
         train_fonts, held_fonts = self._split_exact(pred)
         return {"exact_rel": relative(exact, self.dense_exact), "char_rel": relative(char, self.dense_char),
                 "exact": 100 * exact, "char": 100 * char, "same_as_dense": 100 * exact_match(pred, self.dense_pred),
-                "exact_train_fonts": 100 * train_fonts, "exact_heldout_fonts": 100 * held_fonts}
+                "exact_train_fonts": 100 * train_fonts, "exact_heldout_fonts": 100 * held_fonts,
+                "macs_ratio_eval": self.macs_at_eval_width(model) / self.dense_macs}
 
     def header(self):
         tr, he = self.dense_exact_split
         return (f"dense exact match {100 * self.dense_exact:.1f} %, character accuracy {100 * self.dense_char:.1f} % "
                 f"on {len(self.labels)} held-out rendered lines (exact match {100 * tr:.1f} % in the training fonts, "
-                f"{100 * he:.1f} % on the {int(self.heldout.sum())} lines in fonts never trained on)")
+                f"{100 * he:.1f} % on the {int(self.heldout.sum())} lines in fonts never trained on); "
+                f"{self.dense_macs / 1e6:.1f} MMACs per line at the evaluation width ({self.x.shape[3]} columns)")
 
 
 EVALUATORS = {"mnist": ClassifyEvaluator, "digits_cnn": ClassifyEvaluator,
@@ -460,8 +478,10 @@ def format_cell(run: Run | None, keys: list[str]) -> str:
     if run.status != "ok":
         return run.status
     vals = " / ".join(f"{run.metrics.get(k, float('nan')):.1f}" for k in keys)
-    achieved = 1.0 / run.macs_ratio if run.macs_ratio else float("inf")
-    if abs(run.macs_ratio * run.speedup - 1.0) > TOLERANCE:
+    # an evaluator that counts MACs at its evaluation shapes knows better than the API's count (ocr_crnn)
+    ratio = run.metrics.get("macs_ratio_eval", run.macs_ratio)
+    achieved = 1.0 / ratio if ratio else float("inf")
+    if abs(ratio * run.speedup - 1.0) > TOLERANCE:
         vals += f" ({achieved:.2f}×)"
     return vals
 
@@ -474,6 +494,10 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
              f"Cells: the pruned model's {labels}, in % of dense. {_cap(info['header'])}. "
              f"Dense: {info.get('dense_macs', 0) / 1e6:.1f} MMACs as graphprune counts them"
              + (" (symbolic batch and sequence dims count as 1, so per token)" if name == "minilm" else "")
+             + (" with the width symbolic (onnx names each Conv/MaxPool output width 'unk__N' and graphprune counts "
+                "it as 1, so every target is a fraction of that count); `(N×)` after a value is the speed-up "
+                "reached at the evaluation width, counted on the pruned model with its input fixed to 1×1×32×160"
+                if name == "ocr_crnn" else "")
              + "." + _control_text(info), ""]
     lines.append("| criterion | data | " + " | ".join(f"{s:g}×" for s in speedups) + " |")
     lines.append("|---|---|" + "---|" * len(speedups))

@@ -247,6 +247,7 @@ def test_ocr_evaluator_decodes_model_outputs_and_scores_against_dense(tmp_path):
     onnx.save(dense, tmp_path / "dense.onnx")
     ev = fid.OCREvaluator.__new__(fid.OCREvaluator)
     ev.paths, ev.quick = {"onnx": tmp_path / "dense.onnx"}, False
+    ev.macs_at_eval_width = lambda model: 1          # no convolution here to count
     ev.data = {"image": x, "label": np.array(labels), "font": np.array(["DejaVuSans", "DejaVuSans",
                                                                         fm.OCR_HELDOUT_FONTS[0]])}
     ev.setup()
@@ -278,3 +279,33 @@ def test_scope_gets_its_own_row_and_store_key():
     text = "\n".join(fid.render_model("m", [uniform, glob], info))
     assert "| obspa | calib | 80.0 / 95.0 |" in text and "| obspa | calib, scope=global | 90.0 / 97.0 |" in text
     assert "2×: obspa, calib, scope=global: 90.0" in text
+
+
+def test_ocr_macs_are_counted_at_the_evaluation_width(tmp_path):
+    """Conv(1->4, 3x3) -> MaxPool 2x2 -> Conv(4->8, 3x3) on [batch, 1, 32, width]: at width 160 the convs cost
+    4*9*32*160 + 8*4*9*16*80 MACs. graphprune's own count, with the width symbolic, takes the 'unk__' width
+    onnx gives the pooled output as 1, less (the reason the evaluator recounts at a fixed width)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import graphprune
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w1"),
+             onnx.numpy_helper.from_array(rng.normal(size=(8, 4, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["image", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["a"], ["b"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["b", "w2"], ["logits"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                         ["batch", 1, 32, "width"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    ev = fid.OCREvaluator.__new__(fid.OCREvaluator)
+    ev.x = np.zeros((1, 1, 32, 160), np.float32)
+    want = 4 * 9 * 32 * 160 + 8 * 4 * 9 * 16 * 80
+    assert ev.macs_at_eval_width(model) == want
+    assert ev.macs_at_eval_width(tmp_path / "m.onnx") == want
+    assert model.graph.input[0].type.tensor_type.shape.dim[3].dim_param == "width"     # the model is untouched
+    _, report = graphprune.prune(str(tmp_path / "m.onnx"), ratio=0.0, verify=False, dry_run=True,
+                                 input_dims={"width": 160})
+    assert report.macs_before < want      # here: the pooled conv's width counts as 1 (8*4*9*16 MACs)
