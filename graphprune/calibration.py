@@ -63,10 +63,22 @@ class ChannelStats:
         return np.sqrt(self.sumsq)
 
     def hessian(self, damp: float = 0.1) -> np.ndarray:
-        """H = X Xᵀ / n, damped by λ·mean(diag H)·I so it can be inverted."""
+        """H = X Xᵀ / n, shrunk towards its diagonal when the rows are few for the width, then damped by
+        λ·mean(diag H)·I so it can be inverted.
+
+        With n rows of C channels, X Xᵀ has rank ≤ n: a classifier head after global pooling sees one row per
+        sample (256 rows for 1280 channels), and OBS then finds channels whose removal "costs nothing" because
+        the calibration set happens not to span them (and refits the rest to exploit it), which held-out data
+        punishes. Shrinking the off-diagonal part by α = C / (C + n) (Ledoit-Wolf-style, towards the
+        diagonal) keeps every channel's own energy in the loss; convolution inputs with thousands of rows per
+        sample are nearly untouched."""
         h = self.gram / max(self.n, 1)
+        c = len(h)
+        alpha = c / (c + max(self.n, 1))
+        if alpha > 0.01:
+            h = (1 - alpha) * h + alpha * np.diag(np.diag(h))
         d = float(np.mean(np.diag(h))) or 1.0
-        return h + damp * d * np.eye(len(h))
+        return h + damp * d * np.eye(c)
 
     def hessian_inv(self, damp: float = 0.1, intercept: bool = False) -> np.ndarray:
         """H⁻¹, computed once per setting and sample count (scoring and compensation both need it). With

@@ -14,8 +14,8 @@ from pathlib import Path
 from .errors import GraphpruneError
 
 IMPORTANCE = ("l1", "l2", "random", "bn-scale", "lamp", "hessian", "activation", "fluctuation", "obspa")
-SCOPES = ("uniform", "global", "sensitivity")
-GLOBAL_NORMS = ("mean", "max", "lamp")
+SCOPES = ("uniform", "global", "loss", "sensitivity")
+GLOBAL_NORMS = ("mean", "max", "lamp", "none")
 PROXIES = ("auto", "synthetic", "bn")
 COMPENSATIONS = ("auto", "reconstruct", "none", "obs", "lsq", "bias")
 SPARSE_FORMATS = ("auto", "bsr", "csr")
@@ -51,8 +51,10 @@ class PruneOptions:
     # -- ranking and allocation -----------------------------------------------------------------------------
     importance: str = _opt("obspa", "Importance criterion (obspa: structured OBS loss with compensation, from "
                                     "--calib or the data-free proxy).", choices=IMPORTANCE)
-    scope: str = _opt("uniform", "Same fraction per group; one ranking across groups; or per-group ratios from "
-                                 "measured output sensitivity (needs a MACs/params target).", choices=SCOPES)
+    scope: str = _opt("uniform", "Same fraction per group; one ranking across groups; loss: one ranking by the "
+                                 "predicted output loss after OBS compensation per MAC (params, channels) saved, "
+                                 "from --calib or the data-free proxy; or per-group ratios from measured output "
+                                 "sensitivity (needs a MACs/params target).", choices=SCOPES)
     global_norm: str = _opt("mean", "Per-group score normalisation for --scope global.", choices=GLOBAL_NORMS)
     max_ratio: float = _opt(0.9, "Never remove more than this fraction of one group (global scope, targets), "
                                  "in (0, 1].")

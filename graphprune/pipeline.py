@@ -1,7 +1,7 @@
 """The prune pipeline: named stages over one context, each declaring what it needs and provides.
 
-    load -> canonicalize -> add biases -> analyze -> calibrate -> score -> sensitivity -> allocate | check plan
-    -> compensate -> rewrite -> check -> verify -> reconstruct -> bn re-estimation -> sparsify -> fidelity
+    load -> canonicalize -> add biases -> analyze -> calibrate -> score -> sensitivity | loss curves
+    -> allocate | check plan -> compensate -> rewrite -> check -> verify -> reconstruct -> bn re-estimation -> sparsify -> fidelity
 
 A stage whose condition is false is logged as skipped. The passes themselves live in `passes/` and
 `graphprune/*`; this module only says in which order they run and what flows between them.
@@ -42,6 +42,7 @@ class Context:
     heldout: dict | None = None                      # held-out calibration samples (empty without --calib)
     scores: dict | None = None                       # group id -> unit scores
     sensitivity: object = None                       # passes.sensitivity.SensitivityAllocation
+    allocation_scores: dict | None = None            # scope 'loss': group id -> per-unit priority
     plan: RewritePlan | None = None
     removed: dict | None = None                      # (tensor, axis) -> removed indices
     updates: dict | None = None                      # initializer name -> compensated weights
@@ -87,7 +88,7 @@ def _analyze(ctx: Context) -> str:
 def _needs_statistics(ctx: Context) -> bool:
     o = ctx.options
     return ((ctx.criterion is not None and ctx.criterion.needs_data) or o.compensation != "none"
-            or o.bn_recalibrate or (o.scope == "sensitivity" and o.plan is None) or o.sparsity is not None
+            or o.bn_recalibrate or (o.scope in ("sensitivity", "loss") and o.plan is None) or o.sparsity is not None
             or o.reconstruct or o.min_fidelity is not None)
 
 
@@ -97,7 +98,8 @@ def _calibrate(ctx: Context) -> str:
                                                          ctx.progress, ctx.counts_before["macs"])
     except GraphpruneError as exc:
         o = ctx.options
-        if o.calib is not None or o.sparsity is not None or o.scope == "sensitivity" or ctx.criterion is None:
+        if o.calib is not None or o.sparsity is not None or o.scope in ("sensitivity", "loss") \
+                or ctx.criterion is None:
             raise
         # The data-free proxy could not run (synthetic inputs the model refuses, e.g. dims no default fits): the
         # default recipe must still prune, so rank by magnitude and compensate nothing, and say so.
@@ -133,11 +135,12 @@ def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None, macs
         heldout = {}
         source = f"synthetic proxy: {n} standard-normal input samples (data-free)"
     wanted = dict(criterion.wanted(analysis)) if criterion is not None else {}
-    if o.compensation != "none":
+    if o.compensation != "none" or o.scope == "loss":
+        gram = o.compensation == "obs" or o.scope == "loss"   # loss curves need every consumer's Hessian
         for g in analysis.groups:
             for cons in group_consumers(g, analysis):
                 key = (cons.x, cons.x_axis)
-                wanted[key] = wanted.get(key, False) or o.compensation == "obs"
+                wanted[key] = wanted.get(key, False) or gram
     closed = {}
     if o.calib is None and o.proxy != "synthetic":
         from .bn_proxy import closed_form_stats
@@ -188,13 +191,31 @@ def _sensitivity(ctx: Context) -> str:
     return f"{len(curves)} groups probed on {len(next(iter(sample.values())))} samples"
 
 
+def _loss_curves(ctx: Context) -> str:
+    from .passes.loss_allocation import (CURVE_POINTS, PROBE_SAMPLES, allocation_scores, curves, measure_gains,
+                                         unit_savings)
+    o = ctx.options
+    found = curves(ctx.analysis, ctx.stats, o.max_ratio, progress=ctx.progress)
+    sample = {k: v[:PROBE_SAMPLES] for k, v in ctx.feeds.items()}
+    gains = measure_gains(ctx.analysis, ctx.stats, found, sample, progress=ctx.progress)
+    metric = o.target[0] if o.target is not None else "channels"
+    ctx.allocation_scores, notes = allocation_scores(ctx.analysis, found, unit_savings(ctx.analysis, metric), gains)
+    ctx.report.diagnostics += notes
+    ctx.report.loss_curves = {g.name: [round(found[g.id].at(f), 6) for f in CURVE_POINTS]
+                              for g in ctx.analysis.groups if found.get(g.id) is not None}
+    return f"{sum(c is not None for c in found.values())} of {len(found)} groups, per {metric} saved"
+
+
 def _allocate(ctx: Context) -> str:
     from .passes.allocate import build_plan, fit_target, select
     o = ctx.options
+    # scope 'loss' is a global selection over priorities that are already comparable across groups
+    scope, norm, scores = ((("global", "none", ctx.allocation_scores) if o.scope == "loss"
+                            else (o.scope, o.global_norm, ctx.scores)))
     if o.target is not None:
         metric, target = o.target
-        ctx.plan, achieved = fit_target(ctx.analysis, ctx.scores, target, metric, o.scope, o.round_to,
-                                        o.min_channels, o.max_ratio, o.global_norm, ctx.name, o.settings(),
+        ctx.plan, achieved = fit_target(ctx.analysis, scores, target, metric, scope, o.round_to,
+                                        o.min_channels, o.max_ratio, norm, ctx.name, o.settings(),
                                         sensitivity=ctx.sensitivity)
         if abs(achieved - target) > 0.01 * target:
             ctx.report.diagnostics.append(
@@ -202,8 +223,8 @@ def _allocate(ctx: Context) -> str:
                 f"(frozen groups, --max-ratio {o.max_ratio:g}, --min-channels {o.min_channels} and --round-to "
                 f"{o.round_to} bound what can go)")
         return f"{o.scope} to {metric} {target:g}: reached {achieved:.3f}"
-    drops = select(ctx.analysis, ctx.scores, o.effective_ratio, o.scope, o.round_to, o.min_channels,
-                   max_ratio=1.0 if o.scope == "uniform" else o.max_ratio, norm=o.global_norm)
+    drops = select(ctx.analysis, scores, o.effective_ratio, scope, o.round_to, o.min_channels,
+                   max_ratio=1.0 if scope == "uniform" else o.max_ratio, norm=norm)
     ctx.plan = build_plan(ctx.analysis, drops, ctx.name, o.settings())
     return f"{o.scope}, ratio {o.effective_ratio:g}"
 
@@ -433,6 +454,8 @@ def stages() -> list[Stage]:
               when=lambda c: c.options.plan is None),
         Stage("sensitivity", _sensitivity, needs=("analysis", "scores", "feeds"), provides=("sensitivity",),
               when=lambda c: c.options.plan is None and c.options.scope == "sensitivity"),
+        Stage("loss curves", _loss_curves, needs=("analysis", "stats", "feeds"), provides=("allocation_scores",),
+              when=lambda c: c.options.plan is None and c.options.scope == "loss"),
         Stage("allocate", _allocate, needs=("analysis", "scores", "counts_before"), provides=("plan",),
               when=lambda c: c.options.plan is None),
         Stage("check plan", _check_plan, needs=("analysis",), provides=("plan",),
