@@ -196,7 +196,10 @@ def _loss_curves(ctx: Context) -> str:
                                          unit_savings)
     o = ctx.options
     found = curves(ctx.analysis, ctx.stats, o.max_ratio, progress=ctx.progress)
-    sample = {k: v[:PROBE_SAMPLES] for k, v in ctx.feeds.items()}
+    # held-out calibration samples where there are some: the OBS refit was fit on the others, and a probe on its
+    # own fitting data would reward a refit that only memorises them (a pooled head sees one row per sample)
+    pool = ctx.heldout if ctx.heldout else ctx.feeds
+    sample = {k: v[:PROBE_SAMPLES] for k, v in pool.items()}
     gains = measure_gains(ctx.analysis, ctx.stats, found, sample, progress=ctx.progress)
     metric = o.target[0] if o.target is not None else "channels"
     ctx.allocation_scores, notes = allocation_scores(ctx.analysis, found, unit_savings(ctx.analysis, metric), gains)
@@ -210,8 +213,8 @@ def _allocate(ctx: Context) -> str:
     from .passes.allocate import build_plan, fit_target, select
     o = ctx.options
     # scope 'loss' is a global selection over priorities that are already comparable across groups
-    scope, norm, scores = ((("global", "none", ctx.allocation_scores) if o.scope == "loss"
-                            else (o.scope, o.global_norm, ctx.scores)))
+    scope, norm, scores = (("global", "none", ctx.allocation_scores) if o.scope == "loss"
+                            else (o.scope, o.global_norm, ctx.scores))
     if o.target is not None:
         metric, target = o.target
         ctx.plan, achieved = fit_target(ctx.analysis, scores, target, metric, scope, o.round_to,

@@ -112,7 +112,7 @@ def _consumers_of(group, analysis, stats) -> list[_Consumer]:
         energy = float(np.einsum("ij,ij->", rows, cov @ rows))
         if not energy > 0:
             continue
-        out.append(_Consumer(rows, st.hessian_inv(intercept=intercept), energy,
+        out.append(_Consumer(rows, st.hessian_inv(intercept=intercept, shrink=True), energy,
                              [np.asarray(u.elements[member], dtype=np.int64) for u in group.units]))
     return out
 
