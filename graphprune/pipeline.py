@@ -357,9 +357,10 @@ def _sparsify(ctx: Context) -> str:
 
 
 def _fidelity(ctx: Context) -> str:
-    from .verify import fidelity
+    from .verify import fidelity, layer_profile
     dense = ctx.original.to_model(with_value_info=False)
     ctx.report.fidelity = fidelity(dense, ctx.pruned, ctx.heldout)
+    ctx.report.fidelity["layers"] = layer_profile(dense, ctx.pruned, ctx.heldout, ctx.removed)
     return f"{ctx.report.fidelity['samples']} held-out samples"
 
 
