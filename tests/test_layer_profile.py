@@ -1,11 +1,10 @@
 """The fidelity stage's per-layer error profile: where the error enters, over the channels each layer kept."""
 
 import numpy as np
+from test_loss_allocation import _two_group_model
 
 import graphprune
 from graphprune.verify import layer_profile
-
-from test_loss_allocation import _two_group_model
 
 
 def test_profile_is_zero_before_the_first_cut_and_grows_after(tmp_path):
