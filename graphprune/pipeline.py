@@ -43,6 +43,8 @@ class Context:
     scores: dict | None = None                       # group id -> unit scores
     sensitivity: object = None                       # passes.sensitivity.SensitivityAllocation
     allocation_scores: dict | None = None            # scope 'loss': group id -> per-unit priority
+    scope: str = ""                                  # the allocation scope in use (options.allocation_scope, or
+                                                     # 'uniform' when auto's data-free proxy could not run)
     plan: RewritePlan | None = None
     removed: dict | None = None                      # (tensor, axis) -> removed indices
     updates: dict | None = None                      # initializer name -> compensated weights
@@ -88,24 +90,25 @@ def _analyze(ctx: Context) -> str:
 def _needs_statistics(ctx: Context) -> bool:
     o = ctx.options
     return ((ctx.criterion is not None and ctx.criterion.needs_data) or o.compensation != "none"
-            or o.bn_recalibrate or (o.scope in ("sensitivity", "loss") and o.plan is None) or o.sparsity is not None
+            or o.bn_recalibrate or (ctx.scope in ("sensitivity", "loss") and o.plan is None) or o.sparsity is not None
             or o.reconstruct or o.min_fidelity is not None)
 
 
 def _calibrate(ctx: Context) -> str:
     try:
         ctx.stats, ctx.heldout, ctx.feeds = _statistics(ctx.graph, ctx.analysis, ctx.criterion, ctx.options,
-                                                         ctx.progress, ctx.counts_before["macs"])
+                                                         ctx.progress, ctx.counts_before["macs"], ctx.scope)
     except GraphpruneError as exc:
         o = ctx.options
         if o.calib is not None or o.sparsity is not None or o.scope in ("sensitivity", "loss") \
-                or ctx.criterion is None:
+                or ctx.criterion is None:   # asked for explicitly: no quiet fallback
             raise
         # The data-free proxy could not run (synthetic inputs the model refuses, e.g. dims no default fits): the
         # default recipe must still prune, so rank by magnitude and compensate nothing, and say so.
         from .passes.importance import get_criterion
         ctx.criterion = get_criterion("l1", seed=o.seed)
         ctx.stats, ctx.feeds, ctx.heldout = None, None, {}
+        ctx.scope = "uniform"
         note = (f"the data-free statistics proxy could not run ({exc}); ranked by l1 without compensation "
                 f"(give --calib, or --dim for the dynamic dims)")
         ctx.report.diagnostics.append(note)
@@ -115,7 +118,7 @@ def _calibrate(ctx: Context) -> str:
     return ctx.stats.source
 
 
-def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None, macs: int = 0):
+def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None, macs: int = 0, scope: str = ""):
     """Statistics for the criterion and the compensation, from calibration data or a data-free proxy.
     Returns (Statistics, held-out feeds for the fidelity check, the feeds the statistics came from)."""
     from .calibration import collect
@@ -135,8 +138,8 @@ def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None, macs
         heldout = {}
         source = f"synthetic proxy: {n} standard-normal input samples (data-free)"
     wanted = dict(criterion.wanted(analysis)) if criterion is not None else {}
-    if o.compensation != "none" or o.scope == "loss":
-        gram = o.compensation == "obs" or o.scope == "loss"   # loss curves need every consumer's Hessian
+    if o.compensation != "none" or scope == "loss":
+        gram = o.compensation == "obs" or scope == "loss"   # loss curves need every consumer's Hessian
         for g in analysis.groups:
             for cons in group_consumers(g, analysis):
                 key = (cons.x, cons.x_axis)
@@ -213,8 +216,8 @@ def _allocate(ctx: Context) -> str:
     from .passes.allocate import build_plan, fit_target, select
     o = ctx.options
     # scope 'loss' is a global selection over priorities that are already comparable across groups
-    scope, norm, scores = (("global", "none", ctx.allocation_scores) if o.scope == "loss"
-                            else (o.scope, o.global_norm, ctx.scores))
+    scope, norm, scores = (("global", "none", ctx.allocation_scores) if ctx.scope == "loss"
+                            else (ctx.scope, o.global_norm, ctx.scores))
     if o.target is not None:
         metric, target = o.target
         ctx.plan, achieved = fit_target(ctx.analysis, scores, target, metric, scope, o.round_to,
@@ -225,11 +228,11 @@ def _allocate(ctx: Context) -> str:
                 f"target {metric} {target:g} not reached: the plan keeps {achieved:.3f} of the dense {metric} "
                 f"(frozen groups, --max-ratio {o.max_ratio:g}, --min-channels {o.min_channels} and --round-to "
                 f"{o.round_to} bound what can go)")
-        return f"{o.scope} to {metric} {target:g}: reached {achieved:.3f}"
+        return f"{ctx.scope} to {metric} {target:g}: reached {achieved:.3f}"
     drops = select(ctx.analysis, scores, o.effective_ratio, scope, o.round_to, o.min_channels,
                    max_ratio=1.0 if scope == "uniform" else o.max_ratio, norm=norm)
     ctx.plan = build_plan(ctx.analysis, drops, ctx.name, o.settings())
-    return f"{o.scope}, ratio {o.effective_ratio:g}"
+    return f"{ctx.scope}, ratio {o.effective_ratio:g}"
 
 
 def _check_plan(ctx: Context) -> str:
@@ -457,9 +460,9 @@ def stages() -> list[Stage]:
         Stage("score", _score, needs=("analysis", "criterion"), provides=("scores",),
               when=lambda c: c.options.plan is None),
         Stage("sensitivity", _sensitivity, needs=("analysis", "scores", "feeds"), provides=("sensitivity",),
-              when=lambda c: c.options.plan is None and c.options.scope == "sensitivity"),
+              when=lambda c: c.options.plan is None and c.scope == "sensitivity"),
         Stage("loss curves", _loss_curves, needs=("analysis", "stats", "feeds"), provides=("allocation_scores",),
-              when=lambda c: c.options.plan is None and c.options.scope == "loss"),
+              when=lambda c: c.options.plan is None and c.scope == "loss"),
         Stage("allocate", _allocate, needs=("analysis", "scores", "counts_before"), provides=("plan",),
               when=lambda c: c.options.plan is None),
         Stage("check plan", _check_plan, needs=("analysis",), provides=("plan",),
@@ -487,7 +490,7 @@ def stages() -> list[Stage]:
 def run(source, options: PruneOptions, progress=None) -> Context:
     """Run every stage on `source` (path or ModelProto); returns the context (ctx.pruned, ctx.report)."""
     start = time.perf_counter()
-    ctx = Context(options=options, source=source, progress=progress)
+    ctx = Context(options=options, source=source, progress=progress, scope=options.allocation_scope)
     if options.plan is None:
         from .passes.importance import get_criterion
         ctx.criterion = get_criterion(options.importance, seed=options.seed)
