@@ -198,7 +198,7 @@ def _loss_curves(ctx: Context) -> str:
     from .passes.loss_allocation import (CURVE_POINTS, PROBE_SAMPLES, allocation_scores, curves, measure_gains,
                                          unit_savings)
     o = ctx.options
-    found = curves(ctx.analysis, ctx.stats, o.max_ratio, progress=ctx.progress)
+    found = curves(ctx.analysis, ctx.stats, o.max_ratio, ctx.scores, progress=ctx.progress)
     # held-out calibration samples where there are some: the OBS refit was fit on the others, and a probe on its
     # own fitting data would reward a refit that only memorises them (a pooled head sees one row per sample)
     pool = ctx.heldout if ctx.heldout else ctx.feeds
@@ -209,7 +209,10 @@ def _loss_curves(ctx: Context) -> str:
     ctx.report.diagnostics += notes
     ctx.report.loss_curves = {g.name: [round(found[g.id].at(f), 6) for f in CURVE_POINTS]
                               for g in ctx.analysis.groups if found.get(g.id) is not None}
-    return f"{sum(c is not None for c in found.values())} of {len(found)} groups, per {metric} saved"
+    weighted = sum(c is not None and c.consumers > 0 for c in found.values())
+    by_score = sum(c is not None and c.consumers == 0 for c in found.values())
+    return (f"{weighted} OBS curves, {by_score} score curves, {len(found) - weighted - by_score} kept whole; "
+            f"per {metric} saved")
 
 
 def _allocate(ctx: Context) -> str:

@@ -145,11 +145,26 @@ def loss_curve(group, analysis, stats, limit: int) -> LossCurve | None:
     return LossCurve(np.array(order, dtype=np.int64), np.maximum.accumulate(np.array(marginal)), len(consumers))
 
 
-def curves(analysis, stats, max_ratio: float, progress=None) -> dict[int, LossCurve | None]:
+def score_curve(scores: np.ndarray, limit: int) -> LossCurve:
+    """A stand-in curve for a group no weight reads (attention's Q·Kᵀ head_dim: two activations contract it,
+    nothing can be refit): the criterion's order, each unit's share of the group's total score as its local
+    loss. Only its shape matters: the end-to-end probes put it on the output's scale like any other."""
+    s = np.maximum(np.asarray(scores, dtype=np.float64), 0.0)
+    order = np.argsort(s, kind="stable")[:limit]
+    share = s[order] / s.sum() if s.sum() > 0 else np.full(len(order), 1.0 / max(len(s), 1))
+    return LossCurve(order.astype(np.int64), np.maximum.accumulate(share), 0)
+
+
+def curves(analysis, stats, max_ratio: float, scores: dict | None = None, progress=None) -> dict[int, LossCurve | None]:
+    """Loss curves per group id; groups no weight with statistics reads get a `score_curve` from `scores` when
+    given, else None."""
     out = {}
     for i, g in enumerate(analysis.groups):
         n = len(g.units)
-        out[g.id] = loss_curve(g, analysis, stats, min(n - 1, int(np.floor(max_ratio * n)))) if n > 1 else None
+        limit = min(n - 1, int(np.floor(max_ratio * n)))
+        out[g.id] = loss_curve(g, analysis, stats, limit) if n > 1 else None
+        if out[g.id] is None and n > 1 and scores is not None and g.id in scores:
+            out[g.id] = score_curve(scores[g.id], limit)
         if progress and i % 20 == 0:
             progress(f"loss curves {i + 1}/{len(analysis.groups)} groups")
     return out
