@@ -164,13 +164,20 @@ def analyze(graph: Graph, exclude: list[str] | None = None, whole_heads: bool = 
 
 
 def _group(graph: Graph, c: Coupler) -> Analysis:
-    """Union-find over the rules' links; a unit is frozen with the highest reason id among its elements."""
+    """Union-find over the rules' links; a unit is frozen with the highest reason id among its elements, or with
+    its graph input/output reason where it has one."""
     a, b = c.edges()
     root = components(c.n, a, b)
     reason = c.element_reasons()
     root_reason = np.full(c.n, -1, dtype=np.int64)
     fr = reason >= 0
     np.maximum.at(root_reason, root[fr], reason[fr])
+    # a unit that reaches a graph input or output is frozen for that reason, whatever else froze it: name it
+    io_reason = c.element_io_reasons()
+    io = io_reason >= 0
+    root_io = np.full(c.n, -1, dtype=np.int64)
+    np.maximum.at(root_io, root[io], io_reason[io])
+    root_reason = np.where(root_io >= 0, root_io, root_reason)
 
     groups, frozen_groups = _build_groups(graph, c, root, root_reason)
     units = {u.root: u for g in groups + frozen_groups for u in g.units}

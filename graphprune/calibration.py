@@ -115,6 +115,10 @@ def collect(graph: Graph, wanted: dict[tuple[str, int], bool], feeds: dict, batc
     """Run the model on `feeds` in batches with the wanted tensors exposed; accumulate their statistics.
     `wanted` maps (tensor, axis) -> whether its Gram matrix is needed."""
     stats = Statistics(source=source)
+    # a tensor inside a Loop/Scan/If body has one value per iteration and cannot be a graph output: no
+    # statistics for it (criteria and compensation fall back to what they do without data there)
+    top = set(graph.input_names) | {o for node in graph.nodes for o in node.output}
+    wanted = {key: gram for key, gram in wanted.items() if key[0] in top}
     names = sorted({name for name, _ in wanted})
     if not names:
         return stats

@@ -632,11 +632,15 @@ class Graph:
 
     # ---- structure -------------------------------------------------------------------------------------
     def reindex(self) -> None:
+        """Producer and uses of every tensor. Nodes inside subgraphs (Loop/Scan/If bodies) are indexed too, after
+        the top level, so a top-level producer is never shadowed by a body that reuses its name (canonicalize makes
+        body names unique; before it, the top level wins). A control-flow node also uses every outer name its
+        bodies read, at input index -1."""
         self.producer: dict[str, onnx.NodeProto] = {}
         self.uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-        for node in self.nodes:
+        for depth, node in walk_nodes(self.nodes):
             for o in node.output:
-                if o:
+                if o and (depth == 0 or o not in self.producer):
                     self.producer[o] = node
             for i, name in enumerate(node.input):
                 if name:
@@ -646,6 +650,10 @@ class Graph:
         self.input_names = [v.name for v in self.inputs]
         self.output_names = [v.name for v in self.outputs]
         self._taken = None
+
+    def body_nodes(self) -> list[onnx.NodeProto]:
+        """The nodes inside subgraphs, at any depth (empty for a graph without control flow)."""
+        return [node for depth, node in walk_nodes(self.nodes) if depth]
 
     def is_const(self, name: str) -> bool:
         return name in self.initializers
@@ -660,7 +668,9 @@ class Graph:
     def fresh_name(self, base: str) -> str:
         if self._taken is None:
             self._taken = set(self.initializers) | set(self.producer) | set(self.input_names)
-            self._taken |= {n.name for n in self.nodes}
+            self._taken |= {n.name for _, n in walk_nodes(self.nodes)}
+            for body in (g for _, n in walk_nodes(self.nodes) for g in subgraphs(n)):
+                self._taken |= {v.name for v in body.input} | {t.name for t in body.initializer}
         name = base
         while name in self._taken:
             self._name_counter += 1
@@ -700,9 +710,13 @@ class Graph:
             inferred = onnx.shape_inference.infer_shapes(model)
         self.shapes = {}
         self.dtypes = {}
-        for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        top = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+        # then the tensors of subgraph bodies (what their nodes' rules read); a name the top level has wins
+        inner = [v for _, node in walk_nodes(inferred.graph.node) for body in subgraphs(node)
+                 for v in list(body.value_info) + list(body.input) + list(body.output)]
+        for k, v in enumerate(top + inner):
             tt = v.type.tensor_type
-            if not v.type.HasField("tensor_type"):
+            if not v.type.HasField("tensor_type") or (k >= len(top) and v.name in self.dtypes):
                 continue
             self.dtypes[v.name] = tt.elem_type
             if tt.HasField("shape"):
@@ -771,6 +785,16 @@ class Graph:
             else:
                 g.input.append(helper.make_tensor_value_info(
                     name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+        # onnx's inference of a body does not see the values of outer initializers: give each body a copy of the
+        # small integer constants it reads (Split sizes, Reshape targets; canonicalize hoisted them out)
+        for _, node in walk_nodes(g.node):
+            for body in subgraphs(node):
+                local = {o for n in body.node for o in n.output} | {v.name for v in body.input}
+                read = {i for n in body.node for i in n.input if i and i not in local}
+                for name in sorted(read):
+                    arr = self.initializers.get(name)
+                    if arr is not None and arr.dtype.kind in "iub" and arr.size <= 4096:
+                        body.initializer.append(numpy_helper.from_array(arr, name))
         return out
 
     # ---- export -----------------------------------------------------------------------------------------
@@ -838,6 +862,25 @@ def _dim(d):
     if d.HasField("dim_param") and not d.dim_param.startswith("unk__"):  # onnx's placeholder for "unknown"
         return d.dim_param
     return None
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds as attributes (Loop/Scan body, If branches), in attribute order."""
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def walk_nodes(nodes, depth: int = 0):
+    """(depth, node) for every node, each followed by the nodes of its subgraphs (depth + 1), recursively."""
+    for node in nodes:
+        yield depth, node
+        for body in subgraphs(node):
+            yield from walk_nodes(body.node, depth + 1)
 
 
 def subgraph_outer_names(node: onnx.NodeProto) -> set[str]:

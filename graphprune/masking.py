@@ -1,8 +1,9 @@
 """Consumer-side channel masks: the masked original that pruning is checked and measured against.
 
 Masking the producer is the wrong oracle (after a BatchNorm the zeros come back as constants), so every node
-that reads a masked tensor reads Where(mask, x, 0) instead; other readers of the producer, graph outputs and
-subgraph bodies see the tensor unchanged, and initializers are never masked here (weights are edited
+that reads a masked tensor reads Where(mask, x, 0) instead, inside subgraph bodies too (a Loop body's MatMul
+reads its carried state masked); other readers of the producer and graph outputs (a body's too) see the tensor
+unchanged, and initializers are never masked here (weights are edited
 directly). A mask is either a constant (verification: one fixed set of removed channels) or a bool graph
 input (sensitivity: one session, the removed channels change with the feeds); both build the same nodes.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from .ir import subgraphs
 
 # element types onnxruntime's CPU Where lacks -> a type it has that holds them exactly
 _WHERE_WIDER = {onnx.TensorProto.INT16: onnx.TensorProto.INT32, onnx.TensorProto.UINT16: onnx.TensorProto.INT32,
@@ -34,41 +37,56 @@ def insert_consumer_masks(model: onnx.ModelProto, masks: dict[str, list[np.ndarr
     inits = {t.name for t in g.initializer}
     pending = {name: list(ms) for name, ms in masks.items() if ms and name not in inits}
     fills = fills or {}
-    masked: dict[tuple[str, str], str] = {}
+    masked: dict[tuple[str, str, int], str] = {}
+    mask_of: dict[tuple[str, int], str] = {}  # (tensor, step) -> its mask: one per step, shared by every scope
     mask_names: dict[str, list[str]] = {}
-    new_nodes: list[onnx.NodeProto] = []
     counter = [0]
 
-    def masked_value(name: str, fill: str) -> str:
-        if (name, fill) in masked:
-            return masked[(name, fill)]
-        elem = elem_types.get(name) or onnx.TensorProto.FLOAT
-        current = name
-        steps = pending[name]
-        for j, mask in enumerate(steps):
+    def mask_name(name: str, j: int) -> str:
+        if (name, j) not in mask_of:
             counter[0] += 1
-            k = counter[0]
-            mname = f"{prefix}_{k}"
-            mask = np.asarray(mask, dtype=bool)
+            mname = f"{prefix}_{counter[0]}"
+            mask = np.asarray(pending[name][j], dtype=bool)
             if as_inputs:
                 g.input.append(helper.make_tensor_value_info(mname, onnx.TensorProto.BOOL, list(mask.shape)))
             else:
                 g.initializer.append(numpy_helper.from_array(mask, mname))
-            out = f"{name}__gp_masked" + (f"_{k}" if fill else "") if j == len(steps) - 1 \
-                else f"{name}__gp_masked_{k}_{j}"
-            new_nodes.extend(_mask_nodes(g, mname, current, out, elem, f"{prefix}_{k}", fill, opset))
+            mask_of[(name, j)] = mname
             mask_names.setdefault(name, []).append(mname)
+        return mask_of[(name, j)]
+
+    def masked_value(name: str, fill: str, scope: int, out_nodes: list) -> str:
+        # a subgraph body masks what its own nodes read, in its own scope (the tensor may be local to it);
+        # the masks live at the top level, which every body sees
+        if (name, fill, scope) in masked:
+            return masked[(name, fill, scope)]
+        elem = elem_types.get(name) or onnx.TensorProto.FLOAT
+        current = name
+        steps = pending[name]
+        for j in range(len(steps)):
+            mname = mask_name(name, j)
+            counter[0] += 1
+            k = counter[0]
+            out = f"{name}__gp_masked" + (f"_{k}" if fill or scope else "") if j == len(steps) - 1 \
+                else f"{name}__gp_masked_{k}_{j}"
+            out_nodes.extend(_mask_nodes(g, mname, current, out, elem, f"{prefix}_{k}", fill, opset))
             current = out
-        masked[(name, fill)] = current
+        masked[(name, fill, scope)] = current
         return current
 
-    for node in list(g.node):
-        for i, name in enumerate(node.input):
-            if name in pending:
-                node.input[i] = masked_value(name, fills.get((node.name, name), ""))
-        new_nodes.append(node)
-    del g.node[:]
-    g.node.extend(new_nodes)
+    def mask_scope(nodes, scope: int) -> None:
+        new_nodes: list[onnx.NodeProto] = []
+        for node in list(nodes):
+            for i, name in enumerate(node.input):
+                if name in pending:
+                    node.input[i] = masked_value(name, fills.get((node.name, name), ""), scope, new_nodes)
+            new_nodes.append(node)
+            for body in subgraphs(node):
+                mask_scope(body.node, id(body))
+        del nodes[:]
+        nodes.extend(new_nodes)
+
+    mask_scope(g.node, 0)
     return mask_names
 
 

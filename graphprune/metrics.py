@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import GraphpruneError
-from .ir import Graph, attr
+from .ir import Graph, attr, subgraphs
 
 
 def _prod(dims) -> int:
@@ -100,9 +100,38 @@ def _resolved(graph: Graph, shape):
     return resolved
 
 
+def _iterations(graph: Graph, node, shape) -> int:
+    """How often a Loop/Scan runs its body: a constant trip count, else the length of what it stacks (a scan
+    output's leading axis, a scan input's scan axis), with representative values for symbolic dims; 1 if none."""
+    if node.op_type == "Loop":
+        m = graph.const(node.input[0]) if node.input and node.input[0] else None
+        if m is not None:
+            return max(int(np.asarray(m).reshape(-1)[0]), 0)
+        carried = len(node.input) - 2
+        for y in node.output[carried:]:
+            s = shape(y) if y else None
+            if s and isinstance(s[0], int):
+                return s[0]
+        return 1
+    # Scan (opset 9+): the first scan input's scan axis
+    m = attr(node, "num_scan_inputs", 0)
+    if not m:
+        return 1
+    x = node.input[len(node.input) - m]
+    s = shape(x)
+    axes = attr(node, "scan_input_axes", [0] * m)
+    return s[axes[0] % len(s)] if s and isinstance(s[axes[0] % len(s)], int) else 1
+
+
 def node_macs(graph: Graph, node, shape=None) -> int:
     shape = _resolved(graph, shape or graph.shape)
     op = node.op_type
+    if op in ("Loop", "Scan", "If") and node.domain in ("", "ai.onnx"):
+        # the bodies' MatMuls are the layer: count them, once per iteration (If: the costlier branch)
+        per_body = [sum(node_macs(graph, n, shape) for n in body.node) for body in subgraphs(node)]
+        if op == "If":
+            return max(per_body, default=0)
+        return sum(per_body) * _iterations(graph, node, shape)
     out = shape(node.output[0]) if node.output else None
     if out is None:
         return 0

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
-from .ir import Graph, set_attr
+from .ir import Graph, set_attr, subgraphs, walk_nodes
 
 
 class Rewriter:
@@ -83,6 +84,12 @@ def apply_removal(graph: Graph, fixups, removed: dict[tuple[str, int], np.ndarra
             fn(rw, node)
     if rw.replacements:
         graph.nodes = [n for node in graph.nodes for n in rw.replacements.get(id(node), [node])]
+        for body in _bodies(graph.nodes):  # a fixup may replace a node inside a Loop/Scan/If body too
+            nodes = [n for node in body.node for n in rw.replacements.get(id(node), [node])]
+            del body.node[:]
+            body.node.extend(nodes)
+    for body in _bodies(graph.nodes):
+        _resize_body(rw, body)
     for name, arr in (weight_updates or {}).items():
         graph.set_initializer(name, arr)
     for name in list(graph.initializers):
@@ -99,3 +106,28 @@ def apply_removal(graph: Graph, fixups, removed: dict[tuple[str, int], np.ndarra
     graph.shape_hints = {name: rw.new_shape(name) for name in graph.shape_hints if name in rw._old_shapes}
     graph.infer_shapes()
     return rw
+
+
+def _bodies(nodes):
+    return [body for _, node in walk_nodes(nodes) for body in subgraphs(node)]
+
+
+def _resize_body(rw: Rewriter, body: onnx.GraphProto) -> None:
+    """A body declares its formal inputs' and outputs' shapes: write the new widths there, slice the initializers
+    it still holds itself, and drop its value_info (shape inference fills it again)."""
+    del body.value_info[:]
+    for v in list(body.input) + list(body.output):
+        if v.name not in rw.changed_tensors or not v.type.tensor_type.HasField("shape"):
+            continue
+        dims = v.type.tensor_type.shape.dim
+        for ax, d in enumerate(dims):
+            gone = rw.removed(v.name, ax)
+            if len(gone) and d.HasField("dim_value"):
+                d.dim_value -= len(gone)
+    for k, t in enumerate(body.initializer):
+        if t.name in rw.changed_tensors:
+            arr = numpy_helper.to_array(t)
+            for ax in range(arr.ndim):
+                if len(rw.removed(t.name, ax)):
+                    arr = np.delete(arr, rw.removed(t.name, ax), axis=ax)
+            body.initializer[k].CopyFrom(numpy_helper.from_array(arr, t.name))

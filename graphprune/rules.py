@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .errors import RuleError
-from .ir import Graph, attr, subgraph_outer_names
+from .ir import Graph, attr, subgraph_outer_names, subgraphs
 from .registry import Registry
 
 RULES = Registry("channel rule")
@@ -107,6 +107,7 @@ class Coupler:
         self._edges_b: list[np.ndarray] = []
         self._frozen: list[tuple[np.ndarray, int]] = []
         self.reasons: list[str] = ["not a channel axis"]
+        self._io_frozen: list[tuple[np.ndarray, int]] = []  # elements of graph inputs/outputs, with that reason
         self._reason_ids: dict[str, int] = {"not a channel axis": NOT_CHANNEL}
         self.fixups: list[tuple[onnx.NodeProto, Callable]] = []
         self.consumers: list[Consumer] = []
@@ -394,6 +395,16 @@ class Coupler:
                     self.freeze(name, ax, reason=f"axis {ax} of '{name}' is not mapped by the rule")
         self.node = None
 
+    def freeze_io(self, name: str, reason: str) -> None:
+        """Freeze a graph input or output: a reason that wins over any other in the unit (it alone already keeps
+        the channels, whatever else a rule found)."""
+        self.freeze(name, reason=reason)
+        rid = self._reason(f"graph: {reason}")
+        for ax in range(self.rank(name) or 0):
+            ids = self._ids(name, ax)
+            if ids is not None and len(ids):
+                self._io_frozen.append((ids, rid))
+
     def freeze_at(self, node: onnx.NodeProto, names, reason: str) -> None:
         """Freeze every axis of `names`, with a reason that names `node` (outside any rule)."""
         self.node = node
@@ -408,6 +419,13 @@ class Coupler:
         b = np.concatenate(self._edges_b) if self._edges_b else np.zeros(0, np.int64)
         return a, b
 
+    def element_io_reasons(self) -> np.ndarray:
+        """Per element: the id of its graph input/output reason, -1 where it is not one's."""
+        reason = np.full(self.n, -1, dtype=np.int64)
+        for ids, rid in self._io_frozen:
+            reason[ids] = rid
+        return reason
+
     def element_reasons(self) -> np.ndarray:
         """Per element: the id of the reason it is frozen for (an index into `reasons`), -1 where it is free.
         A real reason wins over NOT_CHANNEL: not-channel marks are recorded first, so later ones overwrite them."""
@@ -419,22 +437,39 @@ class Coupler:
 
 def couple(graph: Graph, exclude: list[str] | None = None, choices: dict | None = None,
            whole_heads: bool = False) -> Coupler:
-    """Run every node's rule over `graph`. Graph inputs and outputs, tensors read inside subgraphs, and every
-    tensor of a node whose name matches an `exclude` glob are frozen too."""
+    """Run every node's rule over `graph`, inside Loop/Scan/If bodies too (their rules tie the bodies' formal
+    inputs and outputs to the node's). Graph inputs and outputs, tensors read inside subgraphs no rule follows,
+    and every tensor of a node whose name matches an `exclude` glob are frozen too."""
     from . import ops  # noqa: F401  (registers the rules)
+    from .ops.control import CONTROL_FLOW
 
     c = Coupler(graph, choices, whole_heads)
     for name in graph.input_names:
-        c.freeze(name, reason=f"graph input '{name}'")
-    for node in graph.nodes:
-        c.run_rule(node)
-        if any(fnmatch.fnmatch(node.name, pat) for pat in exclude or []):
-            c.freeze_at(node, list(node.input) + list(node.output),
-                        reason=f"excluded by pattern matching node '{node.name}'")
+        c.freeze_io(name, reason=f"graph input '{name}'")
+
+    def run_scope(nodes):
+        for node in nodes:
+            failures = len(c.rule_failures)
+            c.run_rule(node)
+            if any(fnmatch.fnmatch(node.name, pat) for pat in exclude or []):
+                # an excluded Loop/Scan/If keeps what its bodies read whole too (the weights of the layer)
+                c.freeze_at(node, list(node.input) + list(node.output) + sorted(subgraph_outer_names(node)),
+                            reason=f"excluded by pattern matching node '{node.name}'")
+            bodies = subgraphs(node)
+            if not bodies:
+                continue
+            followed = node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx") \
+                and RULES.lookup(node.op_type, node.domain, graph.opset(node.domain)) is not None \
+                and len(c.rule_failures) == failures
+            if followed:
+                for body in bodies:
+                    run_scope(body.node)
+            else:  # the body's formal inputs and outputs are tied to nothing: what it reads stays whole
+                c.freeze_at(node, subgraph_outer_names(node),
+                            reason=f"read inside a subgraph of {node.op_type} node '{node.name}', which no "
+                                   f"channel rule follows")
+
+    run_scope(graph.nodes)
     for name in graph.output_names:
-        c.freeze(name, reason=f"reaches graph output '{name}'")
-    for node in graph.nodes:
-        outer = subgraph_outer_names(node)
-        if outer:
-            c.freeze_at(node, outer, reason="read inside a subgraph")
+        c.freeze_io(name, reason=f"reaches graph output '{name}'")
     return c

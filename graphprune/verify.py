@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 from .errors import GraphpruneError, VerificationError
 from .feeds import static_batch
-from .ir import Graph
+from .ir import Graph, walk_nodes
 from .masking import insert_consumer_masks
 from .runtime import OnnxRuntimeError, compare_arrays, expose, run, session, tolerance
 
@@ -24,7 +24,7 @@ def masked_reference(graph: Graph, removed: dict[tuple[str, int], np.ndarray], o
     for (name, axis), idx in removed.items():
         if len(idx):
             by_tensor.setdefault(name, {})[axis] = idx
-    read = {i for node in g.node for i in node.input}
+    read = {i for _, node in walk_nodes(g.node) for i in node.input}  # subgraph bodies read too
     masks = {}
     for name, axes in by_tensor.items():
         if name in inits or name not in read:

@@ -3,7 +3,7 @@
 Each framework is heavy and lives in its own throw-away virtual environment, so this script has three steps:
 
     python -m venv /tmp/exp-tf && /tmp/exp-tf/bin/pip install tensorflow-cpu tf2onnx tf-keras onnx
-    /tmp/exp-tf/bin/python models/build_exporters.py keras /tmp/raw       # Keras apps, LSTM, transformer block
+    /tmp/exp-tf/bin/python models/build_exporters.py keras /tmp/raw       # Keras apps, LSTMs, transformer, If
     python -m venv /tmp/exp-pd && /tmp/exp-pd/bin/pip install paddlepaddle paddle2onnx onnx packaging
     /tmp/exp-pd/bin/python models/build_exporters.py paddle /tmp/raw      # CRNN/SVTR-style recognizers, SE net
     python models/build_exporters.py ingest /tmp/raw                       # (project venv) strip, add to corpus
@@ -56,7 +56,13 @@ def keras(out: Path) -> None:
         _save(out, name, onnx_model, "keras", "tf2onnx", f"tf.keras.applications {name[6:]} weights=None, "
               "64x64 NHWC", [{"name": "input", "shape": ["batch", 64, 64, 3], "dtype": "float32", "low": -1.0,
                               "high": 1.0, "example_shape": [1, 64, 64, 3]}])
+    for name, build in (("keras_lstm_classifier", _keras_lstm), ("keras_transformer_block", _keras_transformer),
+                        ("keras_loop_lstm", _keras_loop_lstm), ("keras_cond_mlp", _keras_cond_mlp)):
+        if not only or name == only:
+            build(out, k, tf, tf2onnx)
 
+
+def _keras_lstm(out, k, tf, tf2onnx):
     # an LSTM text classifier (tf2onnx writes the recurrence as an LSTM node or a Loop, depending on the cell)
     inp = k.Input((None,), dtype="int32", name="tokens")
     h = k.layers.Embedding(1000, 64)(inp)
@@ -70,6 +76,8 @@ def keras(out: Path) -> None:
           [{"name": "tokens", "shape": ["batch", "sequence"], "dtype": "int32", "low": 0, "high": 999,
             "example_shape": [2, 12]}])
 
+
+def _keras_transformer(out, k, tf, tf2onnx):
     # a transformer encoder block: MultiHeadAttention, LayerNormalization, GELU MLP, residuals
     x_in = k.Input((None, 64), name="x")
     a = k.layers.MultiHeadAttention(num_heads=4, key_dim=16)(x_in, x_in)
@@ -85,6 +93,72 @@ def keras(out: Path) -> None:
           "MultiHeadAttention(4x16) + LayerNorm + GELU MLP, residuals",
           [{"name": "x", "shape": ["batch", "sequence", 64], "dtype": "float32", "low": -1.0, "high": 1.0,
             "example_shape": [2, 10, 64]}])
+
+
+def _keras_loop_lstm(out, k, tf, tf2onnx):
+    """Two LSTM layers with a custom cell (softsign instead of tanh on the cell state): no native ONNX op
+    matches it, so tf2onnx writes each as a Loop whose body does the gate MatMuls, carrying h, c and the
+    weights."""
+    class SoftsignLSTMCell(k.layers.Layer):
+        def __init__(self, units, **kw):
+            super().__init__(**kw)
+            self.units = units
+            self.state_size = [units, units]
+            self.output_size = units
+
+        def build(self, input_shape):
+            self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], 4 * self.units))
+            self.recurrent_kernel = self.add_weight(name="recurrent_kernel", shape=(self.units, 4 * self.units))
+            self.bias = self.add_weight(name="bias", shape=(4 * self.units,), initializer="zeros")
+
+        def call(self, x, states):
+            h, c = states
+            z = tf.matmul(x, self.kernel) + tf.matmul(h, self.recurrent_kernel) + self.bias
+            i, f, g, o = tf.split(z, 4, axis=-1)
+            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+            h = tf.sigmoid(o) * tf.nn.softsign(c)
+            return h, [h, c]
+
+    inp = k.Input((None,), dtype="int32", name="tokens")
+    h = k.layers.Embedding(1000, 32)(inp)
+    h = k.layers.RNN(SoftsignLSTMCell(48), return_sequences=True)(h)
+    h = k.layers.RNN(SoftsignLSTMCell(24))(h)
+    h = k.layers.Dense(16, activation="relu")(h)
+    model = k.Model(inp, k.layers.Dense(5)(h))
+    spec = (tf.TensorSpec((None, None), tf.int32, name="tokens"),)
+    onnx_model, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    _save(out, "keras_loop_lstm", onnx_model, "keras", "tf2onnx",
+          "Embedding + 2 custom-cell LSTM (tf2onnx: Loop bodies) + 2 Dense",
+          [{"name": "tokens", "shape": ["batch", "sequence"], "dtype": "int32", "low": 0, "high": 999,
+            "example_shape": [2, 12]}])
+
+
+def _keras_cond_mlp(out, k, tf, tf2onnx):
+    """An MLP whose middle layer is chosen at run time by tf.cond on the input's mean: tf2onnx writes an If
+    whose branches read their Dense weights from the outer scope."""
+    class CondDense(k.layers.Layer):
+        def build(self, input_shape):
+            d = input_shape[0][-1]
+            self.wa = self.add_weight(name="wa", shape=(d, 64))
+            self.ba = self.add_weight(name="ba", shape=(64,), initializer="zeros")
+            self.wb = self.add_weight(name="wb", shape=(d, 64))
+
+        def call(self, inputs):
+            x, flag = inputs
+            return tf.cond(flag, lambda: tf.nn.relu(tf.matmul(x, self.wa) + self.ba),
+                           lambda: tf.sigmoid(tf.matmul(x, self.wb)))
+
+    inp = k.Input((32,), name="x")
+    flag = k.layers.Lambda(lambda t: tf.reduce_mean(t) > 0.0)(inp)
+    h = k.layers.Dense(48, activation="relu")(inp)
+    h = CondDense()([h, flag])
+    model = k.Model(inp, k.layers.Dense(10)(h))
+    spec = (tf.TensorSpec((None, 32), tf.float32, name="x"),)
+    onnx_model, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    _save(out, "keras_cond_mlp", onnx_model, "keras", "tf2onnx",
+          "Dense + tf.cond(mean(x) > 0, two Dense branches) + Dense",
+          [{"name": "x", "shape": ["batch", 32], "dtype": "float32", "low": -1.0, "high": 1.0,
+            "example_shape": [2, 32]}])
 
 
 def _save(out, name, onnx_model, family, exporter, source, inputs):

@@ -9,7 +9,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphprune.errors import ModelLoadError
-from graphprune.ir import FLOAT_TYPES, Graph, attr, dependency_order, subgraph_outer_names
+from graphprune.ir import FLOAT_TYPES, Graph, attr, dependency_order, subgraph_outer_names, subgraphs, walk_nodes
 
 NON_FOLDABLE = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform",
                 "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
@@ -22,7 +22,8 @@ UNTIE_LIMIT = 4096
 
 
 def canonicalize(graph: Graph) -> dict:
-    stats = {"constants": _constants_to_initializers(graph)}
+    stats = {"hoisted": flatten_subgraph_scopes(graph)}
+    stats["constants"] = _constants_to_initializers(graph)
     stats["removed"] = _drop_passthrough(graph)
     _explicit_default_axes(graph)
     _toposort(graph)
@@ -61,7 +62,9 @@ def untie_small_shared(graph: Graph, limit: int = UNTIE_LIMIT) -> int:
     for name, arr in list(graph.initializers.items()):
         if arr.dtype.kind != "f" or arr.size > limit or arr.size < 2:
             continue
-        uses = [u for u in graph.uses.get(name, []) if u[1] >= 0]
+        # a Loop/Scan/If input is not a reader of its own: its body reads the value (a loop-invariant weight the
+        # Loop carries is the weight its body's MatMul reads, and must stay that one tensor)
+        uses = [u for u in graph.uses.get(name, []) if u[1] >= 0 and not subgraphs(u[0])]
         if len({id(node) for node, _ in uses}) < 2 or name in graph.output_names:
             continue
         for node, i in uses[1:]:
@@ -297,6 +300,106 @@ def _constant_value(node) -> np.ndarray:
     raise NotImplementedError(f"Constant with attribute {a.name}")
 
 
+# ---- subgraph bodies ---------------------------------------------------------------------------------------------
+def flatten_subgraph_scopes(graph: Graph) -> int:
+    """Make Loop/Scan/If bodies readable by the same rules as the main graph: every name a body defines gets a
+    name no other scope uses (a body may shadow an outer name), body initializers and Constants move to the top
+    level (every body sees it; the rewrite then slices them like any weight), a Loop's loop-invariant carried
+    values (the body passes them through unchanged: tf2onnx carries the weights) are read from the outer value
+    directly, so a body MatMul sees a constant weight, and stale body value_info is dropped (it is re-inferred).
+    Returns the number of constants hoisted."""
+    if not graph.body_nodes():
+        return 0
+    taken = set(graph.input_names) | set(graph.initializers) | set(graph.output_names)
+    taken |= {o for node in graph.nodes for o in node.output}
+    hoisted = 0
+    for node in graph.nodes:
+        for body in _control_flow_bodies(node):
+            hoisted += _flatten_body(graph, body, {}, taken)
+        _read_invariants_from_outside(node)
+    graph.reindex()
+    return hoisted
+
+
+def _control_flow_bodies(node) -> list:
+    """The bodies of an ONNX Loop/Scan/If (the ones channel rules follow); other ops' subgraphs (onnxruntime's
+    BeamSearch decoder, ...) may bind names their own way and stay as they are."""
+    if node.op_type in ("Loop", "Scan", "If") and node.domain in ("", "ai.onnx"):
+        return subgraphs(node)
+    return []
+
+
+def _fresh(base: str, taken: set) -> str:
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}__s{k}"
+    taken.add(name)
+    return name
+
+
+def _flatten_body(graph: Graph, body: onnx.GraphProto, outer_rename: dict, taken: set) -> int:
+    """Rename `body`'s local names apart from every other scope (outer_rename: the names the enclosing scopes
+    renamed, which this body may read), hoist its constants, recurse into nested bodies."""
+    rename = dict(outer_rename)
+    local = [v.name for v in body.input] + [t.name for t in body.initializer] + \
+        [o for n in body.node for o in n.output if o]
+    for name in local:
+        # a local name shadows any outer one: inside this body it is always the local tensor
+        rename[name] = _fresh(name, taken) if name in taken else name
+        taken.add(rename[name])
+    for v in list(body.input) + list(body.output):
+        v.name = rename.get(v.name, v.name)
+    for t in body.initializer:
+        t.name = rename[t.name]
+    for n in body.node:
+        for i, name in enumerate(n.input):
+            n.input[i] = rename.get(name, name)
+        for i, name in enumerate(n.output):
+            n.output[i] = rename.get(name, name)
+    del body.value_info[:]
+    n_hoisted = 0
+    outputs = {o.name for o in body.output}
+    for t in list(body.initializer):
+        if t.name not in outputs:
+            graph.set_initializer(t.name, numpy_helper.to_array(t))
+            body.initializer.remove(t)
+            n_hoisted += 1
+    kept = []
+    for n in body.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output[0] not in outputs:
+            graph.set_initializer(n.output[0], _constant_value(n))
+            n_hoisted += 1
+        else:
+            kept.append(n)
+    del body.node[:]
+    body.node.extend(kept)
+    for n in body.node:
+        for nested in _control_flow_bodies(n):  # a nested body reads this scope's names under their new names
+            n_hoisted += _flatten_body(graph, nested, {k: v for k, v in rename.items() if k != v}, taken)
+        _read_invariants_from_outside(n)
+    return n_hoisted
+
+
+def _read_invariants_from_outside(node: onnx.NodeProto) -> None:
+    """A Loop carried value the body returns unchanged equals its initial value in every iteration: the body's
+    nodes read the outer initial value instead (the carried slot stays, so the Loop's outputs do not change)."""
+    if node.op_type != "Loop" or node.domain not in ("", "ai.onnx"):
+        return
+    body = subgraphs(node)[0]
+    ins, outs = [v.name for v in body.input], [v.name for v in body.output]
+    swap = {}
+    for k in range(2, min(len(ins), len(node.input), len(outs) + 1)):
+        if outs[k - 1] == ins[k] and node.input[k]:
+            swap[ins[k]] = node.input[k]
+    if not swap:
+        return
+    for n in body.node:
+        for i, name in enumerate(n.input):
+            n.input[i] = swap.get(name, name)
+        _rename_in_subgraphs(n, swap)
+
+
 def _explicit_default_axes(graph: Graph) -> None:
     """MeanVarianceNormalization without `axes`: write the default [0, 2, 3] out. onnx 1.23's function-body
     inference fails without it, and the strict check after pruning then refuses the model."""
@@ -372,7 +475,7 @@ def _cycle_message(nodes, deps) -> str:
 
 def _name_nodes(graph: Graph) -> None:
     seen = set()
-    for k, node in enumerate(graph.nodes):
+    for k, (_, node) in enumerate(walk_nodes(graph.nodes)):  # body nodes too: diagnostics name them
         if not node.name or node.name in seen:
             base = node.name or f"{node.op_type}_{k}"
             name = base
@@ -402,6 +505,32 @@ def fold_constants(graph: Graph) -> int:
         else:
             kept.append(node)
     graph.nodes = kept
+    return folded + _fold_in_bodies(graph, graph.nodes)
+
+
+def _fold_in_bodies(graph: Graph, nodes) -> int:
+    """Fold inside Loop/Scan/If bodies too (a body Reshape whose target is computed from Shape of a body
+    tensor). Bodies were renamed apart, so a folded value becomes a top-level initializer the body reads; a
+    body's own outputs stay nodes (the Loop binds them by position)."""
+    folded = 0
+    for node in nodes:
+        for body in _control_flow_bodies(node):
+            outputs = {o.name for o in body.output}
+            kept = []
+            for n in body.node:
+                value = None
+                if n.domain in ("", "ai.onnx") and n.op_type not in NON_FOLDABLE and not subgraphs(n) \
+                        and len(n.output) == 1 and n.output[0] not in outputs:
+                    value = _try_fold(graph, n)
+                if value is not None:
+                    graph.set_initializer(n.output[0], value)
+                    folded += 1
+                else:
+                    kept.append(n)
+            if len(kept) < len(body.node):
+                del body.node[:]
+                body.node.extend(kept)
+            folded += _fold_in_bodies(graph, body.node)
     return folded
 
 
@@ -422,8 +551,8 @@ def _try_fold(graph: Graph, node):
         if shape is not None and all(isinstance(d, int) for d in shape):
             return np.array(int(np.prod(shape)), dtype=np.int64)
         return None
-    if op in ("Gather", "Slice") and node.input[0] in graph.producer and \
-            graph.producer[node.input[0]].op_type == "Shape" and all(graph.is_const(i) for i in node.input[1:] if i):
+    if op in ("Gather", "Slice") and _shape_source(graph, node.input[0])[0] is not None \
+            and all(graph.is_const(i) for i in node.input[1:] if i):
         return _fold_partial_shape(graph, node)
     inputs = [i for i in node.input if i]
     if not inputs or not all(graph.is_const(i) for i in inputs):
@@ -476,8 +605,24 @@ def _fold_output_too_big(graph: Graph, node, arrays) -> bool:
     return not n <= FOLD_LIMIT
 
 
+def _shape_source(graph: Graph, name: str, depth: int = 0):
+    """(the Shape node, element type) where `name` is Shape(t), possibly cast (tf2onnx reads shapes as int32:
+    Shape -> Cast -> Slice), else (None, None)."""
+    node = graph.producer.get(name)
+    if node is None or depth > 4:
+        return None, None
+    if node.op_type == "Shape":
+        return node, np.int64
+    if node.op_type == "Cast" and attr(node, "to") in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
+        src, _ = _shape_source(graph, node.input[0], depth + 1)
+        return src, (np.int32 if attr(node, "to") == onnx.TensorProto.INT32 else np.int64)
+    return None, None
+
+
 def _fold_partial_shape(graph: Graph, node):
-    shape_node = graph.producer[node.input[0]]
+    """Gather/Slice of a (cast) Shape that picks static dims only: their values, in the shape's element type
+    (a channel count read this way becomes a literal that rules rewrite; Div/Mul/Range on it then fold too)."""
+    shape_node, dtype = _shape_source(graph, node.input[0])
     shape = graph.shape(shape_node.input[0])
     if shape is None:
         return None
@@ -488,13 +633,13 @@ def _fold_partial_shape(graph: Graph, node):
         idx = graph.const(node.input[1])
         picked = [full[int(i) % n] for i in idx.reshape(-1)]
         if all(isinstance(d, int) for d in picked):
-            return np.array(picked, dtype=np.int64).reshape(idx.shape)
+            return np.array(picked, dtype=dtype).reshape(idx.shape)
         return None
     starts, ends = graph.const(node.input[1]), graph.const(node.input[2])
     steps = graph.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.array([1])
     picked = full[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
     if all(isinstance(d, int) for d in picked):
-        return np.array(picked, dtype=np.int64)
+        return np.array(picked, dtype=dtype)
     return None
 
 

@@ -199,3 +199,19 @@ def test_docs_summary_keeps_whole_sentences():
         Details the table leaves out."""
     assert summary(rule_fn.__doc__) == "First sentence runs over two lines \\| with a pipe."
     assert summary(None) == "-"
+
+
+def test_a_unit_frozen_by_a_graph_input_names_the_input_not_the_rule_that_also_froze_it():
+    """x (a graph input) is averaged over all its elements, dynamic batch included (as in tf.cond(mean(x) > 0)),
+    and also feeds a MatMul: both freeze x's channels, and the report names the input (no pruning could free
+    them), not the ReduceMean that ran last."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0, name="mean"),  # over every axis
+             helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Mul", ["h", "m"], ["hm"], name="scale"),
+             helper.make_node("MatMul", ["hm", "w2"], ["y"], name="fc2")]
+    model = make_model(nodes, [("x", ["B", 6])], [("y", ["B", 3])], {"w1": rand(6, 8), "w2": rand(8, 3)}, opset=13)
+    analysis = graphprune.analyze_model(model)
+    by_name = {g.name: g.reason for g in analysis.frozen_groups}
+    x_group = next(g for g in analysis.frozen_groups if ("x", 1) in g.members)
+    assert x_group.reason == "graph: graph input 'x'", by_name
+    assert [g.channels for g in analysis.groups] == [8]

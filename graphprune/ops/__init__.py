@@ -2,4 +2,4 @@
 
 Importing this package registers every rule. Each module groups ops of one family.
 """
-from . import conv, einsum, elementwise, fused, indexing, layout, norm, quant, reduce, resize, rnn, shape  # noqa: F401
+from . import control, conv, einsum, elementwise, fused, indexing, layout, norm, quant, reduce, resize, rnn, shape  # noqa: F401

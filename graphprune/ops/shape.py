@@ -89,10 +89,23 @@ def constant_of_shape(node, c):
     c.fixup(fix)
 
 
-@rule("Range", "RandomNormalLike", "RandomUniformLike", "EyeLike", "NonZero")
+@rule("Range")
+def range_(node, c):
+    """The output is a new tensor of values start, start + delta, ... < limit: frozen. A start/limit/delta read
+    from a dim (Shape(t)[k] where canonicalize could not fold it: static reads fold to literals) keeps that dim
+    whole: removing an element would change the values made."""
+    for k, name in enumerate(node.input):
+        c.not_channel(name)
+        for entry in shape_entries(c, name) or []:
+            freeze_dim(c, entry, reason=f"its size is the {('start', 'limit', 'delta')[k]} of Range node "
+                                        f"'{node.name}': the values it makes would change")
+    c.freeze(node.output[0], reason="tensor created by Range")
+
+
+@rule("RandomNormalLike", "RandomUniformLike", "EyeLike", "NonZero")
 def new_tensor(node, c):
     """The output is a new tensor whose size comes from values: frozen."""
     for name in node.input:
-        c.not_channel(name) if node.op_type == "Range" else c.freeze(name, reason="shape read")
+        c.freeze(name, reason="shape read")
     for name in node.output:
         c.freeze(name, reason=f"tensor created by {node.op_type}")
