@@ -215,7 +215,7 @@ def allocation_scores(analysis, loss_curves: dict, savings: dict, gains: dict | 
 
 
 PROBE_LEVELS = (0.2, 0.5, 0.85)   # fractions of each group's order probed end to end
-PROBE_SAMPLES = 16                 # samples per probe: ranks groups, not a fidelity measurement
+PROBE_SAMPLES = 8                  # samples per probe: ranks groups, not a fidelity measurement
 
 
 def measure_gains(analysis, stats, loss_curves: dict, feeds: dict, levels=PROBE_LEVELS,
