@@ -94,7 +94,8 @@ def _compute_type(rw, node, x: str, stash_type: int) -> int:
 def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: int, rms: bool,
                          inv_std_output: int | None, scale_index: int = 1, bias_index: int | None = 2,
                          mean_output: int | None = 1, skip_index: int | None = None,
-                         skip_bias_index: int | None = None, sum_output: int | None = None) -> None:
+                         skip_bias_index: int | None = None, sum_output: int | None = None,
+                         split: bool = False) -> None:
     """LayerNormalization (rms=False) or RMS normalisation (rms=True) over the last axis, with that axis pruned:
     standard ops whose statistics run over the original width (see the module docstring).
 
@@ -103,10 +104,14 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
     b_j and R2 = sum_j b_j^2 over the removed channels j (both 0 without a bias):
         mean = (sum_kept s + R1) / C
         var  = (sum_kept (s - mean)^2 + sum_j (b_j - mean)^2) / C,  sum_j (b_j - mean)^2 = R2 - 2 mean R1 + n mean^2
-        ms   = (sum_kept s^2 + R2) / C                                                              (RMS)"""
+        ms   = (sum_kept s^2 + R2) / C                                                              (RMS)
+
+    split: the output's width was pruned apart from the input's. The statistics still run over the input's
+    original width; output channel j is then normalised x_j where x_j was kept, and (0 - mean) * inv_std (0 for
+    RMS) where the masked original read x_j as 0: a Gather over [normalised kept x, that column] picks them."""
     x = node.input[0]
     removed_idx = rw.removed(x, -1)
-    if not len(removed_idx):
+    if not len(removed_idx) and not (split and len(rw.removed(node.output[0], -1))):
         return
     n_removed = len(removed_idx)
     width = rw.old_shape(x)[-1]
@@ -162,7 +167,10 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
         variance = e.op("Div", [e.op("Add", [kept_sq, removed_sq]), c_orig])
     inv_std = e.op("Reciprocal", [e.op("Sqrt", [e.op("Add", [variance, e.const(epsilon, "epsilon")])])],
                    out(inv_std_output))
-    y = e.op("Mul", [e.op("Mul", [centred, inv_std]), scale])
+    normed = e.op("Mul", [centred, inv_std])
+    if split:
+        normed = _gather_output_channels(rw, e, normed, None if rms else mean, inv_std, x, node.output[0])
+    y = e.op("Mul", [normed, scale])
     if bias:
         y = e.op("Add", [y, bias])
     if widen:
@@ -170,3 +178,19 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
     else:  # rename the last node's output to the original Y
         e.nodes[-1].output[0] = outputs[0]
     rw.replace_node(node, e.nodes)
+
+
+def _gather_output_channels(rw, e: Emitter, normed: str, mean: str | None, inv_std: str, x: str, y: str) -> str:
+    """`normed` holds the kept input channels; return the kept output channels. An output channel whose input
+    channel was removed reads 0 in the masked original: its normalised value is (0 - mean) * inv_std, one column
+    appended before the Gather (for RMS it is 0)."""
+    kept_x, kept_y = rw.kept(x, -1), rw.kept(y, -1)
+    if np.array_equal(kept_x, kept_y):
+        return normed
+    position = {int(j): k for k, j in enumerate(kept_x)}
+    index = np.asarray([position.get(int(j), len(kept_x)) for j in kept_y], dtype=np.int64)
+    if (index == len(kept_x)).any():
+        fill = (e.op("Mul", [e.op("Neg", [mean]), inv_std]) if mean is not None
+                else e.op("Mul", [inv_std, e.const(0, "zero")]))
+        normed = e.op("Concat", [normed, fill], axis=-1)
+    return e.op("Gather", [normed, rw.add_const(f"{e.base}/kept_outputs", index)], axis=-1)

@@ -139,8 +139,23 @@ def _norm_params(node, c, x, y, r, params):
 
 def _last_axis_norm(node, c, x, y, r):
     layout = _LAST_AXIS_NORMS[node.op_type]
-    c.same(x, y)
     skip = layout.get("skip_index")
+    # The output's width couples with the input's ("same") unless that ends wholly frozen (a residual stream from a
+    # graph input or to a graph output): then, retried, the output prunes apart ("split"); the rewrite computes the
+    # statistics over the input's original width and gathers the kept output channels (ops/layernorm.py). Skip
+    # norms stay coupled: their sum output is the input's width.
+    split = skip is None and c.choose(("norm width",), ["same", "split"]) == "split"
+    if split:
+        for ax in range(r - 1):
+            c.link(x, ax, y, ax)
+        c.touch(x, r - 1)
+        c.touch(y, r - 1)
+    else:
+        c.same(x, y)
+    if skip is None:
+        width = c.virtual(c.shape(x)[-1], "norm width")
+        c.link(y, r - 1, width, 0)
+        c.bind_choice(width)
     if skip is not None:
         skip_name = node.input[skip]
         sr = c.rank(skip_name)
@@ -163,7 +178,7 @@ def _last_axis_norm(node, c, x, y, r):
     stash_type = int(c.attr("stash_type", 1))
 
     def fix(rw, node):
-        decompose_layer_norm(rw, node, epsilon, stash_type, **layout)
+        decompose_layer_norm(rw, node, epsilon, stash_type, split=split, **layout)
     c.fixup(fix)
 
 
