@@ -67,7 +67,8 @@ def _is_shape_of(graph: Graph, name: str, x: str) -> bool:
     """`name` is Shape(x) (whole, possibly cast to an integer type) or a constant equal to x's static shape."""
     value, shape = graph.const(name), graph.shape(x)
     if value is not None:
-        return shape is not None and all(isinstance(d, int) for d in shape) and value.reshape(-1).tolist() == list(shape)
+        static = shape is not None and all(isinstance(d, int) for d in shape)
+        return static and value.reshape(-1).tolist() == list(shape)
     node = graph.producer.get(name)
     for _ in range(4):
         if node is None:
@@ -153,17 +154,25 @@ def fuse_lowered_layer_norms(graph: Graph) -> int:
 
 
 def _drop_dead(graph: Graph, seeds: set) -> None:
-    """Remove the producers of `seeds` that nothing reads any more (the fused lowering's statistics and shape
-    reads), walking up through what they read. Only nodes the fusion orphaned go; nodes with subgraphs stay."""
+    """Remove the nodes the fusion orphaned: producers of `seeds` that nothing reads any more, walking up through
+    what they read, and readers of those tensors whose outputs nothing reads (a Shape whose Gather canonicalize
+    folded already). Nodes with subgraphs stay."""
     outputs = set(graph.output_names)
+    alive = {id(n) for n in graph.nodes}
     dead: set = set()
-    todo = list(seeds)
+
+    def unused(node) -> bool:
+        return not any(o and (o in outputs or any(id(u) not in dead for u, _ in graph.uses.get(o, [])))
+                       for o in node.output)
+
+    todo = [graph.producer.get(t) for t in seeds] + [u for t in seeds for u, _ in graph.uses.get(t, [])]
     while todo:
-        node = graph.producer.get(todo.pop())
-        if node is None or id(node) in dead or subgraphs(node) or node not in graph.nodes:
-            continue
-        if any(o and (o in outputs or any(id(u) not in dead for u, _ in graph.uses.get(o, []))) for o in node.output):
+        node = todo.pop()
+        if node is None or id(node) in dead or id(node) not in alive or subgraphs(node) or not unused(node):
             continue
         dead.add(id(node))
-        todo.extend(i for i in node.input if i)
+        for t in node.input:
+            if t:
+                todo.append(graph.producer.get(t))
+                todo.extend(u for u, _ in graph.uses.get(t, []))
     graph.nodes = [n for n in graph.nodes if id(n) not in dead]

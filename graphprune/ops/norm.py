@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..rules import rule
+from ..passes.lowered_norms import LOWERED, match_tf2onnx_layer_norm
 from .layernorm import FLOATS, decompose_layer_norm
 
 
@@ -21,6 +22,15 @@ def batch_norm(node, c):
     for i, p in enumerate(node.input[1:5]):
         c.role(p, ("norm_scale", "norm_bias", "stat", "stat")[i])
         c.producer(y, 1, p, 0) if c.const(p) is not None else c.link(p, 0, y, 1)
+    # canonicalize fused every exact tf2onnx LayerNorm lowering; one still here differs: say so on its width
+    near_miss = match_tf2onnx_layer_norm(c.graph, node)
+    if isinstance(near_miss, str):
+        reason = f"{LOWERED}: statistics over the whole width ({near_miss})"
+        c.freeze_named(c.graph.producer[x].input[0], -1, reason)
+        c.freeze_named(x, 2, reason)
+        for user, _ in c.graph.uses.get(y, []):
+            if user.op_type == "Reshape":
+                c.freeze_named(user.output[0], -1, reason)
 
 
 @rule("InstanceNormalization")
