@@ -386,6 +386,37 @@ def test_skip_layer_norm_with_constant_skip_stays_frozen():
     assert any("constant skip input" in r for r in frozen_reasons(model))
 
 
+@pytest.mark.parametrize("op", ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"])
+def test_skip_layer_norm_between_frozen_streams(op):
+    """onnxruntime-fused post-norm block from a graph input to a graph output: the middle stream prunes apart from
+    both. Norm 2 loses input channels that its output (a graph output) keeps: in the masked original those hold
+    the constant skip bias b_j, so the rewrite fills them with (b_j - mean) * inv_std (b_j * inv_std for RMS)."""
+    simplified = op.startswith("SkipSimplified")
+    net = Net(17)
+
+    def skip_norm(a, b, name):
+        ins = [a, b, net.w(12, name=f"{name}.gamma", positive=True)]
+        if not simplified:
+            ins.append(net.w(12, name=f"{name}.beta", scale=0.5))
+        ins.append(net.const(np.linspace(-2, 3, 12).astype(np.float32), f"{name}.skip_bias"))
+        return net.op(op, ins, domain="com.microsoft", epsilon=1e-5)
+
+    h1 = skip_norm("x", net.matmul("x", 12, 12, "attn"), "n1")
+    out = skip_norm(h1, net.matmul(net.op("Relu", [net.matmul(h1, 12, 16, "up")]), 16, 12, "down"), "n2")
+    graph = helper.make_graph(net.nodes, "t", [helper.make_tensor_value_info("x", F, [2, 5, 12])],
+                              [helper.make_tensor_value_info(out, F, [2, 5, 12])],
+                              [numpy_helper.from_array(v, k) for k, v in net.inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    assert group_sizes(model) == [(12, 12), (16, 16)]
+    pruned, report = prune_checked(model, verify_samples=3)
+    assert wshape(pruned, "n1.gamma") == (6,) and wshape(pruned, "n1.skip_bias") == (12,)
+    assert wshape(pruned, "n2.gamma") == (12,) and wshape(pruned, "n2.skip_bias") == (6,)
+    assert wshape(pruned, "down.w") == (8, 6) and "Concat" in op_types(pruned)
+    assert report.verification["max_rel_diff"] < 1e-5
+
+
 @pytest.mark.parametrize("op,shift", [("ReduceMax", -10.0), ("ReduceMin", 10.0)])
 @pytest.mark.parametrize("opset", [13, 18])
 def test_channel_max_min_see_the_masked_zeros(op, shift, opset):

@@ -129,6 +129,7 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
     src = x
     skip, skip_bias = arg(skip_index), arg(skip_bias_index)
     removed_values = np.zeros(n_removed)
+    bias_const = None
     if skip:
         src = e.op("Add", [src, skip], None if skip_bias else out(sum_output))
     if skip_bias:
@@ -169,7 +170,8 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
                    out(inv_std_output))
     normed = e.op("Mul", [centred, inv_std])
     if split:
-        normed = _gather_output_channels(rw, e, normed, None if rms else mean, inv_std, x, node.output[0])
+        normed = _gather_output_channels(rw, e, normed, None if rms else mean, inv_std, x, node.output[0],
+                                         bias_const)
     y = e.op("Mul", [normed, scale])
     if bias:
         y = e.op("Add", [y, bias])
@@ -180,17 +182,24 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
     rw.replace_node(node, e.nodes)
 
 
-def _gather_output_channels(rw, e: Emitter, normed: str, mean: str | None, inv_std: str, x: str, y: str) -> str:
-    """`normed` holds the kept input channels; return the kept output channels. An output channel whose input
-    channel was removed reads 0 in the masked original: its normalised value is (0 - mean) * inv_std, one column
-    appended before the Gather (for RMS it is 0)."""
+def _gather_output_channels(rw, e: Emitter, normed: str, mean: str | None, inv_std: str, x: str, y: str,
+                            skip_bias) -> str:
+    """`normed` holds the kept input channels; return the kept output channels. An output channel j whose input
+    channel was removed reads 0 in the masked original (b_j with a constant skip bias): its normalised value is
+    (b_j - mean) * inv_std (b_j * inv_std for RMS), one column each, appended before the Gather."""
     kept_x, kept_y = rw.kept(x, -1), rw.kept(y, -1)
     if np.array_equal(kept_x, kept_y):
         return normed
     position = {int(j): k for k, j in enumerate(kept_x)}
-    index = np.asarray([position.get(int(j), len(kept_x)) for j in kept_y], dtype=np.int64)
-    if (index == len(kept_x)).any():
-        fill = (e.op("Mul", [e.op("Neg", [mean]), inv_std]) if mean is not None
-                else e.op("Mul", [inv_std, e.const(0, "zero")]))
-        normed = e.op("Concat", [normed, fill], axis=-1)
+    lost = [int(j) for j in kept_y if int(j) not in position]
+    for j in lost:
+        position[j] = len(position)
+    if lost:
+        values = (np.zeros(len(lost)) if skip_bias is None
+                  else np.asarray(skip_bias, np.float64).reshape(-1)[lost])
+        fill = e.const(values, "removed_input_values")
+        if mean is not None:
+            fill = e.op("Sub", [fill, mean])
+        normed = e.op("Concat", [normed, e.op("Mul", [fill, inv_std])], axis=-1)
+    index = np.asarray([position[int(j)] for j in kept_y], dtype=np.int64)
     return e.op("Gather", [normed, rw.add_const(f"{e.base}/kept_outputs", index)], axis=-1)

@@ -152,9 +152,9 @@ def _last_axis_norm(node, c, x, y, r):
     skip = layout.get("skip_index")
     # The output's width couples with the input's ("same") unless that ends wholly frozen (a residual stream from a
     # graph input or to a graph output): then, retried, the output prunes apart ("split"); the rewrite computes the
-    # statistics over the input's original width and gathers the kept output channels (ops/layernorm.py). Skip
-    # norms stay coupled: their sum output is the input's width.
-    split = skip is None and c.choose(("norm width",), ["same", "split"]) == "split"
+    # statistics over the input's original width and gathers the kept output channels (ops/layernorm.py). A Skip
+    # norm's skip input, skip bias and sum output go with the input's width.
+    split = c.choose(("norm width",), ["same", "split"]) == "split"
     if split:
         for ax in range(r - 1):
             c.link(x, ax, y, ax)
@@ -162,18 +162,17 @@ def _last_axis_norm(node, c, x, y, r):
         c.touch(y, r - 1)
     else:
         c.same(x, y)
-    if skip is None:
-        width = c.virtual(c.shape(x)[-1], "norm width")
-        c.link(y, r - 1, width, 0)
-        c.bind_choice(width)
+    width = c.virtual(c.shape(x)[-1], "norm width")
+    c.link(y, r - 1, width, 0)
+    c.bind_choice(width)
     if skip is not None:
         skip_name = node.input[skip]
         sr = c.rank(skip_name)
         for k in range(sr):  # skip may drop leading axes ([S, H] against [B, S, H])
-            c.link(skip_name, k, y, r - sr + k)
+            c.link(skip_name, k, x, r - sr + k)
         sum_output = layout["sum_output"]
         if len(node.output) > sum_output and node.output[sum_output]:
-            c.same(node.output[sum_output], y)
+            c.same(node.output[sum_output], x)
     stats = {layout.get(k) for k in ("mean_output", "inv_std_output")} - {None}
     for i in sorted(stats):  # Mean / InvStdDev: one value per row, the normalised axis kept as size 1
         if len(node.output) > i and node.output[i]:
@@ -181,8 +180,17 @@ def _last_axis_norm(node, c, x, y, r):
                 c.link(node.output[i], ax, y, ax)
             c.not_channel(node.output[i], [r - 1])
     params = [node.input[i] if i is not None and len(node.input) > i else ""
-              for i in (layout["scale_index"], layout["bias_index"], layout.get("skip_bias_index"))]
+              for i in (layout["scale_index"], layout["bias_index"])]
     _norm_params(node, c, x, y, r, params)
+    skip_bias = layout.get("skip_bias_index")
+    if skip_bias is not None and len(node.input) > skip_bias and node.input[skip_bias]:
+        p = node.input[skip_bias]  # added into the sum: it goes with the input's channels
+        c.role(p, "bias")
+        if c.shape(p)[-1] != c.shape(x)[-1]:
+            c.freeze(p, -1, reason="parameter does not match the normalised shape")
+        else:
+            c.link(p, c.rank(p) - 1, x, r - 1)
+        c.not_channel(p, range(c.rank(p) - 1))
     # onnxruntime's Skip* norms default to 1e-12, the ONNX-domain ones to 1e-5
     epsilon = float(c.attr("epsilon", 1e-12 if skip is not None else 1e-5))
     stash_type = int(c.attr("stash_type", 1))
