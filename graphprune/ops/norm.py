@@ -13,7 +13,9 @@ from .layernorm import FLOATS, decompose_layer_norm
 
 @rule("BatchNormalization")
 def batch_norm(node, c):
-    """Per-channel scale, bias, mean, variance go with the channel: exact under removal."""
+    """Per-channel scale, bias, mean, variance go with the channel: exact under removal. (tf2onnx's LayerNorm
+    lowering, Reshape -> BatchNormalization -> Reshape, is fused into LayerNormalization by canonicalize; one that
+    differs keeps its width, with a reason naming the lowering and the difference.)"""
     x, y = node.input[0], node.output[0]
     c.same(x, y)
     for extra in node.output[1:]:  # training-mode running statistics
@@ -87,7 +89,10 @@ _LAST_AXIS_NORMS = {
 
 @rule("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 def layer_norm(node, c):
-    """Over the last axis: that axis prunes, rewritten to statistics over the original width; multi-axis: frozen.
+    """Over the last axis: that axis prunes, rewritten to statistics over the original width; where the input and
+    output widths coupled would stay frozen (a residual stream from a graph input or to a graph output), the
+    output's width prunes apart from the input's (statistics over the input, kept outputs gathered); multi-axis:
+    frozen.
 
     The rewrite into standard ops divides by the original width, which equals the masked original exactly
     (ops/layernorm.py). Normalised over several axes: axes before `axis` pass through, the normalised ones are
@@ -119,8 +124,9 @@ def layer_norm(node, c):
 
 @rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
 def skip_layer_norm(node, c):
-    """onnxruntime's fused residual add + norm over the last axis: prunes like LayerNorm; removed channels of the
-    sum keep their constant bias in the masked original, and the rewrite counts it in the statistics."""
+    """onnxruntime's fused residual add + norm over the last axis: prunes like LayerNorm (the output's width apart
+    from the sum's where coupled they would stay frozen); removed channels of the sum keep their constant bias in
+    the masked original, and the rewrite counts it in the statistics."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     if not isinstance(c.shape(x)[-1], int) or c.dtype(x) not in FLOATS:
