@@ -1,5 +1,5 @@
 """Normalise any exporter's graph: constants as initializers, no Identity/Dropout, folded shape arithmetic,
-unique node names, topological order, fresh shapes."""
+exporter-lowered LayerNorms fused back (lowered_norms.py), unique node names, topological order, fresh shapes."""
 from __future__ import annotations
 
 import functools
