@@ -489,6 +489,20 @@ def test_norm_between_frozen_streams_prunes_its_middle(kind):
     assert report.verification["max_abs_diff"] < 1e-4
 
 
+def test_norm_read_by_a_quantizer_keeps_its_width_coupled():
+    """The same block with the norm's output quantized (QuantizeLinear -> DequantizeLinear -> MatMul): the rewritten
+    statistics differ from the fused op's by float rounding, which can move a value across a quantization level,
+    so the output width is not pruned apart: it stays with the stream from the graph input."""
+    net = Net(17)
+    h1 = net.layer_norm_op(net.op("Add", ["x", net.matmul("x", 12, 12, "attn")]), 12, "n1")
+    q = net.op("QuantizeLinear", [h1, net.const(np.float32(0.02)), net.const(np.uint8(128))])
+    dq = net.op("DequantizeLinear", [q, net.const(np.float32(0.02)), net.const(np.uint8(128))])
+    y = net.matmul(dq, 12, 6, "down")
+    model = net.model([("x", [2, 5, 12])], [(y, [2, 5, 6])])
+    assert group_sizes(model) == []
+    assert "graph: graph input 'x'" in frozen_reasons(model)
+
+
 # ---- tf2onnx's LayerNorm lowering: Reshape -> BatchNormalization -> Reshape -----------------------------------------
 def _tf2onnx_layer_norm(net, x, width, name, divisor=None, scale_value=1.0):
     """What tf2onnx writes for keras.layers.LayerNormalization over the last axis of x [batch, seq, width]: rows
