@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..rules import rule
-from ..passes.lowered_norms import LOWERED, match_tf2onnx_layer_norm
+from ._lowered_norms import LOWERED, match_tf2onnx_layer_norm
 from .layernorm import FLOATS, decompose_layer_norm
 
 
