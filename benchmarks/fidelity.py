@@ -3,7 +3,7 @@
     python benchmarks/fidelity_models.py            # once: real models and data into benchmarks/.cache/
     python benchmarks/fidelity.py [--models mnist digits_cnn efficientnet_lite0 minilm ocr_crnn]
         [--criteria l1 l2 random bn-scale lamp hessian obspa activation fluctuation]
-        [--speedups 1.25 1.5 2 3] [--calib both|none|only] [--calib-samples 256] [--scope uniform|global]
+        [--speedups 1.25 1.5 2 3] [--calib both|none|only] [--calib-samples 256] [--scope auto|uniform|global|loss]
         [--compensate auto none obs reconstruct] [--no-sensitivity] [--no-bn-recalibrate] [--quick] [--fresh]
 
 For each model, criterion, speed-up s and calibration setting it calls
@@ -25,8 +25,8 @@ default: it collapses before 1.25x):
 Without calibration, data-aware criteria run on whatever the API does without data (its synthetic proxy); the
 table says what the API reported. Models with BatchNormalization nodes also get a third data setting,
 calibration + `bn_recalibrate=True` (BN running statistics re-estimated on the calibration data after pruning).
-`--compensate none obs reconstruct` adds one row per compensation (default: the API's `auto`); `--scope global`
-runs the non-sensitivity rows with scope='global' (their own rows, beside the API-default ones). Every run
+`--compensate none obs reconstruct` adds one row per compensation (default: the API's `auto`); `--scope X`
+runs the non-sensitivity rows with scope=X (their own rows, beside the API-default ones). Every run
 calls this revision's API directly (no version sniffing) and records the revision; a failure is recorded with
 its reason.
 No fine-tuning anywhere. Writes benchmarks/results/fidelity.md and fidelity.png (--quick writes to
@@ -359,10 +359,9 @@ class OCREvaluator(Evaluator):
         self.dense_macs = self.macs_at_eval_width(self.paths["onnx"])
 
     def macs_at_eval_width(self, model) -> int:
-        """graphprune's MAC count of `model` with the input fixed at batch 1 and the evaluation width. With the width
-        symbolic, onnx's shape inference names every Conv/MaxPool output width anew ('unk__N'), and graphprune
-        counts such a dim as 1 (graphprune/metrics.py): its MACs, and so its targets, weigh each layer by channels
-        and height only. The fixed-width copy counts what the evaluation runs."""
+        """graphprune's MAC count of `model` with the input fixed at batch 1 and the evaluation width: what the
+        evaluation runs, whatever width the API's own count assumed (before 827d72e it took the widths onnx names
+        'unk__N' after a strided Conv/MaxPool as 1, so targets weighed layers by channels and height only)."""
         import onnx
 
         import graphprune
@@ -494,9 +493,8 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
              f"Cells: the pruned model's {labels}, in % of dense. {_cap(info['header'])}. "
              f"Dense: {info.get('dense_macs', 0) / 1e6:.1f} MMACs as graphprune counts them"
              + (" (symbolic batch and sequence dims count as 1, so per token)" if name == "minilm" else "")
-             + (" with the width symbolic (onnx names each Conv/MaxPool output width 'unk__N' and graphprune counts "
-                "it as 1, so every target is a fraction of that count); `(N×)` after a value is the speed-up "
-                "reached at the evaluation width, counted on the pruned model with its input fixed to 1×1×32×160"
+             + (" at the random-input default width (32 columns); `(N×)` after a value is the speed-up reached at "
+                "the evaluation width, counted on the pruned model with its input fixed to 1×1×32×160"
                 if name == "ocr_crnn" else "")
              + "." + _control_text(info), ""]
     lines.append("| criterion | data | " + " | ".join(f"{s:g}×" for s in speedups) + " |")
@@ -648,8 +646,8 @@ def render(store: dict) -> str:
              "(per-group ratios from measured output sensitivity on 32 calibration samples); "
              "`none` rows read no data; `none (calib: not read, same)` means the run with calibration data gave the "
              "identical result because the criterion reads no data and the API compensates nothing for it. "
-             "`scope=X` in the data column: the run passed scope=X (`global`: one ranking of normalised scores "
-             "across groups), else the API's own (uniform). "
+             "`scope=X` in the data column: the run passed scope=X (`uniform`: the same fraction of every group; "
+             "`global`: one ranking of normalised scores across groups), else the API's own. "
              "`compensate=X` in the data column: the run passed compensate=X — `reconstruct`: sequential "
              "output-matched reconstruction after the rewrite (passes/reconstruct.py: every layer downstream of a "
              "pruned one refit in graph order to the dense model's layer output, on the calibration samples or, "
@@ -825,7 +823,7 @@ def main(argv=None) -> int:
                          f"{', '.join(SENSITIVITY_CRITERIA)})")
     ap.add_argument("--compensate", nargs="+", default=None, choices=COMPENSATIONS,
                     help="compensate=... values, one row each (default: the API's own, 'auto')")
-    ap.add_argument("--scope", default=None, choices=("uniform", "global"),
+    ap.add_argument("--scope", default=None, choices=("auto", "uniform", "global", "loss"),
                     help="scope=... for the non-sensitivity rows (default: the API's own)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: l1 and activation at 2x, fewer evaluation samples, 64 calibration samples; "
