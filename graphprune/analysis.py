@@ -177,7 +177,11 @@ def _group(graph: Graph, c: Coupler) -> Analysis:
     io = io_reason >= 0
     root_io = np.full(c.n, -1, dtype=np.int64)
     np.maximum.at(root_io, root[io], io_reason[io])
-    root_reason = np.where(root_io >= 0, root_io, root_reason)
+    named_reason = c.element_named_reasons()
+    named = named_reason >= 0
+    root_named = np.full(c.n, -1, dtype=np.int64)
+    np.maximum.at(root_named, root[named], named_reason[named])
+    root_reason = np.where(root_io >= 0, root_io, np.where(root_named >= 0, root_named, root_reason))
 
     groups, frozen_groups = _build_groups(graph, c, root, root_reason)
     units = {u.root: u for g in groups + frozen_groups for u in g.units}

@@ -62,19 +62,33 @@ class ChannelStats:
     def norm(self):
         return np.sqrt(self.sumsq)
 
-    def hessian(self, damp: float = 0.1) -> np.ndarray:
-        """H = X Xᵀ / n, damped by λ·mean(diag H)·I so it can be inverted."""
-        h = self.gram / max(self.n, 1)
-        d = float(np.mean(np.diag(h))) or 1.0
-        return h + damp * d * np.eye(len(h))
+    def hessian(self, damp: float = 0.1, shrink: bool = False) -> np.ndarray:
+        """H = X Xᵀ / n, damped by λ·mean(diag H)·I so it can be inverted; with `shrink`, first shrunk towards
+        its diagonal when the rows are few for the width (the loss curves of passes/loss_allocation).
 
-    def hessian_inv(self, damp: float = 0.1, intercept: bool = False) -> np.ndarray:
+        With n rows of C channels, X Xᵀ has rank ≤ n: a classifier head after global pooling sees one row per
+        sample (256 rows for 1280 channels), and OBS then finds channels whose removal "costs nothing" because
+        the calibration set happens not to span them (and refits the rest to exploit it), which held-out data
+        punishes. Shrinking the off-diagonal part by α = C / (C + n) (Ledoit-Wolf-style, towards the
+        diagonal) keeps every channel's own energy in the loss; convolution inputs with thousands of rows per
+        sample are nearly untouched. Compensation itself uses the plain H: measured with the shrunk one, uniform
+        pruning lost fidelity (EfficientNet-Lite0 1.5x top-1 agreement 18.8 -> 17.2 %, MiniLM cosine 0.819 ->
+        0.817)."""
+        h = self.gram / max(self.n, 1)
+        c = len(h)
+        alpha = c / (c + max(self.n, 1))
+        if shrink and alpha > 0.01:
+            h = (1 - alpha) * h + alpha * np.diag(np.diag(h))
+        d = float(np.mean(np.diag(h))) or 1.0
+        return h + damp * d * np.eye(c)
+
+    def hessian_inv(self, damp: float = 0.1, intercept: bool = False, shrink: bool = False) -> np.ndarray:
         """H⁻¹, computed once per setting and sample count (scoring and compensation both need it). With
         `intercept`, H is augmented by a constant input 1 (last row/column: the channel means, corner 1): the
         inverse then describes a refit that may also move the layer's bias."""
-        key = (damp, intercept, self.n)
+        key = (damp, intercept, shrink, self.n)
         if key not in self._inverses:
-            h = self.hessian(damp)
+            h = self.hessian(damp, shrink)
             if intercept:
                 c = len(h)
                 aug = np.empty((c + 1, c + 1))

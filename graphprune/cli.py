@@ -309,6 +309,21 @@ def _print_summary(report, output, verbose: bool) -> None:
             out.print(f"fidelity on {report.fidelity['samples']} held-out calibration samples, output "
                       f"'{_printable(name)}':"
                       f"{agree} cosine {f['cosine']:.4f}, relative error {f['rel_error']:.3f}")
+        layers = report.fidelity.get("layers") or []
+        if layers:
+            enters = next((r for r in layers if r["rel_error"] > 0.05), None)
+            worst = max(layers, key=lambda r: r["rel_error"])
+            out.print(f"layer error profile ({len(layers)} layers): "
+                      + (f"first above 5 % at '{_printable(enters['node'])}' ({enters['op']}, "
+                         f"{enters['rel_error']:.3f}); " if enters else "every layer within 5 %; ")
+                      + f"largest {worst['rel_error']:.3f} at '{_printable(worst['node'])}'")
+            if verbose:
+                t = Table(title="layer error profile (held-out, kept channels)")
+                for col in ("node", "op", "relative error"):
+                    t.add_column(col, justify="right" if col == "relative error" else "left")
+                for r in layers:
+                    t.add_row(_printable(r["node"]), r["op"], f"{r['rel_error']:.4f}")
+                out.print(t)
     if report.fidelity_search:
         steps = ", ".join(f"{t:.3f}->{m:.3f}" for t, _r, m in report.fidelity_search)
         out.print(f"--min-fidelity: MACs target {report.fidelity_target:.3f} chosen (bisection target->agreement: "

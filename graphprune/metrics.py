@@ -12,6 +12,7 @@ Gather indices: int64, or int32 from some exporters) are not parameters, and nei
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from .errors import GraphpruneError
 from .ir import Graph, attr, subgraphs
@@ -50,7 +51,41 @@ def set_dims(graph: Graph, dims: dict) -> None:
     Kept on the graph object, so the allocator's counts (passes/allocate.py reads analysis.graph) use them too."""
     values = {n: (v[0] if isinstance(v, tuple) else int(v)) for n, v in dims.items()}
     values.update(_probed_products(graph, values))
+    if values:
+        for name, v in _inferred_at(graph, values).items():
+            values.setdefault(name, v)
     graph.macs_dims = values
+
+
+def _inferred_at(graph: Graph, values: dict) -> dict[str, int]:
+    """Values for the dims onnx's shape inference names itself ('unk__N': a Conv/Pool output width computed
+    from a symbolic input width, a Concat of two symbolic lengths, ...): infer shapes again on a copy whose inputs
+    are fixed at `values`, and read each such name off the same tensor and axis. Without this an OCR model with a
+    dynamic width counts every conv after the first at width 1. A name that comes out with two values is left
+    unresolved (it counts as 1)."""
+    model = graph.to_model(with_value_info=False)
+    for vi in model.graph.input:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in values:
+                d.dim_value = int(values[d.dim_param])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is a best effort here; unresolved names count as 1
+        return {}
+    fixed = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            fixed[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    found: dict[str, set] = {}
+    for name, dims in graph.shapes.items():
+        got = fixed.get(name)
+        if dims is None or got is None or len(got) != len(dims):
+            continue
+        for d, v in zip(dims, got):
+            if isinstance(d, str) and d not in values and v:
+                found.setdefault(d, set()).add(int(v))
+    return {name: next(iter(vs)) for name, vs in found.items() if len(vs) == 1}
 
 
 def _probed_products(graph: Graph, values: dict) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The prune pipeline: named stages over one context, each declaring what it needs and provides.
 
-    load -> canonicalize -> add biases -> analyze -> calibrate -> score -> sensitivity -> allocate | check plan
-    -> compensate -> rewrite -> check -> verify -> reconstruct -> bn re-estimation -> sparsify -> fidelity
+    load -> canonicalize -> add biases -> analyze -> calibrate -> score -> sensitivity | loss curves
+    -> allocate | check plan -> compensate -> rewrite -> check -> verify -> reconstruct -> bn re-estimation -> sparsify -> fidelity
 
 A stage whose condition is false is logged as skipped. The passes themselves live in `passes/` and
 `graphprune/*`; this module only says in which order they run and what flows between them.
@@ -42,6 +42,9 @@ class Context:
     heldout: dict | None = None                      # held-out calibration samples (empty without --calib)
     scores: dict | None = None                       # group id -> unit scores
     sensitivity: object = None                       # passes.sensitivity.SensitivityAllocation
+    allocation_scores: dict | None = None            # scope 'loss': group id -> per-unit priority
+    scope: str = ""                                  # the allocation scope in use (options.allocation_scope, or
+                                                     # 'uniform' when auto's data-free proxy could not run)
     plan: RewritePlan | None = None
     removed: dict | None = None                      # (tensor, axis) -> removed indices
     updates: dict | None = None                      # initializer name -> compensated weights
@@ -87,23 +90,25 @@ def _analyze(ctx: Context) -> str:
 def _needs_statistics(ctx: Context) -> bool:
     o = ctx.options
     return ((ctx.criterion is not None and ctx.criterion.needs_data) or o.compensation != "none"
-            or o.bn_recalibrate or (o.scope == "sensitivity" and o.plan is None) or o.sparsity is not None
+            or o.bn_recalibrate or (ctx.scope in ("sensitivity", "loss") and o.plan is None) or o.sparsity is not None
             or o.reconstruct or o.min_fidelity is not None)
 
 
 def _calibrate(ctx: Context) -> str:
     try:
         ctx.stats, ctx.heldout, ctx.feeds = _statistics(ctx.graph, ctx.analysis, ctx.criterion, ctx.options,
-                                                         ctx.progress, ctx.counts_before["macs"])
+                                                         ctx.progress, ctx.counts_before["macs"], ctx.scope)
     except GraphpruneError as exc:
         o = ctx.options
-        if o.calib is not None or o.sparsity is not None or o.scope == "sensitivity" or ctx.criterion is None:
+        if o.calib is not None or o.sparsity is not None or o.scope in ("sensitivity", "loss") \
+                or ctx.criterion is None:   # asked for explicitly: no quiet fallback
             raise
         # The data-free proxy could not run (synthetic inputs the model refuses, e.g. dims no default fits): the
         # default recipe must still prune, so rank by magnitude and compensate nothing, and say so.
         from .passes.importance import get_criterion
         ctx.criterion = get_criterion("l1", seed=o.seed)
         ctx.stats, ctx.feeds, ctx.heldout = None, None, {}
+        ctx.scope = "uniform"
         note = (f"the data-free statistics proxy could not run ({exc}); ranked by l1 without compensation "
                 f"(give --calib, or --dim for the dynamic dims)")
         ctx.report.diagnostics.append(note)
@@ -113,7 +118,7 @@ def _calibrate(ctx: Context) -> str:
     return ctx.stats.source
 
 
-def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None, macs: int = 0):
+def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None, macs: int = 0, scope: str = ""):
     """Statistics for the criterion and the compensation, from calibration data or a data-free proxy.
     Returns (Statistics, held-out feeds for the fidelity check, the feeds the statistics came from)."""
     from .calibration import collect
@@ -133,11 +138,12 @@ def _statistics(graph, analysis, criterion, o: PruneOptions, progress=None, macs
         heldout = {}
         source = f"synthetic proxy: {n} standard-normal input samples (data-free)"
     wanted = dict(criterion.wanted(analysis)) if criterion is not None else {}
-    if o.compensation != "none":
+    if o.compensation != "none" or scope == "loss":
+        gram = o.compensation == "obs" or scope == "loss"   # loss curves need every consumer's Hessian
         for g in analysis.groups:
             for cons in group_consumers(g, analysis):
                 key = (cons.x, cons.x_axis)
-                wanted[key] = wanted.get(key, False) or o.compensation == "obs"
+                wanted[key] = wanted.get(key, False) or gram
     closed = {}
     if o.calib is None and o.proxy != "synthetic":
         from .bn_proxy import closed_form_stats
@@ -188,24 +194,48 @@ def _sensitivity(ctx: Context) -> str:
     return f"{len(curves)} groups probed on {len(next(iter(sample.values())))} samples"
 
 
+def _loss_curves(ctx: Context) -> str:
+    from .passes.loss_allocation import (CURVE_POINTS, PROBE_SAMPLES, allocation_scores, curves, measure_gains,
+                                         unit_savings)
+    o = ctx.options
+    found = curves(ctx.analysis, ctx.stats, o.max_ratio, ctx.scores, progress=ctx.progress)
+    # held-out calibration samples where there are some: the OBS refit was fit on the others, and a probe on its
+    # own fitting data would reward a refit that only memorises them (a pooled head sees one row per sample)
+    pool = ctx.heldout if ctx.heldout else ctx.feeds
+    sample = {k: v[:PROBE_SAMPLES] for k, v in pool.items()}
+    gains = measure_gains(ctx.analysis, ctx.stats, found, sample, progress=ctx.progress)
+    metric = o.target[0] if o.target is not None else "channels"
+    ctx.allocation_scores, notes = allocation_scores(ctx.analysis, found, unit_savings(ctx.analysis, metric), gains)
+    ctx.report.diagnostics += notes
+    ctx.report.loss_curves = {g.name: [round(found[g.id].at(f), 6) for f in CURVE_POINTS]
+                              for g in ctx.analysis.groups if found.get(g.id) is not None}
+    weighted = sum(c is not None and c.consumers > 0 for c in found.values())
+    by_score = sum(c is not None and c.consumers == 0 for c in found.values())
+    return (f"{weighted} OBS curves, {by_score} score curves, {len(found) - weighted - by_score} kept whole; "
+            f"per {metric} saved")
+
+
 def _allocate(ctx: Context) -> str:
     from .passes.allocate import build_plan, fit_target, select
     o = ctx.options
+    # scope 'loss' is a global selection over priorities that are already comparable across groups
+    scope, norm, scores = (("global", "none", ctx.allocation_scores) if ctx.scope == "loss"
+                            else (ctx.scope, o.global_norm, ctx.scores))
     if o.target is not None:
         metric, target = o.target
-        ctx.plan, achieved = fit_target(ctx.analysis, ctx.scores, target, metric, o.scope, o.round_to,
-                                        o.min_channels, o.max_ratio, o.global_norm, ctx.name, o.settings(),
+        ctx.plan, achieved = fit_target(ctx.analysis, scores, target, metric, scope, o.round_to,
+                                        o.min_channels, o.max_ratio, norm, ctx.name, o.settings(),
                                         sensitivity=ctx.sensitivity)
         if abs(achieved - target) > 0.01 * target:
             ctx.report.diagnostics.append(
                 f"target {metric} {target:g} not reached: the plan keeps {achieved:.3f} of the dense {metric} "
                 f"(frozen groups, --max-ratio {o.max_ratio:g}, --min-channels {o.min_channels} and --round-to "
                 f"{o.round_to} bound what can go)")
-        return f"{o.scope} to {metric} {target:g}: reached {achieved:.3f}"
-    drops = select(ctx.analysis, ctx.scores, o.effective_ratio, o.scope, o.round_to, o.min_channels,
-                   max_ratio=1.0 if o.scope == "uniform" else o.max_ratio, norm=o.global_norm)
+        return f"{ctx.scope} to {metric} {target:g}: reached {achieved:.3f}"
+    drops = select(ctx.analysis, scores, o.effective_ratio, scope, o.round_to, o.min_channels,
+                   max_ratio=1.0 if scope == "uniform" else o.max_ratio, norm=norm)
     ctx.plan = build_plan(ctx.analysis, drops, ctx.name, o.settings())
-    return f"{o.scope}, ratio {o.effective_ratio:g}"
+    return f"{ctx.scope}, ratio {o.effective_ratio:g}"
 
 
 def _check_plan(ctx: Context) -> str:
@@ -339,9 +369,10 @@ def _sparsify(ctx: Context) -> str:
 
 
 def _fidelity(ctx: Context) -> str:
-    from .verify import fidelity
+    from .verify import fidelity, layer_profile
     dense = ctx.original.to_model(with_value_info=False)
     ctx.report.fidelity = fidelity(dense, ctx.pruned, ctx.heldout)
+    ctx.report.fidelity["layers"] = layer_profile(dense, ctx.pruned, ctx.heldout, ctx.removed)
     return f"{ctx.report.fidelity['samples']} held-out samples"
 
 
@@ -438,7 +469,9 @@ def stages() -> list[Stage]:
         Stage("score", _score, needs=("analysis", "criterion"), provides=("scores",),
               when=lambda c: c.options.plan is None),
         Stage("sensitivity", _sensitivity, needs=("analysis", "scores", "feeds"), provides=("sensitivity",),
-              when=lambda c: c.options.plan is None and c.options.scope == "sensitivity"),
+              when=lambda c: c.options.plan is None and c.scope == "sensitivity"),
+        Stage("loss curves", _loss_curves, needs=("analysis", "stats", "feeds"), provides=("allocation_scores",),
+              when=lambda c: c.options.plan is None and c.scope == "loss"),
         Stage("allocate", _allocate, needs=("analysis", "scores", "counts_before"), provides=("plan",),
               when=lambda c: c.options.plan is None),
         Stage("check plan", _check_plan, needs=("analysis",), provides=("plan",),
@@ -466,7 +499,7 @@ def stages() -> list[Stage]:
 def run(source, options: PruneOptions, progress=None) -> Context:
     """Run every stage on `source` (path or ModelProto); returns the context (ctx.pruned, ctx.report)."""
     start = time.perf_counter()
-    ctx = Context(options=options, source=source, progress=progress)
+    ctx = Context(options=options, source=source, progress=progress, scope=options.allocation_scope)
     if options.plan is None:
         from .passes.importance import get_criterion
         ctx.criterion = get_criterion(options.importance, seed=options.seed)

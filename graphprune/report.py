@@ -34,6 +34,7 @@ class PruneReport:
     fidelity: dict | None = None       # pruned vs dense on held-out calibration samples
     bn_recalibrated: int = 0           # BatchNorms whose running statistics were re-estimated
     sensitivity: dict | None = None    # group -> relative output error at passes.sensitivity.LEVELS
+    loss_curves: dict | None = None    # group -> predicted relative loss at passes.loss_allocation.CURVE_POINTS
     sparse_layers: list = field(default_factory=list)  # passes.sparsify.SparseLayerReport per eligible layer
     sparse: dict | None = None         # sparsify totals: layers sparse/dense, bytes, end-to-end ms, notes
     assumed_dims: dict = field(default_factory=dict)  # symbolic dim -> {value, source} the MACs were counted at

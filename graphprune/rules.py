@@ -108,6 +108,7 @@ class Coupler:
         self._frozen: list[tuple[np.ndarray, int]] = []
         self.reasons: list[str] = ["not a channel axis"]
         self._io_frozen: list[tuple[np.ndarray, int]] = []  # elements of graph inputs/outputs, with that reason
+        self._named: list[tuple[np.ndarray, int]] = []  # frozen by a recognised pattern: its reason names the unit
         self._reason_ids: dict[str, int] = {"not a channel axis": NOT_CHANNEL}
         self.fixups: list[tuple[onnx.NodeProto, Callable]] = []
         self.consumers: list[Consumer] = []
@@ -272,6 +273,14 @@ class Coupler:
                 if idx is None:
                     self._axis_dead.add(self._axis_find((name, ax)))
 
+    def freeze_named(self, name: str, axis: int, reason: str) -> None:
+        """Freeze an axis for a reason that explains the unit better than the op-level reasons it also meets (a
+        lowered LayerNorm's reshapes): it wins over every reason but a graph input/output's."""
+        self.freeze(name, axis, reason=reason)
+        ids = self._ids(name, self._norm_axis(name, axis))
+        if ids is not None and len(ids):
+            self._named.append((ids, self._reason(f"{self.node.op_type} node '{self.node.name}': {reason}")))
+
     def not_channel(self, name: str, axes=None) -> None:
         """Axes that never carry removable channels (kernel taps, spatial, vocabulary rows, sequence)."""
         if not name or self.rank(name) is None:
@@ -423,6 +432,13 @@ class Coupler:
         """Per element: the id of its graph input/output reason, -1 where it is not one's."""
         reason = np.full(self.n, -1, dtype=np.int64)
         for ids, rid in self._io_frozen:
+            reason[ids] = rid
+        return reason
+
+    def element_named_reasons(self) -> np.ndarray:
+        """Per element: the id of the pattern reason it was frozen with (freeze_named), -1 where none."""
+        reason = np.full(self.n, -1, dtype=np.int64)
+        for ids, rid in self._named:
             reason[ids] = rid
         return reason
 

@@ -263,3 +263,47 @@ def _mean_kl(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     lp, lq = log_softmax(logits_p), log_softmax(logits_q)
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
+
+
+PROFILE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv",
+               "QLinearMatMul", "LSTM", "GRU", "RNN")
+PROFILE_SAMPLES = 8
+
+
+def layer_profile(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, removed: dict,
+                  samples: int = PROFILE_SAMPLES) -> list[dict]:
+    """Where the error enters: for every weighted layer both models compute (same node output name, dense
+    order), the relative error ‖y_pruned − y_dense‖ / ‖y_dense‖ of its output on held-out samples, over the
+    output channels the pruned model kept (`removed`: (tensor, axis) -> removed indices, dropped from the dense
+    output before comparing). Runs one sample at a time, so memory stays at one sample's activations."""
+    pruned_outputs = {o for n in pruned.graph.node for o in n.output}
+    names = [n.output[0] for n in dense.graph.node
+             if n.op_type in PROFILE_OPS and n.output and n.output[0] in pruned_outputs]
+    if not names or not feeds:
+        return []
+    a_sess = session(expose(dense, names, only=True), optimize=True, name="dense model")
+    b_sess = session(expose(pruned, names, only=True), optimize=True, name="pruned model")
+    drops: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for (name, axis), idx in removed.items():
+        if len(idx):
+            drops.setdefault(name, []).append((axis, np.asarray(idx, dtype=np.int64)))
+    diff = np.zeros(len(names))
+    ref = np.zeros(len(names))
+    total = len(next(iter(feeds.values())))
+    for i in range(min(samples, total)):
+        one = {k: v[i:i + 1] for k, v in feeds.items()}
+        a_out = run(a_sess, one, names)
+        b_out = run(b_sess, one, names)
+        for k, name in enumerate(names):
+            a = np.asarray(a_out[name], dtype=np.float64)
+            b = np.asarray(b_out[name], dtype=np.float64)
+            for axis, idx in sorted(drops.get(name, []), key=lambda t: -t[0]):
+                a = np.delete(a, idx[idx < a.shape[axis]], axis=axis)
+            if a.shape != b.shape:
+                diff[k] = ref[k] = np.nan   # a layout the removed indices do not describe: not compared
+                continue
+            diff[k] += float(np.sum((a - b) ** 2))
+            ref[k] += float(np.sum(a ** 2))
+    ops = {n.output[0]: (n.name, n.op_type) for n in dense.graph.node if n.output}
+    return [{"node": ops[name][0], "op": ops[name][1], "rel_error": float(np.sqrt(d / r)) if r > 0 else 0.0}
+            for name, d, r in zip(names, diff, ref) if not np.isnan(d)]

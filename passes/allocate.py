@@ -34,6 +34,8 @@ def units_to_keep(n_units: int, channels_per_unit: float, ratio: float, round_to
 
 def _normalise(s: np.ndarray, how: str) -> np.ndarray:
     s = np.asarray(s, dtype=np.float64)
+    if how == "none":   # scores already comparable across groups (passes.loss_allocation)
+        return s
     if how == "max":
         d = s.max()
     elif how == "lamp":  # score / sum of scores at least as large: the top unit of every group gets 1
@@ -67,7 +69,9 @@ def select(analysis, scores, fraction: float, scope: str = "uniform", round_to: 
             drops[g.id] = sorted(order[: n - keep].tolist())
         return drops
     # global: one threshold over normalised scores, then the per-group guards
-    pooled = [(v, g.id, k) for g in analysis.groups for k, v in enumerate(_normalise(scores[g.id], norm))]
+    # an infinite score marks a unit that never goes (passes.loss_allocation: no statistics, past max_ratio)
+    pooled = [(v, g.id, k) for g in analysis.groups for k, v in enumerate(_normalise(scores[g.id], norm))
+              if np.isfinite(v)]
     pooled.sort(key=lambda t: t[0])
     total = len(pooled)
     wanted = {g.id: 0 for g in analysis.groups}
@@ -145,17 +149,17 @@ def fit_target(analysis, scores, target: float, metric: str = "macs", scope: str
             lo, hi = (mid, hi) if a > target else (lo, mid)
     drops = at(best_fraction)
     if round_to <= 1:  # a uniform fraction moves in coarse steps: trade single units to land on the target
-        drops = _fine_tune(analysis, scores, drops, target, achieved, tolerance, max_ratio)
+        drops = _fine_tune(analysis, scores, drops, target, achieved, tolerance, max_ratio, norm=norm)
     plan = build_plan(analysis, drops, model_name, settings)
     return plan, achieved(drops)
 
 
 def _fine_tune(analysis, scores, drops, target, achieved, tolerance, max_ratio, steps: int = 200,
-               breadth: int = 8):
+               breadth: int = 8, norm: str = "mean"):
     """Restore the best dropped unit (or drop the worst kept one) of whichever of the `breadth` most
     promising groups lands closest to the target, one unit at a time, while that gets closer."""
     groups = {g.id: g for g in analysis.groups}
-    norm = {gid: _normalise(scores[gid], "mean") for gid in groups}
+    normed = {gid: _normalise(scores[gid], norm) for gid in groups}
     drops = {k: list(v) for k, v in drops.items()}
     current = achieved(drops)
     for _ in range(steps):
@@ -165,14 +169,16 @@ def _fine_tune(analysis, scores, drops, target, achieved, tolerance, max_ratio, 
         for gid, g in groups.items():
             d = set(drops[gid])
             if current < target and d:
-                k = max(d, key=lambda j: norm[gid][j])
-                options.append((-norm[gid][k], gid, sorted(d - {k})))
+                k = max(d, key=lambda j: normed[gid][j])
+                options.append((-normed[gid][k], gid, sorted(d - {k})))
             elif current > target:
                 n = len(g.units)
                 if n - len(d) - 1 < max(1, n - int(max_ratio * n)):
                     continue
-                k = min((j for j in range(n) if j not in d), key=lambda j: norm[gid][j])
-                options.append((norm[gid][k], gid, sorted(d | {k})))
+                k = min((j for j in range(n) if j not in d), key=lambda j: normed[gid][j])
+                if not np.isfinite(normed[gid][k]):
+                    continue  # a unit that never goes
+                options.append((normed[gid][k], gid, sorted(d | {k})))
         options.sort(key=lambda t: t[0])
         trials = [(abs(achieved({**drops, gid: d}) - target), gid, d) for _, gid, d in options[:breadth]]
         if not trials:

@@ -1,5 +1,5 @@
 """Normalise any exporter's graph: constants as initializers, no Identity/Dropout, folded shape arithmetic,
-unique node names, topological order, fresh shapes."""
+exporter-lowered LayerNorms fused back (lowered_norms.py), unique node names, topological order, fresh shapes."""
 from __future__ import annotations
 
 import functools
@@ -10,6 +10,8 @@ from onnx import helper, numpy_helper
 
 from graphprune.errors import ModelLoadError
 from graphprune.ir import FLOAT_TYPES, Graph, attr, dependency_order, subgraph_outer_names, subgraphs, walk_nodes
+
+from .lowered_norms import fuse_lowered_layer_norms
 
 NON_FOLDABLE = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform",
                 "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
@@ -36,6 +38,11 @@ def canonicalize(graph: Graph) -> dict:
     stats["probed"] = probe_shapes(graph)
     if stats["probed"]:  # measured shapes make more shape reads static: fold them too
         stats["folded"] += fold_to_fixed_point(graph)
+        refine_shapes(graph)
+    # after folding: the lowering's shape arithmetic is literal by now, and its shapes are known
+    stats["fused_norms"] = fuse_lowered_layer_norms(graph)
+    if stats["fused_norms"]:
+        graph.infer_shapes()
         refine_shapes(graph)
     return stats
 

@@ -25,11 +25,22 @@ _FLOAT = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOU
 
 
 class MaskedModel:
-    """The graph with a bool mask input applied to every read of a prunable channel tensor, one per axis."""
+    """The graph with a bool mask input applied to every read of a prunable channel tensor, one per axis.
+    `weight_inputs`: initializers turned into graph inputs too, so a probe can feed compensated weights."""
 
-    def __init__(self, analysis, providers=CPU):
+    def __init__(self, analysis, providers=CPU, weight_inputs=()):
         graph = analysis.graph
         model = graph.to_model(with_value_info=False)
+        self.weights = {}
+        if weight_inputs:
+            wanted = set(weight_inputs)
+            keep = [t for t in model.graph.initializer if t.name not in wanted]
+            for t in model.graph.initializer:
+                if t.name in wanted:
+                    model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+                    self.weights[t.name] = graph.initializers[t.name]
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(keep)
         members = {m for grp in analysis.groups for m in grp.members}
         axes_of: dict[str, list[int]] = {}
         for name, ax in sorted(members):
@@ -54,8 +65,10 @@ class MaskedModel:
     def ones(self) -> dict:
         return {mname: np.ones(shape, dtype) for mname, shape, dtype in self.masks.values()}
 
-    def run(self, feeds: dict, removed: dict | None = None) -> list[np.ndarray]:
-        masks = self.ones()
+    def run(self, feeds: dict, removed: dict | None = None, weights: dict | None = None) -> list[np.ndarray]:
+        """Outputs with `removed` ((tensor, axis) -> indices) masked and `weights` (name -> array) replacing
+        the original values of weight inputs."""
+        masks = {**self.ones(), **self.weights, **{k: v for k, v in (weights or {}).items() if k in self.weights}}
         for (name, ax), idx in (removed or {}).items():
             if (name, ax) in self.masks and len(idx):
                 mname, shape, _ = self.masks[(name, ax)]

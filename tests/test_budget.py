@@ -218,3 +218,30 @@ def test_probed_token_dim_of_a_flatten_is_resolved():
         _, report = graphprune.prune(model, dry_run=True, importance="l1", input_dims={"seq": seq, "batch": 2})
         counts[seq] = report.macs_before
     assert counts[16] == 2 * 16 * D * 8 and counts[64] == 2 * 64 * D * 8
+
+
+def test_macs_of_a_dynamic_width_conv_stack_count_at_the_representative_width():
+    """onnx names each strided conv's output width itself ('unk__N'); those widths must follow the input's."""
+    import onnx as _onnx
+    from onnx import helper as _h
+
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.standard_normal((8, 1, 3, 3)).astype(np.float32),
+             "w2": rng.standard_normal((16, 8, 3, 3)).astype(np.float32)}
+    nodes = [_h.make_node("Conv", ["x", "w1"], ["a"], name="c1", strides=[2, 2], pads=[1, 1, 1, 1]),
+             _h.make_node("Relu", ["a"], ["r"], name="relu"),
+             _h.make_node("Conv", ["r", "w2"], ["y"], name="c2", strides=[2, 2], pads=[1, 1, 1, 1])]
+
+    def model(width):
+        g = _h.make_graph(nodes, "g", [_h.make_tensor_value_info("x", 1, [1, 1, 32, width])],
+                          [_h.make_tensor_value_info("y", 1, None)],
+                          [_onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+        return _h.make_model(g, opset_imports=[_h.make_opsetid("", 17)])
+
+    def macs(m, dims):
+        return graphprune.prune(m, ratio=0.0, importance="l1", verify=False, dry_run=True,
+                                input_dims=dims)[1].macs_before
+
+    expected = 8 * 9 * 16 * 80 + 16 * 8 * 9 * 8 * 40
+    assert macs(model(160), {}) == expected
+    assert macs(model("width"), {"width": 160}) == expected

@@ -199,3 +199,109 @@ def test_dense_mnist_scores_100_percent_of_itself():
     scores = ev.score(onnx.load(str(ev.paths["onnx"])))
     assert scores["accuracy_rel"] == pytest.approx(100.0) and scores["agreement"] == 100.0
     assert ev.dense_acc > 0.98
+
+
+def _one_hot(seq, classes):
+    return np.eye(classes)[np.asarray(seq)] * 5.0
+
+
+def test_ctc_greedy_decode_merges_runs_and_drops_blanks():
+    # class 0 = blank, 1 = a, 2 = b, 3 = c: "a a _ a b b c _" -> "aabc" (the blank separates the two a's)
+    logits = np.stack([_one_hot([1, 1, 0, 1, 2, 2, 3, 0], 4), _one_hot([0, 0, 0, 0, 0, 0, 0, 0], 4),
+                       _one_hot([3, 0, 3, 3, 0, 0, 2, 2], 4)])
+    assert fid.ctc_greedy_decode(logits, "abc") == ["aabc", "", "ccb"]
+    # a blank at the last index instead of 0
+    assert fid.ctc_greedy_decode(_one_hot([[0, 0, 3, 1, 1, 3]], 4), "abc", blank=3) == ["ab"]
+
+
+def test_exact_match_and_character_accuracy():
+    truth = ["abc", "abc", "abc", "abc"]
+    pred = ["abc", "abd", "", "xabc"]
+    assert fid.edit_distance("kitten", "sitting") == 3 and fid.edit_distance("", "abc") == 3
+    assert fid.exact_match(pred, truth) == 0.25
+    # per line: 1, 1 - 1/3, 1 - 3/3, 1 - 1/3
+    assert fid.char_accuracy(pred, truth) == pytest.approx((1 + 2 / 3 + 0 + 2 / 3) / 4)
+    assert fid.char_accuracy(["zzzzzzzz"], ["ab"]) == 0.0          # floored, never negative
+
+
+def test_ocr_evaluator_decodes_model_outputs_and_scores_against_dense(tmp_path):
+    """A hand-made 'recognizer' (Identity: the input is the logits) through OCREvaluator: the dense model reads 2
+    of 3 lines; 'pruned' ones add a bias to chosen time steps and classes, with hand-decoded results."""
+    import onnx
+    from onnx import TensorProto, helper
+    charset = fm.OCR_CHARSET
+    c = len(charset) + 1
+    enc = {ch: i + 1 for i, ch in enumerate(charset)}
+    x = np.stack([_one_hot([enc["a"], 0, enc["b"], enc["b"]], c),        # "ab"
+                  _one_hot([enc["Q"], enc["Q"], 0, enc["Q"]], c),        # "QQ"
+                  _one_hot([enc["7"], enc["x"], enc["x"], 0], c)]).astype(np.float32)   # "7x"
+    labels = ["ab", "QQ", "7y"]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4, c]) for n in ("image", "logits")]
+    dense = helper.make_model(helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "d",
+                                                [vi[0]], [vi[1]]), opset_imports=[helper.make_opsetid("", 17)])
+    bias = np.zeros((4, c), np.float32)
+    bias[1, 0] = 10.0                                # time step 1 becomes blank
+    pruned = helper.make_model(helper.make_graph([helper.make_node("Add", ["image", "b"], ["logits"])], "p",
+                                                 [vi[0]], [vi[1]], [onnx.numpy_helper.from_array(bias, "b")]),
+                               opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(dense, tmp_path / "dense.onnx")
+    ev = fid.OCREvaluator.__new__(fid.OCREvaluator)
+    ev.paths, ev.quick = {"onnx": tmp_path / "dense.onnx"}, False
+    ev.macs_at_eval_width = lambda model: 1          # no convolution here to count
+    ev.data = {"image": x, "label": np.array(labels), "font": np.array(["DejaVuSans", "DejaVuSans",
+                                                                        fm.OCR_HELDOUT_FONTS[0]])}
+    ev.setup()
+    assert ev.dense_pred == ["ab", "QQ", "7x"]
+    assert ev.dense_exact == pytest.approx(2 / 3) and ev.dense_char == pytest.approx((1 + 1 + 0.5) / 3)
+    assert ev.dense_exact_split == (1.0, 0.0)
+    same = ev.score(dense)
+    assert same["exact_rel"] == pytest.approx(100.0) and same["same_as_dense"] == 100.0
+    s = ev.score(pruned)            # "a_bb" -> "ab"; "Q__Q" -> "QQ"; "7_x_" -> "7x": nothing changes
+    assert s["exact_rel"] == pytest.approx(100.0) and s["same_as_dense"] == 100.0
+    bias[:] = 0.0
+    bias[2, 0] = 10.0               # step 2 blank: "a__b" -> "ab", "QQ_Q" -> "QQ", "7x__" -> "7x"
+    bias[0, enc["Q"]] = 10.0        # and step 0 reads Q: "Q__b" -> "Qb", "QQ_Q" -> "QQ", "Qx__" -> "Qx"
+    pruned.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(bias, "b"))
+    s = ev.score(pruned)
+    assert s["exact"] == pytest.approx(100 / 3)                        # only "QQ" is still right
+    assert s["exact_rel"] == pytest.approx(50.0)
+    # characters: "Qb" vs "ab" 1 - 1/2, "QQ" 1, "Qx" vs "7y" 1 - 2/2
+    assert s["char"] == pytest.approx(100 * (0.5 + 1 + 0) / 3) and s["same_as_dense"] == pytest.approx(100 / 3)
+    assert s["exact_train_fonts"] == 50.0 and s["exact_heldout_fonts"] == 0.0
+
+
+def test_scope_gets_its_own_row_and_store_key():
+    kw = {"macs_ratio": 0.5, "calibration": "c.npz", "git": "abc"}
+    uniform = fid.Run("m", "obspa", "calib", 2.0, metrics={"exact_rel": 80.0, "char_rel": 95.0}, **kw)
+    glob = fid.Run("m", "obspa", "calib", 2.0, metrics={"exact_rel": 90.0, "char_rel": 97.0}, scope="global", **kw)
+    assert uniform.key() != glob.key()
+    info = {"metrics": [["exact_rel", "exact match"], ["char_rel", "characters"]], "header": "dense", "git": "abc"}
+    text = "\n".join(fid.render_model("m", [uniform, glob], info))
+    assert "| obspa | calib | 80.0 / 95.0 |" in text and "| obspa | calib, scope=global | 90.0 / 97.0 |" in text
+    assert "2×: obspa, calib, scope=global: 90.0" in text
+
+
+def test_ocr_macs_are_counted_at_the_evaluation_width(tmp_path):
+    """Conv(1->4, 3x3) -> MaxPool 2x2 -> Conv(4->8, 3x3) on [batch, 1, 32, width]: at width 160 the convs cost
+    4*9*32*160 + 8*4*9*16*80 MACs, whatever width the model declares."""
+    import onnx
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w1"),
+             onnx.numpy_helper.from_array(rng.normal(size=(8, 4, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["image", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["a"], ["b"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["b", "w2"], ["logits"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                         ["batch", 1, 32, "width"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    ev = fid.OCREvaluator.__new__(fid.OCREvaluator)
+    ev.x = np.zeros((1, 1, 32, 160), np.float32)
+    want = 4 * 9 * 32 * 160 + 8 * 4 * 9 * 16 * 80
+    assert ev.macs_at_eval_width(model) == want
+    assert ev.macs_at_eval_width(tmp_path / "m.onnx") == want
+    assert model.graph.input[0].type.tensor_type.shape.dim[3].dim_param == "width"     # the model is untouched
+    ev.x = np.zeros((1, 1, 32, 80), np.float32)
+    assert ev.macs_at_eval_width(model) == want // 2

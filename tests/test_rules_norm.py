@@ -386,6 +386,37 @@ def test_skip_layer_norm_with_constant_skip_stays_frozen():
     assert any("constant skip input" in r for r in frozen_reasons(model))
 
 
+@pytest.mark.parametrize("op", ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"])
+def test_skip_layer_norm_between_frozen_streams(op):
+    """onnxruntime-fused post-norm block from a graph input to a graph output: the middle stream prunes apart from
+    both. Norm 2 loses input channels that its output (a graph output) keeps: in the masked original those hold
+    the constant skip bias b_j, so the rewrite fills them with (b_j - mean) * inv_std (b_j * inv_std for RMS)."""
+    simplified = op.startswith("SkipSimplified")
+    net = Net(17)
+
+    def skip_norm(a, b, name):
+        ins = [a, b, net.w(12, name=f"{name}.gamma", positive=True)]
+        if not simplified:
+            ins.append(net.w(12, name=f"{name}.beta", scale=0.5))
+        ins.append(net.const(np.linspace(-2, 3, 12).astype(np.float32), f"{name}.skip_bias"))
+        return net.op(op, ins, domain="com.microsoft", epsilon=1e-5)
+
+    h1 = skip_norm("x", net.matmul("x", 12, 12, "attn"), "n1")
+    out = skip_norm(h1, net.matmul(net.op("Relu", [net.matmul(h1, 12, 16, "up")]), 16, 12, "down"), "n2")
+    graph = helper.make_graph(net.nodes, "t", [helper.make_tensor_value_info("x", F, [2, 5, 12])],
+                              [helper.make_tensor_value_info(out, F, [2, 5, 12])],
+                              [numpy_helper.from_array(v, k) for k, v in net.inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    assert group_sizes(model) == [(12, 12), (16, 16)]
+    pruned, report = prune_checked(model, verify_samples=3)
+    assert wshape(pruned, "n1.gamma") == (6,) and wshape(pruned, "n1.skip_bias") == (12,)
+    assert wshape(pruned, "n2.gamma") == (12,) and wshape(pruned, "n2.skip_bias") == (6,)
+    assert wshape(pruned, "down.w") == (8, 6) and "Concat" in op_types(pruned)
+    assert report.verification["max_rel_diff"] < 1e-5
+
+
 @pytest.mark.parametrize("op,shift", [("ReduceMax", -10.0), ("ReduceMin", 10.0)])
 @pytest.mark.parametrize("opset", [13, 18])
 def test_channel_max_min_see_the_masked_zeros(op, shift, opset):
@@ -428,3 +459,123 @@ def test_contrib_gelu_activations(qualified, bias):
     assert wshape(pruned, "up.w") == (10, 8) and wshape(pruned, "down.w") == (8, 6)
     if bias:
         assert wshape(pruned, "act.bias") == (8,)
+
+
+# ---- a norm's output width pruned apart from its input's -----------------------------------------------------------
+def _norm(net, kind, x, width, name):
+    if kind == "layernorm":
+        return net.layer_norm_op(x, width, name)
+    return net.op("RMSNormalization", [x, net.w(width, name=f"{name}.gamma", positive=True)], axis=-1, epsilon=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rms"])
+def test_norm_between_frozen_streams_prunes_its_middle(kind):
+    """A post-norm block whose residual stream starts at a graph input and ends at a graph output: coupled, the
+    norms' widths would all be frozen with the stream. Retried apart, the stream between the norms prunes: norm 1
+    keeps its input whole and gathers its kept outputs; norm 2 loses input channels while its output (a graph
+    output) keeps all 12, the removed ones normalised from the zeros the masked original reads."""
+    net = Net(23 if kind == "rms" else 17)
+    h1 = _norm(net, kind, net.op("Add", ["x", net.matmul("x", 12, 12, "attn")]), 12, "n1")
+    ffn = net.matmul(net.op("Relu", [net.matmul(h1, 12, 16, "up")]), 16, 12, "down")
+    out = _norm(net, kind, net.op("Add", [h1, ffn]), 12, "n2")
+    model = net.model([("x", [2, 5, 12])], [(out, [2, 5, 12])])
+    assert group_sizes(model) == [(12, 12), (16, 16)]
+    pruned, report = prune_checked(model, verify_samples=3)
+    assert wshape(pruned, "n1.gamma") == (6,) and wshape(pruned, "up.w") == (6, 8)
+    assert wshape(pruned, "down.w") == (8, 6)
+    assert wshape(pruned, "n2.gamma") == (12,) and wshape(pruned, "attn.w") == (12, 12)
+    gathers = [n for n in pruned.graph.node if n.op_type == "Gather"]
+    assert len(gathers) == 2 and "Concat" in op_types(pruned)  # n2 appends the removed inputs' column
+    assert report.verification["max_abs_diff"] < 1e-4
+
+
+def test_norm_read_by_a_quantizer_keeps_its_width_coupled():
+    """The same block with the norm's output quantized (QuantizeLinear -> DequantizeLinear -> MatMul): the rewritten
+    statistics differ from the fused op's by float rounding, which can move a value across a quantization level,
+    so the output width is not pruned apart: it stays with the stream from the graph input."""
+    net = Net(17)
+    h1 = net.layer_norm_op(net.op("Add", ["x", net.matmul("x", 12, 12, "attn")]), 12, "n1")
+    q = net.op("QuantizeLinear", [h1, net.const(np.float32(0.02)), net.const(np.uint8(128))])
+    dq = net.op("DequantizeLinear", [q, net.const(np.float32(0.02)), net.const(np.uint8(128))])
+    y = net.matmul(dq, 12, 6, "down")
+    model = net.model([("x", [2, 5, 12])], [(y, [2, 5, 6])])
+    assert group_sizes(model) == []
+    assert "graph: graph input 'x'" in frozen_reasons(model)
+
+
+# ---- tf2onnx's LayerNorm lowering: Reshape -> BatchNormalization -> Reshape -----------------------------------------
+def _tf2onnx_layer_norm(net, x, width, name, divisor=None, scale_value=1.0):
+    """What tf2onnx writes for keras.layers.LayerNormalization over the last axis of x [batch, seq, width]: rows
+    become BatchNorm channels of a [1, rows, width, 1] tensor, identity scale/bias sized from Shape(x), the row
+    statistics computed beside, a reshape back to Shape(x), then gamma/beta as Mul/Add."""
+    i64 = np.int64
+    r = net.op("Reshape", [x, net.const(np.array([1, -1, width, 1], i64))])
+    shape = net.op("Cast", [net.op("Shape", [x])], to=TensorProto.INT32)
+    rows = net.op("ReduceProd", [net.op("Slice", [shape, net.const(np.array([0], i64)), net.const(np.array([2], i64)),
+                                                  net.const(np.array([0], i64))])], axes=[0], keepdims=0)
+    rows = net.op("Cast", [net.op("Unsqueeze", [rows, net.const(np.array([0], i64))])], to=TensorProto.INT64)
+    ones = net.op("Expand", [net.const(np.float32(scale_value)), rows])
+    zeros = net.op("Expand", [net.const(np.float32(0.0)), rows])
+    mean = net.op("ReduceMean", [r], axes=[0, 2, 3], keepdims=1)
+    ssq = net.op("ReduceSumSquare", [net.op("Sub", [r, mean])], axes=[0, 2, 3], keepdims=0)
+    if divisor is None:  # tf2onnx counts the width from the reshaped tensor's shape
+        count = net.op("ReduceProd", [net.op("Gather", [net.op("Shape", [r]), net.const(np.array([0, 2, 3], i64))])],
+                       axes=[0], keepdims=0)
+        divisor = net.op("Cast", [count], to=F)
+    var = net.op("Div", [ssq, divisor])
+    n = net.op("BatchNormalization", [r, ones, zeros, net.op("Squeeze", [mean, net.const(np.array([0, 2, 3], i64))]),
+                                      var], epsilon=1e-3)
+    back = net.op("Reshape", [n, net.op("Cast", [shape], to=TensorProto.INT64)])
+    scaled = net.op("Mul", [back, net.w(width, name=f"{name}.gamma", positive=True)])
+    return net.op("Add", [scaled, net.w(width, name=f"{name}.beta", scale=0.5)])
+
+
+def test_tf2onnx_layer_norm_lowering_prunes_its_width():
+    """canonicalize fuses the exact lowering into LayerNormalization, whose rule prunes the hidden width; the pruned
+    model equals the original (lowered form, masked) on dynamic batch and sequence."""
+    net = Net(17)
+    h = net.matmul("x", 10, 12, "up")
+    y = net.matmul(_tf2onnx_layer_norm(net, h, 12, "ln"), 12, 6, "down")
+    model = net.model([("x", ["batch", "seq", 10])], [(y, ["batch", "seq", 6])])
+    assert group_sizes(model) == [(12, 12)]
+    pruned, report = prune_checked(model, verify_samples=3)
+    assert wshape(pruned, "up.w") == (10, 6) and wshape(pruned, "down.w") == (6, 6)
+    assert wshape(pruned, "ln.gamma") == (6,) and wshape(pruned, "ln.beta") == (6,)
+    assert "BatchNormalization" not in op_types(pruned) and "Shape" not in op_types(pruned)
+    assert report.verification["max_abs_diff"] < 1e-4
+    # the pruned model also equals the unfused original with the removed channels masked (up.w columns zeroed,
+    # down.w rows zeroed, gamma/beta removed entries zeroed), run as exported
+    kept = np.flatnonzero(np.isin(net.inits["ln.gamma"], numpy_helper.to_array(
+        next(t for t in pruned.graph.initializer if t.name == "ln.gamma"))))
+    masked = onnx.ModelProto()
+    masked.CopyFrom(model)
+    removed = np.setdiff1d(np.arange(12), kept)
+    for t in masked.graph.initializer:
+        arr = numpy_helper.to_array(t).copy()
+        if t.name == "up.w":
+            arr[:, removed] = 0
+        elif t.name == "down.w":
+            arr[removed, :] = 0
+        else:
+            continue
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    from graphprune.runtime import session
+    x = np.random.default_rng(1).standard_normal((3, 7, 10)).astype(np.float32)
+    np.testing.assert_allclose(session(pruned).run(None, {"x": x})[0], session(masked).run(None, {"x": x})[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant, why", [("unbiased", "variance is not the row variance over 12"),
+                                           ("scaled", "scale/bias are not ones/zeros")])
+def test_tf2onnx_layer_norm_near_miss_stays_frozen_with_its_reason(variant, why):
+    """A lowering that differs (variance over width - 1, a BatchNorm scale of 2) is not a LayerNorm: it stays as
+    written, and the frozen width says it is a lowered LayerNorm and what differs, not just 'reshape'."""
+    net = Net(17)
+    h = net.matmul("x", 10, 12, "up")
+    kw = {"divisor": net.const(np.float32(11.0))} if variant == "unbiased" else {"scale_value": 2.0}
+    y = net.matmul(_tf2onnx_layer_norm(net, h, 12, "ln", **kw), 12, 6, "down")
+    model = net.model([("x", ["batch", "seq", 10])], [(y, ["batch", "seq", 6])])
+    reasons = frozen_reasons(model)
+    assert group_sizes(model) == []
+    lowered = [r for r in reasons if "LayerNorm lowered as Reshape+BatchNormalization (tf2onnx)" in r]
+    assert len(lowered) == 2 and all(why in r and "BatchNormalization node" in r for r in lowered), reasons

@@ -94,7 +94,8 @@ def _compute_type(rw, node, x: str, stash_type: int) -> int:
 def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: int, rms: bool,
                          inv_std_output: int | None, scale_index: int = 1, bias_index: int | None = 2,
                          mean_output: int | None = 1, skip_index: int | None = None,
-                         skip_bias_index: int | None = None, sum_output: int | None = None) -> None:
+                         skip_bias_index: int | None = None, sum_output: int | None = None,
+                         split: bool = False) -> None:
     """LayerNormalization (rms=False) or RMS normalisation (rms=True) over the last axis, with that axis pruned:
     standard ops whose statistics run over the original width (see the module docstring).
 
@@ -103,10 +104,14 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
     b_j and R2 = sum_j b_j^2 over the removed channels j (both 0 without a bias):
         mean = (sum_kept s + R1) / C
         var  = (sum_kept (s - mean)^2 + sum_j (b_j - mean)^2) / C,  sum_j (b_j - mean)^2 = R2 - 2 mean R1 + n mean^2
-        ms   = (sum_kept s^2 + R2) / C                                                              (RMS)"""
+        ms   = (sum_kept s^2 + R2) / C                                                              (RMS)
+
+    split: the output's width was pruned apart from the input's. The statistics still run over the input's
+    original width; output channel j is then normalised x_j where x_j was kept, and (0 - mean) * inv_std (0 for
+    RMS) where the masked original read x_j as 0: a Gather over [normalised kept x, that column] picks them."""
     x = node.input[0]
     removed_idx = rw.removed(x, -1)
-    if not len(removed_idx):
+    if not len(removed_idx) and not (split and len(rw.removed(node.output[0], -1))):
         return
     n_removed = len(removed_idx)
     width = rw.old_shape(x)[-1]
@@ -124,6 +129,7 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
     src = x
     skip, skip_bias = arg(skip_index), arg(skip_bias_index)
     removed_values = np.zeros(n_removed)
+    bias_const = None
     if skip:
         src = e.op("Add", [src, skip], None if skip_bias else out(sum_output))
     if skip_bias:
@@ -162,7 +168,11 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
         variance = e.op("Div", [e.op("Add", [kept_sq, removed_sq]), c_orig])
     inv_std = e.op("Reciprocal", [e.op("Sqrt", [e.op("Add", [variance, e.const(epsilon, "epsilon")])])],
                    out(inv_std_output))
-    y = e.op("Mul", [e.op("Mul", [centred, inv_std]), scale])
+    normed = e.op("Mul", [centred, inv_std])
+    if split:
+        normed = _gather_output_channels(rw, e, normed, None if rms else mean, inv_std, x, node.output[0],
+                                         bias_const)
+    y = e.op("Mul", [normed, scale])
     if bias:
         y = e.op("Add", [y, bias])
     if widen:
@@ -170,3 +180,26 @@ def decompose_layer_norm(rw, node: onnx.NodeProto, epsilon: float, stash_type: i
     else:  # rename the last node's output to the original Y
         e.nodes[-1].output[0] = outputs[0]
     rw.replace_node(node, e.nodes)
+
+
+def _gather_output_channels(rw, e: Emitter, normed: str, mean: str | None, inv_std: str, x: str, y: str,
+                            skip_bias) -> str:
+    """`normed` holds the kept input channels; return the kept output channels. An output channel j whose input
+    channel was removed reads 0 in the masked original (b_j with a constant skip bias): its normalised value is
+    (b_j - mean) * inv_std (b_j * inv_std for RMS), one column each, appended before the Gather."""
+    kept_x, kept_y = rw.kept(x, -1), rw.kept(y, -1)
+    if np.array_equal(kept_x, kept_y):
+        return normed
+    position = {int(j): k for k, j in enumerate(kept_x)}
+    lost = [int(j) for j in kept_y if int(j) not in position]
+    for j in lost:
+        position[j] = len(position)
+    if lost:
+        values = (np.zeros(len(lost)) if skip_bias is None
+                  else np.asarray(skip_bias, np.float64).reshape(-1)[lost])
+        fill = e.const(values, "removed_input_values")
+        if mean is not None:
+            fill = e.op("Sub", [fill, mean])
+        normed = e.op("Concat", [normed, e.op("Mul", [fill, inv_std])], axis=-1)
+    index = np.asarray([position[int(j)] for j in kept_y], dtype=np.int64)
+    return e.op("Gather", [normed, rw.add_const(f"{e.base}/kept_outputs", index)], axis=-1)

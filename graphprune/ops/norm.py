@@ -7,12 +7,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..rules import rule
+from ._lowered_norms import LOWERED, match_tf2onnx_layer_norm
 from .layernorm import FLOATS, decompose_layer_norm
 
 
 @rule("BatchNormalization")
 def batch_norm(node, c):
-    """Per-channel scale, bias, mean, variance go with the channel: exact under removal."""
+    """Per-channel scale, bias, mean, variance go with the channel: exact under removal. (tf2onnx's LayerNorm
+    lowering, Reshape -> BatchNormalization -> Reshape, is fused into LayerNormalization by canonicalize; one that
+    differs keeps its width, with a reason naming the lowering and the difference.)"""
     x, y = node.input[0], node.output[0]
     c.same(x, y)
     for extra in node.output[1:]:  # training-mode running statistics
@@ -21,6 +24,15 @@ def batch_norm(node, c):
     for i, p in enumerate(node.input[1:5]):
         c.role(p, ("norm_scale", "norm_bias", "stat", "stat")[i])
         c.producer(y, 1, p, 0) if c.const(p) is not None else c.link(p, 0, y, 1)
+    # canonicalize fused every exact tf2onnx LayerNorm lowering; one still here differs: say so on its width
+    near_miss = match_tf2onnx_layer_norm(c.graph, node)
+    if isinstance(near_miss, str):
+        reason = f"{LOWERED}: statistics over the whole width ({near_miss})"
+        c.freeze_named(c.graph.producer[x].input[0], -1, reason)
+        c.freeze_named(x, 2, reason)
+        for user, _ in c.graph.uses.get(y, []):
+            if user.op_type == "Reshape":
+                c.freeze_named(user.output[0], -1, reason)
 
 
 @rule("InstanceNormalization")
@@ -77,7 +89,10 @@ _LAST_AXIS_NORMS = {
 
 @rule("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 def layer_norm(node, c):
-    """Over the last axis: that axis prunes, rewritten to statistics over the original width; multi-axis: frozen.
+    """Over the last axis: that axis prunes, rewritten to statistics over the original width; where the input and
+    output widths coupled would stay frozen (a residual stream from a graph input or to a graph output), the
+    output's width prunes apart from the input's (statistics over the input, kept outputs gathered); multi-axis:
+    frozen.
 
     The rewrite into standard ops divides by the original width, which equals the masked original exactly
     (ops/layernorm.py). Normalised over several axes: axes before `axis` pass through, the normalised ones are
@@ -109,8 +124,9 @@ def layer_norm(node, c):
 
 @rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
 def skip_layer_norm(node, c):
-    """onnxruntime's fused residual add + norm over the last axis: prunes like LayerNorm; removed channels of the
-    sum keep their constant bias in the masked original, and the rewrite counts it in the statistics."""
+    """onnxruntime's fused residual add + norm over the last axis: prunes like LayerNorm (the output's width apart
+    from the sum's where coupled they would stay frozen); removed channels of the sum keep their constant bias in
+    the masked original, and the rewrite counts it in the statistics."""
     x, y = node.input[0], node.output[0]
     r = c.rank(x)
     if not isinstance(c.shape(x)[-1], int) or c.dtype(x) not in FLOATS:
@@ -139,16 +155,33 @@ def _norm_params(node, c, x, y, r, params):
 
 def _last_axis_norm(node, c, x, y, r):
     layout = _LAST_AXIS_NORMS[node.op_type]
-    c.same(x, y)
     skip = layout.get("skip_index")
+    # The output's width couples with the input's ("same") unless that ends wholly frozen (a residual stream from a
+    # graph input or to a graph output): then, retried, the output prunes apart ("split"); the rewrite computes the
+    # statistics over the input's original width and gathers the kept output channels (ops/layernorm.py). A Skip
+    # norm's skip input, skip bias and sum output go with the input's width.
+    # Not where a quantizer reads the output: the rewritten statistics differ from the fused op's by float rounding,
+    # which a quantizer can turn into a whole level (seen on onnxruntime-quantized BERT: 0.015 off).
+    modes = ["same"] if _quantizer_reads(c.graph, y) else ["same", "split"]
+    split = c.choose(("norm width",), modes) == "split"
+    if split:
+        for ax in range(r - 1):
+            c.link(x, ax, y, ax)
+        c.touch(x, r - 1)
+        c.touch(y, r - 1)
+    else:
+        c.same(x, y)
+    width = c.virtual(c.shape(x)[-1], "norm width")
+    c.link(y, r - 1, width, 0)
+    c.bind_choice(width)
     if skip is not None:
         skip_name = node.input[skip]
         sr = c.rank(skip_name)
         for k in range(sr):  # skip may drop leading axes ([S, H] against [B, S, H])
-            c.link(skip_name, k, y, r - sr + k)
+            c.link(skip_name, k, x, r - sr + k)
         sum_output = layout["sum_output"]
         if len(node.output) > sum_output and node.output[sum_output]:
-            c.same(node.output[sum_output], y)
+            c.same(node.output[sum_output], x)
     stats = {layout.get(k) for k in ("mean_output", "inv_std_output")} - {None}
     for i in sorted(stats):  # Mean / InvStdDev: one value per row, the normalised axis kept as size 1
         if len(node.output) > i and node.output[i]:
@@ -156,15 +189,41 @@ def _last_axis_norm(node, c, x, y, r):
                 c.link(node.output[i], ax, y, ax)
             c.not_channel(node.output[i], [r - 1])
     params = [node.input[i] if i is not None and len(node.input) > i else ""
-              for i in (layout["scale_index"], layout["bias_index"], layout.get("skip_bias_index"))]
+              for i in (layout["scale_index"], layout["bias_index"])]
     _norm_params(node, c, x, y, r, params)
+    skip_bias = layout.get("skip_bias_index")
+    if skip_bias is not None and len(node.input) > skip_bias and node.input[skip_bias]:
+        p = node.input[skip_bias]  # added into the sum: it goes with the input's channels
+        c.role(p, "bias")
+        if c.shape(p)[-1] != c.shape(x)[-1]:
+            c.freeze(p, -1, reason="parameter does not match the normalised shape")
+        else:
+            c.link(p, c.rank(p) - 1, x, r - 1)
+        c.not_channel(p, range(c.rank(p) - 1))
     # onnxruntime's Skip* norms default to 1e-12, the ONNX-domain ones to 1e-5
     epsilon = float(c.attr("epsilon", 1e-12 if skip is not None else 1e-5))
     stash_type = int(c.attr("stash_type", 1))
 
     def fix(rw, node):
-        decompose_layer_norm(rw, node, epsilon, stash_type, **layout)
+        decompose_layer_norm(rw, node, epsilon, stash_type, split=split, **layout)
     c.fixup(fix)
+
+
+_QUANTIZERS = {"DynamicQuantizeLinear", "QuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
+# ops that move values without arithmetic: a rounding difference passes through them unchanged
+_MOVES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Gather", "Slice", "Split",
+          "Concat", "Expand", "Tile"}
+
+
+def _quantizer_reads(graph, name: str, depth: int = 0) -> bool:
+    """A quantizing op reads `name`, directly or through ops that only move values."""
+    for user, _ in graph.uses.get(name, []):
+        if user.op_type in _QUANTIZERS:
+            return True
+        if user.op_type in _MOVES and depth < 6 and any(
+                _quantizer_reads(graph, o, depth + 1) for o in user.output if o):
+            return True
+    return False
 
 
 @rule("LpNormalization", "MeanVarianceNormalization", "LRN")
