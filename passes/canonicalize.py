@@ -276,11 +276,16 @@ def _reshape_dims(graph: Graph, node):
     return tuple(dims)
 
 
+def _hoistable(node, outputs) -> bool:
+    """A standard Constant whose value can become an initializer (not a graph/body output itself)."""
+    return node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs
+
+
 def _constants_to_initializers(graph: Graph) -> int:
     kept, n = [], 0
     outputs = set(graph.output_names)
     for node in graph.nodes:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+        if _hoistable(node, outputs):
             graph.set_initializer(node.output[0], _constant_value(node))
             n += 1
         else:
@@ -374,7 +379,7 @@ def _flatten_body(graph: Graph, body: onnx.GraphProto, outer_rename: dict, taken
             n_hoisted += 1
     kept = []
     for n in body.node:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output[0] not in outputs:
+        if _hoistable(n, outputs):
             graph.set_initializer(n.output[0], _constant_value(n))
             n_hoisted += 1
         else:
