@@ -1259,3 +1259,32 @@ def test_constant_of_shape_copying_the_channel_dim_follows_it():
     assert not any("Shape op" in r for r in frozen_reasons(m)), frozen_reasons(m)
     p, _ = prune_checked(m)
     assert wshape(p, "cv1.w") == (4, 3, 3, 3) and wshape(p, "cv2.w") == (5, 4, 1, 1)
+
+
+def test_reshape_shape_tensor_shared_by_two_groups_is_rewritten_per_reader():
+    """The dynamo exporter computes one Concat(Shape(x)[:2], [C]) and hands it to the Reshape of every layer.
+    When the layers lose different counts, each Reshape must get its own target (GPT-2 dynamo under a global
+    allocation: 'cannot reshape {32,380} to {1,32,368}')."""
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.standard_normal((8, 12)).astype(np.float32),
+             "w2": rng.standard_normal((8, 12)).astype(np.float32),
+             "v1": rng.standard_normal((12, 8)).astype(np.float32),
+             "v2": rng.standard_normal((12, 8)).astype(np.float32),
+             "c": np.array([12], dtype=np.int64), "s": np.array([0], dtype=np.int64),
+             "e": np.array([2], dtype=np.int64)}
+    nodes = [helper.make_node("Shape", ["x"], ["sh"], name="shape"),
+             helper.make_node("Slice", ["sh", "s", "e"], ["lead"], name="lead"),
+             helper.make_node("Concat", ["lead", "c"], ["target"], axis=0, name="target"),
+             helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+             helper.make_node("MatMul", ["x", "w2"], ["b"], name="mm2"),
+             helper.make_node("Reshape", ["a", "target"], ["ra"], name="reshape_a"),
+             helper.make_node("Reshape", ["b", "target"], ["rb"], name="reshape_b"),
+             helper.make_node("MatMul", ["ra", "v1"], ["ya"], name="out1"),
+             helper.make_node("MatMul", ["rb", "v2"], ["yb"], name="out2"),
+             helper.make_node("Add", ["ya", "yb"], ["y"], name="sum")]
+    # dynamic batch and sequence, so Shape(x) cannot fold and the target stays a computed, shared tensor
+    model = make_model(nodes, [("x", ["batch", "seq", 8])], [("y", ["batch", "seq", 8])], inits)
+    pruned, report = graphprune.prune(model, ratio=0.5, importance="l1", exclude=("mm2",), verify_samples=2)
+    widths = sorted(kept for _g, _c, kept in report.kept_widths)
+    assert widths == [6], widths            # only the first layer's group pruned, the excluded one stays 12
+    assert report.verification["max_rel_diff"] < 1e-5

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 # ops that pass the values of a shape tensor through unchanged (a Reshape only regroups them: to a scalar or [1])
 _PASS = ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape")
@@ -129,6 +130,12 @@ def rewrite_shape_entries(rw, node, index, new_values):
             rw.set_const_input(node, index, new.reshape(rw.graph.const(name).shape))
         return
     producer = rw.graph.producer[name]
+    if len({id(n) for n, _ in rw.graph.uses.get(name, [])}) > 1 or name in rw.graph.output_names:
+        # a shape tensor other nodes read too (the dynamo exporter shares one Concat between the Reshapes of
+        # every layer): writing into it would resize the others, which may lose a different count; this
+        # reader gets its own copy of the producer
+        producer = _own_copy(rw, producer, name)
+        node.input[index] = producer.output[0]
     if producer.op_type in _PASS:  # values keep their order through these
         rewrite_shape_entries(rw, producer, 0, new_values)
         return
@@ -141,6 +148,19 @@ def rewrite_shape_entries(rw, node, index, new_values):
         if any(v is not None for v in part):
             rewrite_shape_entries(rw, producer, i, part)
         pos += n
+
+
+def _own_copy(rw, producer, name):
+    """A copy of the single-output node `producer` with a fresh output name, spliced in right after it (its
+    inputs are already computed there), for one reader to rewrite alone."""
+    clone = onnx.NodeProto()
+    clone.CopyFrom(producer)
+    clone.name = rw.fresh_name(f"{producer.name or name}_own")
+    del clone.output[:]
+    clone.output.append(rw.fresh_name(f"{name}_own"))
+    rw.replacements[id(producer)] = rw.replacements.get(id(producer), [producer]) + [clone]
+    rw.graph.producer[clone.output[0]] = clone
+    return clone
 
 
 # where a value derived from Shape() may end up and still be followed: (op, input index) of the rules that read
