@@ -40,6 +40,38 @@ def make_model(nodes, inputs, outputs, initializers=None, opset=17, value_info=N
     return model
 
 
+class GraphBuilder:
+    """A tiny ONNX graph builder for rule tests: every op gets a fresh output name; weights are seeded random
+    arrays. Test files subclass it with their own composite ops and `model()`."""
+
+    def __init__(self, seed=0):
+        self.nodes, self.inits, self.k = [], {}, 0
+        self.rng = np.random.default_rng(seed)
+
+    def op(self, op_type, inputs, outputs=1, **attrs):
+        self.k += 1
+        outs = [f"{op_type.lower()}{self.k}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self.k}", **attrs))
+        return outs if outputs > 1 else outs[0]
+
+    def const(self, value, name=None):
+        self.k += 1
+        name = name or f"c{self.k}"
+        self.inits[name] = np.asarray(value)
+        return name
+
+    def w(self, *shape, name, **kw):
+        return self.const(rand(*shape, seed=int(self.rng.integers(1 << 30)), **kw), name)
+
+    def matmul(self, x, cin, cout, name):
+        return self.op("MatMul", [x, self.w(cin, cout, name=f"{name}.w")])
+
+
+def wshape(model, name):
+    """Dims of initializer `name` of `model`."""
+    return next(tuple(t.dims) for t in model.graph.initializer if t.name == name)
+
+
 def prune_checked(model, ratio=0.5, expect_smaller=True, **kwargs):
     """Prune with verification on (raises if the pruned model differs from the masked original)."""
     kwargs.setdefault("verify_samples", 2)

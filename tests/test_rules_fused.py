@@ -13,37 +13,17 @@ from onnx import TensorProto, helper, numpy_helper
 import graphprune
 from graphprune.ir import attr
 
-from helpers import prune_checked, rand
+from helpers import GraphBuilder, prune_checked, wshape
 
 F = TensorProto.FLOAT
 MS = "com.microsoft"
 
 
-class Net:
-    """A tiny graph builder: fresh output names, seeded random weights, opset 17 + com.microsoft 1."""
-
-    def __init__(self, seed=0):
-        self.nodes, self.inits, self.k = [], {}, 0
-        self.rng = np.random.default_rng(seed)
-
-    def op(self, op_type, inputs, outputs=1, **attrs):
-        self.k += 1
-        outs = [f"{op_type.lower()}{self.k}_{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self.k}", **attrs))
-        return outs if outputs > 1 else outs[0]
+class Net(GraphBuilder):
+    """GraphBuilder with com.microsoft ops; models get opset 17 + com.microsoft 1."""
 
     def ms(self, op_type, inputs, outputs=1, **attrs):
         return self.op(op_type, inputs, outputs, domain=MS, **attrs)
-
-    def const(self, value, name):
-        self.inits[name] = np.asarray(value)
-        return name
-
-    def w(self, *shape, name, **kw):
-        return self.const(rand(*shape, seed=int(self.rng.integers(1 << 30)), **kw), name)
-
-    def matmul(self, x, cin, cout, name):
-        return self.op("MatMul", [x, self.w(cin, cout, name=f"{name}.w")])
 
     def model(self, inputs, outputs):
         def vi(spec):
@@ -53,10 +33,6 @@ class Net:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
         model.ir_version = 8
         return model
-
-
-def wshape(model, name):
-    return next(tuple(t.dims) for t in model.graph.initializer if t.name == name)
 
 
 def node_of(model, op_type):

@@ -12,35 +12,17 @@ from onnx import TensorProto, helper, numpy_helper
 import graphprune
 from graphprune.ops.layernorm import decompose_layer_norm  # noqa: F401  (the module under test)
 
-from helpers import group_sizes, make_model, prune_checked, rand
+from helpers import GraphBuilder, group_sizes, make_model, prune_checked, rand, wshape
 
 F = TensorProto.FLOAT
 
 
-class Net:
-    """A tiny ONNX graph builder: every op gets a fresh output name; weights are seeded random arrays."""
+class Net(GraphBuilder):
+    """GraphBuilder at a chosen opset, with the norm patterns exporters write."""
 
     def __init__(self, opset=17, seed=0):
-        self.opset, self.nodes, self.inits, self.k = opset, [], {}, 0
-        self.rng = np.random.default_rng(seed)
-
-    def op(self, op_type, inputs, outputs=1, **attrs):
-        self.k += 1
-        outs = [f"{op_type.lower()}{self.k}_{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self.k}", **attrs))
-        return outs if outputs > 1 else outs[0]
-
-    def const(self, value, name=None):
-        self.k += 1
-        name = name or f"c{self.k}"
-        self.inits[name] = np.asarray(value)
-        return name
-
-    def w(self, *shape, name, **kw):
-        return self.const(rand(*shape, seed=int(self.rng.integers(1 << 30)), **kw), name)
-
-    def matmul(self, x, cin, cout, name):
-        return self.op("MatMul", [x, self.w(cin, cout, name=f"{name}.w")])
+        super().__init__(seed)
+        self.opset = opset
 
     def reduce(self, op_type, x, axes, keepdims=1):
         """ReduceMean/ReduceSum with axes as an attribute or an input, as the opset wants."""
@@ -73,8 +55,20 @@ class Net:
         return make_model(self.nodes, inputs, outputs, self.inits, opset=self.opset)
 
 
-def wshape(model, name):
-    return next(tuple(t.dims) for t in model.graph.initializer if t.name == name)
+def _mask_hidden(model, removed):
+    """The masked original of an up.w -> ... -> down.w block by hand: the removed hidden channels zeroed in
+    up.w's columns and down.w's rows."""
+    masked = onnx.ModelProto()
+    masked.CopyFrom(model)
+    for t in masked.graph.initializer:
+        if t.name in ("up.w", "down.w"):
+            arr = numpy_helper.to_array(t).copy()
+            if t.name == "up.w":
+                arr[:, removed] = 0
+            else:
+                arr[removed, :] = 0
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    return masked
 
 
 def op_types(model):
@@ -149,15 +143,7 @@ def test_layer_norm_float16_computes_in_float32():
     kept_gamma = next(numpy_helper.to_array(t) for t in pruned.graph.initializer if t.name == "ln.gamma")
     kept = [int(np.flatnonzero(init["ln.gamma"] == g)[0]) for g in kept_gamma]
     removed = sorted(set(range(12)) - set(kept))
-    masked = onnx.ModelProto()
-    masked.CopyFrom(model)
-    for t in masked.graph.initializer:
-        arr = numpy_helper.to_array(t).copy()
-        if t.name == "up.w":
-            arr[:, removed] = 0
-        elif t.name == "down.w":
-            arr[removed, :] = 0
-        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    masked = _mask_hidden(model, removed)
     from graphprune.runtime import session
     x = np.random.default_rng(0).standard_normal((2, 5, 10)).astype(np.float32)
     want = session(masked).run(None, {"x": x})[0]
@@ -547,18 +533,7 @@ def test_tf2onnx_layer_norm_lowering_prunes_its_width():
     # down.w rows zeroed, gamma/beta removed entries zeroed), run as exported
     kept = np.flatnonzero(np.isin(net.inits["ln.gamma"], numpy_helper.to_array(
         next(t for t in pruned.graph.initializer if t.name == "ln.gamma"))))
-    masked = onnx.ModelProto()
-    masked.CopyFrom(model)
-    removed = np.setdiff1d(np.arange(12), kept)
-    for t in masked.graph.initializer:
-        arr = numpy_helper.to_array(t).copy()
-        if t.name == "up.w":
-            arr[:, removed] = 0
-        elif t.name == "down.w":
-            arr[removed, :] = 0
-        else:
-            continue
-        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    masked = _mask_hidden(model, np.setdiff1d(np.arange(12), kept))
     from graphprune.runtime import session
     x = np.random.default_rng(1).standard_normal((3, 7, 10)).astype(np.float32)
     np.testing.assert_allclose(session(pruned).run(None, {"x": x})[0], session(masked).run(None, {"x": x})[0],

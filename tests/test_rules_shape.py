@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphprune
 from graphprune.plan import GroupPlan, RewritePlan, member_key
 
-from helpers import group_sizes, make_model, prune_checked, rand
+from helpers import group_sizes, make_model, prune_checked, rand, wshape
 
 INT64 = TensorProto.INT64
 
@@ -102,10 +102,6 @@ def const_input(model, node_name, index):
 
 def attr(model, node_name, key):
     return helper.get_attribute_value(next(a for a in node(model, node_name).attribute if a.name == key))
-
-
-def wshape(model, name):
-    return inits(model)[name].shape
 
 
 def frozen_reasons(model):
