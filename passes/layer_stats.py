@@ -86,6 +86,20 @@ class Runner:
         return dict(zip(self.names, self.sess.run(self.names, {k: feed[k] for k in self.inputs})))
 
 
+def pack(items: list, size, budget: float) -> list[list]:
+    """Consecutive runs of `items` whose `size(item)` add up to at most `budget` (an item larger than the budget
+    gets a run of its own): how many layers one calibration run may serve within a memory bound."""
+    runs, current, used = [], [], 0
+    for item in items:
+        need = size(item)
+        if current and used + need > budget:
+            runs.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += need
+    return runs + ([current] if current else [])
+
+
 def feed_batches(graph: Graph, feeds: dict, batch: int = 16) -> list[dict]:
     """The calibration samples in the batches every run uses (the model's static batch, if it has one)."""
     return list(batches(feeds, static_batch(graph.inputs) or batch))

@@ -53,7 +53,7 @@ from onnx import helper
 
 from graphprune.ir import Graph, attr
 
-from .layer_stats import PrefixCache, at_positions, conv_columns, conv_output_size, feed_batches
+from .layer_stats import PrefixCache, at_positions, conv_columns, conv_output_size, feed_batches, pack
 from .sparse_layers import _resolved_pads
 
 DAMPING = (0.001, 0.01, 0.1, 1.0)  # candidate λ / mean diag(XᵀX/n), chosen per output on held-out batches
@@ -587,15 +587,8 @@ class _Undo:
 # ---- the pass ---------------------------------------------------------------------------------------------
 def _chunks(groups: list, probes: dict, n_batches: int) -> list:
     """Consecutive waves whose dense target rows fit TARGET_BUDGET together (at least one wave each)."""
-    out, current, size = [], [], 0
-    for wave in groups:
-        need = sum(4 * probes[layer.name].rows * n_batches * len(probes[layer.name].kept) for layer in wave)
-        if current and size + need > TARGET_BUDGET:
-            out.append(current)
-            current, size = [], 0
-        current.append(wave)
-        size += need
-    return out + ([current] if current else [])
+    return pack(groups, lambda wave: sum(4 * probes[layer.name].rows * n_batches * len(probes[layer.name].kept)
+                                         for layer in wave), TARGET_BUDGET)
 
 
 def reconstruct(dense: Graph, pruned: Graph, removed: dict, feeds: dict, source: str = "", seed: int = 0,

@@ -30,6 +30,7 @@ from graphprune.ir import Graph
 from graphprune.runtime import check_model, compare_arrays, expose, run, session
 from graphprune.timing import MARGIN, SessionBench, TimingCache, compare
 
+from .layer_stats import pack
 from .sparse_cost import CostModel, candidate_formats
 from .sparse_layers import Layer, block_width, find_layers, sparse_node, sparse_op_type
 from .sparse_stats import DAMP, collect as collect_stats, probe_shapes, stats_key
@@ -217,15 +218,7 @@ def sparsify(graph: Graph, sparsity: float, feeds: dict, source: str = "", fmt: 
 # ---- SparseGPT per layer --------------------------------------------------------------------------------
 def _memory_groups(layers: list[Layer]) -> list[list[Layer]]:
     """Split layers so that no calibration run holds more than GRAM_BUDGET bytes of Gram matrices."""
-    groups, current, size = [], [], 0
-    for layer in layers:
-        need = 8 * layer.rows ** 2
-        if current and size + need > GRAM_BUDGET:
-            groups.append(current)
-            current, size = [], 0
-        current.append(layer)
-        size += need
-    return groups + ([current] if current else [])
+    return pack(layers, lambda layer: 8 * layer.rows ** 2, GRAM_BUDGET)
 
 
 def _sparse_weights(graph, plans, feeds, sparsity, reports, say, sequential: bool = True) -> tuple:
