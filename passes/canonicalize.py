@@ -276,21 +276,21 @@ def _reshape_dims(graph: Graph, node):
     return tuple(dims)
 
 
-def _hoistable(node, outputs) -> bool:
-    """A standard Constant whose value can become an initializer (not a graph/body output itself)."""
-    return node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs
-
-
-def _constants_to_initializers(graph: Graph) -> int:
+def _hoist_constants(graph: Graph, nodes, outputs) -> tuple[list, int]:
+    """Turn the standard Constants among `nodes` into initializers of `graph` (not those that are themselves a
+    graph/body output). Returns (the remaining nodes, how many were hoisted)."""
     kept, n = [], 0
-    outputs = set(graph.output_names)
-    for node in graph.nodes:
-        if _hoistable(node, outputs):
+    for node in nodes:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
             graph.set_initializer(node.output[0], _constant_value(node))
             n += 1
         else:
             kept.append(node)
-    graph.nodes = kept
+    return kept, n
+
+
+def _constants_to_initializers(graph: Graph) -> int:
+    graph.nodes, n = _hoist_constants(graph, graph.nodes, set(graph.output_names))
     return n
 
 
@@ -377,13 +377,8 @@ def _flatten_body(graph: Graph, body: onnx.GraphProto, outer_rename: dict, taken
             graph.set_initializer(t.name, numpy_helper.to_array(t))
             body.initializer.remove(t)
             n_hoisted += 1
-    kept = []
-    for n in body.node:
-        if _hoistable(n, outputs):
-            graph.set_initializer(n.output[0], _constant_value(n))
-            n_hoisted += 1
-        else:
-            kept.append(n)
+    kept, hoisted = _hoist_constants(graph, body.node, outputs)
+    n_hoisted += hoisted
     del body.node[:]
     body.node.extend(kept)
     for n in body.node:
