@@ -12,6 +12,7 @@ import numpy as np
 from ..rules import rule
 from .conv import conv as _conv_rule
 from .conv import matmul as _matmul_rule
+from .rnn import link_gates
 
 
 class _Renamed:
@@ -86,9 +87,7 @@ def _per_channel(c, param, y, y_axis, size):
 @rule("MatMulInteger")
 def matmul_integer(node, c):
     """Like MatMul with a constant int8 B: K is contracted, N is produced; b_zero_point (per column) goes with N, a_zero_point stays a scalar."""
-    a, b = node.input[0], node.input[1]
-    a_zp = node.input[2] if len(node.input) > 2 else ""
-    b_zp = node.input[3] if len(node.input) > 3 else ""
+    a, b, a_zp, b_zp = (list(node.input) + ["", ""])[:4]
     _matmul_rule(_Renamed(node, [a, b]), c)
     if c.const(b) is not None and a_zp:
         c.mask_fill(a, a_zp)
@@ -104,9 +103,7 @@ def matmul_integer(node, c):
 @rule("ConvInteger")
 def conv_integer(node, c):
     """Like Conv on uint8/int8 inputs: output channels are weight rows, input channels weight columns; w_zero_point (per output channel) goes with the rows."""
-    x, w = node.input[0], node.input[1]
-    x_zp = node.input[2] if len(node.input) > 2 else ""
-    w_zp = node.input[3] if len(node.input) > 3 else ""
+    x, w, x_zp, w_zp = (list(node.input) + ["", ""])[:4]
     _conv_rule(_Renamed(node, [x, w]), c)
     ws = c.shape(w)
     if x_zp:
@@ -126,13 +123,7 @@ def dynamic_quantize_lstm(node, c):
     if c.const(w) is None or c.const(r) is None or hidden is None:
         c.freeze_all("recurrent weights are not constant")
         return
-    unit = c.virtual(hidden, "hidden")
-    cols = np.arange(gates * hidden)
-    c.role(w, "weight")
-    c.role(r, "weight")
-    c.link(w, 2, unit, 0, cols, cols % hidden)
-    c.link(r, 2, unit, 0, cols, cols % hidden)
-    c.link(r, 1, unit, 0)                      # the recurrent input: hidden unit h reads row h of R
+    unit = link_gates(c, w, r, hidden, gates, gate_axis=2, recurrent_axis=1)
     # The node quantizes its hidden state with a dynamic range, so a removed unit must be exactly 0 in the masked
     # reference, not merely unread: with its gate columns of W and R at the zero point and its bias rows at 0,
     # every gate pre-activation is 0, so g = tanh(0) = 0 and c_t = f·c_{t-1} + i·g stays 0 from c_0 = 0 (the
@@ -152,7 +143,8 @@ def dynamic_quantize_lstm(node, c):
         shape = c.shape(scale_or_zp) if scale_or_zp else None
         if shape is None:
             continue
-        if len(shape) == 2 and shape[1] == gates * hidden:
+        if len(shape) == 2 and shape[1] == gates * hidden:   # per gate column, like W's and R's gate axis
+            cols = np.arange(gates * hidden)
             c.link(scale_or_zp, 1, unit, 0, cols, cols % hidden)
             c.not_channel(scale_or_zp, [0])
         else:

@@ -9,6 +9,21 @@ from ..rules import rule
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
+def link_gates(c, w, r, hidden: int, gates: int, gate_axis: int, recurrent_axis: int):
+    """The hidden units of a recurrent layer as one virtual axis: hidden unit h owns entry h of every gate block
+    (gate-axis entry j belongs to unit j mod hidden) in W and R, and is the recurrent input R reads on
+    `recurrent_axis`. ONNX's LSTM/GRU/RNN lay gates on axis 1 and read the state on axis 2; onnxruntime's
+    DynamicQuantizeLSTM stores both transposed. Returns the virtual axis."""
+    unit = c.virtual(hidden, "hidden")
+    entries = np.arange(gates * hidden)
+    c.role(w, "weight")
+    c.role(r, "weight")
+    c.link(w, gate_axis, unit, 0, entries, entries % hidden)
+    c.link(r, gate_axis, unit, 0, entries, entries % hidden)
+    c.link(r, recurrent_axis, unit, 0)
+    return unit
+
+
 @rule("LSTM", "GRU", "RNN")
 def recurrent(node, c):
     """Hidden unit h owns its gate rows in W/R/B/P, column h of R, and slot h of Y, Y_h, Y_c and initial states; hidden_size is rewritten."""
@@ -22,13 +37,7 @@ def recurrent(node, c):
     if c.const(w) is None or c.const(r) is None or hidden is None:
         c.freeze_all("recurrent weights are not constant")
         return
-    unit = c.virtual(hidden, "hidden")
-    rows = np.arange(gates * hidden)
-    c.role(w, "weight")
-    c.role(r, "weight")
-    c.link(w, 1, unit, 0, rows, rows % hidden)
-    c.link(r, 1, unit, 0, rows, rows % hidden)
-    c.link(r, 2, unit, 0)                     # recurrent consumer column
+    unit = link_gates(c, w, r, hidden, gates, gate_axis=1, recurrent_axis=2)
     c.oracle_mask(r, 2, r, 2)
     c.not_channel(w, [0])
     c.not_channel(r, [0])
