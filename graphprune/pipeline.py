@@ -408,9 +408,9 @@ def _trial(base: Context, target: float, pm: PassManager, verify: bool) -> Conte
     statistics and scores of `base`. The analysis' fixups name nodes of the dense graph, which the rewrite edits
     in place: they are pointed at the copy's nodes (same order) so the dense graph stays dense for the next trial."""
     from dataclasses import replace
-    from .metrics import set_dims
     graph = base.graph.clone()
-    set_dims(graph, getattr(base.graph, "macs_dims", {}))
+    # the dense graph's dims are already resolved (set_dims: probe runs, shape inference at those values)
+    graph.macs_dims = dict(getattr(base.graph, "macs_dims", {}))
     same = {id(a): b for a, b in zip(base.graph.nodes, graph.nodes)}
     analysis = replace(base.analysis, fixups=[(same.get(id(n), n), fn) for n, fn in base.analysis.fixups])
     ctx = replace(base, options=base.options.replace(target_macs=target, verify=verify), graph=graph,
