@@ -85,11 +85,13 @@ class _Consumer:
         """Remove input channels `idx` with optimal compensation; returns the exact relative loss added."""
         block = self.h_inv[np.ix_(idx, idx)]
         ws = self.rows[idx]
-        solve_w = np.linalg.lstsq(block, ws, rcond=None)[0]             # [(H⁻¹)_SS]⁻¹ W_S
-        added = float(np.sum(ws * solve_w))
         cols = self.h_inv[:, idx]                                       # (H⁻¹)_{:,S}
+        # one factorisation of (H⁻¹)_SS for both right-hand sides: [(H⁻¹)_SS]⁻¹ W_S and [(H⁻¹)_SS]⁻¹ (H⁻¹)_{S,:}
+        solved = np.linalg.lstsq(block, np.hstack([ws, cols.T]), rcond=None)[0]
+        solve_w, solve_h = solved[:, : ws.shape[1]], solved[:, ws.shape[1]:]
+        added = float(np.sum(ws * solve_w))
         self.rows -= cols[: self.channels] @ solve_w
-        self.h_inv -= cols @ np.linalg.lstsq(block, cols.T, rcond=None)[0]
+        self.h_inv -= cols @ solve_h
         self.rows[idx] = 0.0
         self.h_inv[idx, :] = 0.0
         self.h_inv[:, idx] = 0.0
