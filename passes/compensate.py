@@ -19,15 +19,23 @@ def _single_reader(graph, name) -> bool:
     return len({id(n) for n, _ in graph.uses.get(name, [])}) == 1
 
 
-def _consumers(analysis, removed):
+def refittable(analysis):
+    """Consumers whose weight a compensation may replace: one reader of a float initializer, channel-wise reads
+    (block 1). Tied or quantised weights are left alone: a refit would have to serve every reader."""
     graph = analysis.graph
     for cons in analysis.consumers:
-        idx = removed.get((cons.x, cons.x_axis))
-        if idx is None or not len(idx) or cons.block != 1 or cons.weight not in graph.initializers:
+        if cons.block != 1 or cons.weight not in graph.initializers:
             continue
         if graph.initializers[cons.weight].dtype.kind != "f" or not _single_reader(graph, cons.weight):
-            continue  # tied or quantised weights: a refit would have to serve every reader
-        yield cons, idx
+            continue
+        yield cons
+
+
+def _consumers(analysis, removed):
+    for cons in refittable(analysis):
+        idx = removed.get((cons.x, cons.x_axis))
+        if idx is not None and len(idx):
+            yield cons, idx
 
 
 def ensure_biases(graph) -> int:

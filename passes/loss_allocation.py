@@ -234,7 +234,7 @@ def measure_gains(analysis, stats, loss_curves: dict, feeds: dict, levels=PROBE_
     and far more at 90 %). A few probes per group, in one session whose masks and consumer weights are inputs
     (passes.sensitivity.MaskedModel), put every curve on the output's scale at the depths the allocation uses."""
     from .compensate import _consumers, obs_updates
-    from .sensitivity import MaskedModel, relative_error
+    from .sensitivity import MaskedModel, members_needing_masks, relative_error, zero_removed_rows
     graph = analysis.graph
     plans = {}
     weight_names = set()
@@ -256,13 +256,16 @@ def measure_gains(analysis, stats, loss_curves: dict, feeds: dict, levels=PROBE_
                 if found is not None:
                     weight_names.add(found[0])
         plans[g.id] = steps
-    model = MaskedModel(analysis, weight_inputs=weight_names)
+    # masks only where zeroed weight rows do not already remove the channels: every mask (a Where on each read)
+    # also blocks onnxruntime's Conv fusions; on EfficientNet-Lite0 a probe then takes 0.16 s, not 0.27 s
+    model = MaskedModel(analysis, weight_inputs=weight_names, only=members_needing_masks(analysis))
     dense = model.run(feeds)
     out = {}
     for n_done, (gid, steps) in enumerate(plans.items()):
         ks, gains = [], []
         for k, removed, predicted in steps:
             updates, _ = obs_updates(analysis, removed, stats)
+            updates = zero_removed_rows(analysis, removed, updates)
             error = relative_error(model.run(feeds, removed, updates), dense)
             ks.append(k)
             gains.append(error / predicted if predicted > 0 else (1e6 if error > 0 else 1.0))

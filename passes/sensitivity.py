@@ -24,11 +24,72 @@ LEVELS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 _FLOAT = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
 
+# ops whose output channel c is computed from input channel c alone, in the same layout (unary maps, broadcast
+# arithmetic, per-channel norms, pooling): a removed channel's values stay in that channel through them
+CHANNEL_LOCAL = frozenset({
+    "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu", "Celu", "Softplus",
+    "Softsign", "Erf", "Gelu", "Mish", "PRelu", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Identity",
+    "Dropout", "Cast", "Add", "Sub", "Mul", "Div", "BatchNormalization", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "GlobalMaxPool"})
+
+
+def _depthwise(graph, node) -> bool:
+    """A Conv whose every output channel reads exactly its own input channel (group = channels, multiplier 1)."""
+    if node.op_type != "Conv" or node.input[1] not in graph.initializers:
+        return False
+    w = graph.initializers[node.input[1]]
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return w.ndim >= 3 and w.shape[1] == 1 and group == w.shape[0] > 1
+
+
+def members_needing_masks(analysis) -> set[tuple[str, int]]:
+    """The (tensor, axis) members whose reads still need a mask when a probe removes channels by zeroing the
+    removed rows of every refittable consumer's weight (which the OBS refit does anyway) instead of masking
+    every read. A removed channel's values may then flow on, wrong, through channel-local ops into other members
+    of its group, as long as every place they end is a weight row that is zero: the outputs are exactly the
+    masked ones. A read by anything else (a norm over the channels, attention's activation-activation MatMul, a
+    reshape, a control-flow body, a tied or quantised weight) keeps its mask."""
+    from .compensate import refittable
+    graph = analysis.graph
+    group_of = {m: g.id for g in analysis.groups for m in g.members}
+    rows_zeroed = {(c.node, c.x, c.x_axis) for c in refittable(analysis)}
+    need = set()
+    for (name, ax), gid in group_of.items():
+        if name in graph.initializers:
+            continue
+        for node, _ in graph.uses.get(name, []):
+            if (node.name, name, ax) in rows_zeroed:
+                continue
+            local = node.op_type in CHANNEL_LOCAL or _depthwise(graph, node)
+            out = node.output[0] if node.output else ""
+            rank = len(graph.shape(out) or ()) if out else 0
+            if local and any(group_of.get((out, a)) == gid for a in range(rank)):
+                continue
+            need.add((name, ax))
+            break
+    return need
+
+
+def zero_removed_rows(analysis, removed: dict, weights: dict) -> dict:
+    """`weights` with the removed input rows of every refittable consumer set to zero (taken from the graph when
+    absent): what `members_needing_masks` relies on for the reads it leaves unmasked."""
+    from .compensate import _consumers
+    out = dict(weights)
+    for cons, idx in _consumers(analysis, removed):
+        w = np.array(out.get(cons.weight, analysis.graph.initializers[cons.weight]), copy=True)
+        index = [slice(None)] * w.ndim
+        index[cons.weight_axis] = np.asarray(idx, dtype=np.int64)
+        w[tuple(index)] = 0
+        out[cons.weight] = w
+    return out
+
+
 class MaskedModel:
     """The graph with a bool mask input applied to every read of a prunable channel tensor, one per axis.
-    `weight_inputs`: initializers turned into graph inputs too, so a probe can feed compensated weights."""
+    `weight_inputs`: initializers turned into graph inputs too, so a probe can feed compensated weights.
+    `only`: mask just these (tensor, axis) members (see `members_needing_masks`); None masks every member."""
 
-    def __init__(self, analysis, providers=CPU, weight_inputs=()):
+    def __init__(self, analysis, providers=CPU, weight_inputs=(), only: set | None = None):
         graph = analysis.graph
         model = graph.to_model(with_value_info=False)
         self.weights = {}
@@ -41,7 +102,9 @@ class MaskedModel:
                     self.weights[t.name] = graph.initializers[t.name]
             del model.graph.initializer[:]
             model.graph.initializer.extend(keep)
-        members = {m for grp in analysis.groups for m in grp.members}
+        # a weight fed as an input keeps its masks whatever `only` says: cheap, and what the full oracle does
+        members = {m for grp in analysis.groups for m in grp.members
+                   if only is None or m in only or m[0] in self.weights}
         axes_of: dict[str, list[int]] = {}
         for name, ax in sorted(members):
             axes_of.setdefault(name, []).append(ax)

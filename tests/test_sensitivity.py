@@ -47,3 +47,34 @@ def test_sensitivity_scope_meets_macs_target_and_verifies():
     assert report.sensitivity and report.verification["max_rel_diff"] < 1e-4
     with pytest.raises(graphprune.GraphpruneError, match="target"):
         graphprune.prune(str(MNIST), scope="sensitivity", ratio=0.3)
+
+
+@pytest.mark.parametrize("name", ["hand_se.legacy", "hand_cbam.dynamo", "efficientnet_b0.legacy", "bert.legacy",
+                                  "hand_lstm_classifier.legacy", "hand_shuffle.legacy", "hand_glu_mlp.dynamo"])
+def test_probe_masks_only_where_zero_weight_rows_do_not_remove_the_channels(name):
+    """The loss allocation's probes mask only the reads that zeroed consumer rows leave exposed; with every group
+    cut at once their outputs equal the oracle that masks every read."""
+    from graphprune.feeds import synthetic_feeds
+    from graphprune.passes.compensate import _consumers
+    from graphprune.passes.sensitivity import MaskedModel, members_needing_masks, zero_removed_rows
+    from models.corpus_tools import corpus_dir, refill_weights
+    analysis = graphprune.analyze_model(refill_weights(onnx.load(str(corpus_dir() / f"{name}.onnx"))))
+    feeds = synthetic_feeds(analysis.graph, samples=2)
+    rng = np.random.default_rng(0)
+    removed: dict = {}
+    for g in analysis.groups:
+        if len(g.units) > 1:
+            for u in rng.choice(len(g.units), max(1, len(g.units) // 3), replace=False):
+                for member, idx in g.units[u].elements.items():
+                    removed.setdefault(member, []).extend(int(i) for i in idx)
+    weights = {c.weight for c, _ in _consumers(analysis, removed)}
+    full = MaskedModel(analysis, weight_inputs=weights)
+    need = members_needing_masks(analysis)
+    lean = MaskedModel(analysis, weight_inputs=weights, only=need)
+    activation_masks = [k for k in lean.masks if k[0] not in lean.weights]
+    assert len(activation_masks) < len([k for k in full.masks if k[0] not in full.weights])
+    ref = full.run(feeds, removed)
+    got = lean.run(feeds, removed, zero_removed_rows(analysis, removed, {}))
+    assert any(not np.allclose(r, d) for r, d in zip(ref, full.run(feeds), strict=True))   # the cut changes the outputs
+    for r, y in zip(ref, got, strict=True):
+        np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-5 * float(np.abs(r).max()))
