@@ -79,6 +79,19 @@ def topk_agreement(dense_logits: np.ndarray, pruned_logits: np.ndarray, k: int =
     return float((topk == target[:, None]).any(1).mean())
 
 
+def mean_kl(dense_logits: np.ndarray, pruned_logits: np.ndarray) -> float:
+    """Mean over samples of KL(softmax(dense) ‖ softmax(pruned)) in nats: how much of the dense class
+    distribution the pruned model loses, near-ties included (top-1 agreement flips on them)."""
+    d = np.asarray(dense_logits, np.float64).reshape(len(dense_logits), -1)
+    p = np.asarray(pruned_logits, np.float64).reshape(len(pruned_logits), -1)
+
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+    ld, lp = log_softmax(d), log_softmax(p)
+    return float(np.mean(np.sum(np.exp(ld) * (ld - lp), axis=1)))
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of matching rows."""
     a = np.asarray(a, np.float64).reshape(len(a), -1)
@@ -282,7 +295,8 @@ class ClassifyEvaluator(Evaluator):
 
 
 class AgreementEvaluator(Evaluator):
-    metrics = [("top1", "top-1 agreement"), ("top5", "top-5 agreement")]
+    metrics = [("top1", "top-1 agreement"), ("top5", "top-5 agreement"),
+               ("kl100", "mean KL(dense ‖ pruned) ×100 in nats (dense 0)")]
 
     def setup(self):
         x = self.data["input"]
@@ -295,7 +309,8 @@ class AgreementEvaluator(Evaluator):
 
     def score(self, model):
         p = run_model(model, {"input": self.x}, 32)
-        return {"top1": 100 * topk_agreement(self.dense, p, 1), "top5": 100 * topk_agreement(self.dense, p, 5)}
+        return {"top1": 100 * topk_agreement(self.dense, p, 1), "top5": 100 * topk_agreement(self.dense, p, 5),
+                "kl100": 100 * mean_kl(self.dense, p)}
 
     def header(self):
         top1 = self.meta.get("dense_centre_top1", {})

@@ -42,6 +42,14 @@ def test_topk_agreement_counts_the_dense_top1_in_the_pruned_topk():
     assert fid.topk_agreement(dense, pruned, 4) == 1.0
 
 
+def test_mean_kl_is_zero_for_equal_logits_and_matches_a_hand_computed_pair():
+    logits = np.random.default_rng(0).normal(size=(5, 10))
+    assert abs(fid.mean_kl(logits, logits + 3.0)) < 1e-12          # a shift leaves the softmax unchanged
+    dense, pruned = np.log(np.array([[0.5, 0.5]])), np.log(np.array([[0.9, 0.1]]))
+    expected = 0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1)
+    assert abs(fid.mean_kl(dense, pruned) - expected) < 1e-12
+
+
 def test_accuracy_and_relative():
     assert fid.accuracy(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == 0.75
     assert fid.relative(0.5, 1.0) == 50.0
