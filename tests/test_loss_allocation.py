@@ -93,3 +93,12 @@ def test_groups_without_curves_are_never_selected():
     assert np.isinf(s[~np.isin(np.arange(3), Curve.order)]).all()
     assert list(np.argsort(s[Curve.order])) == [0, 1, 2]      # the greedy order survives ties (0.0 and up)
     assert np.isclose(s[1], 0.15)                            # marginal 0.3 per 2 MACs saved
+
+
+def test_curve_points_are_fractions_of_the_groups_units_not_of_the_curve():
+    from graphprune.passes.loss_allocation import LossCurve
+    # 10 units, the curve stops at 9 (max_ratio 0.9): removing half the group is the first 5 marginals
+    curve = LossCurve(np.arange(9), np.arange(1.0, 10.0), consumers=1, units=10)
+    assert curve.at(0.5) == 1 + 2 + 3 + 4 + 5
+    assert curve.at(1.0) == sum(range(1, 10))          # beyond the curve's end: its end
+    assert curve.at(0.0) == 0.0
