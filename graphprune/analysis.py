@@ -151,7 +151,7 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
-def analyze(graph: Graph, exclude: list[str] | None = None, whole_heads: bool = False,
+def analyze(graph: Graph, exclude: list[str] | None = None, whole_heads: bool | str = False,
             max_retries: int = 4) -> Analysis:
     """Run every op rule, group coupled channels, freeze the rest with reasons."""
     choices: dict = {}

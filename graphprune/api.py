@@ -27,7 +27,7 @@ def load_graph(model_or_path) -> tuple[Graph, bool]:
     return graph, external
 
 
-def analyze_model(model_or_path, exclude=None, whole_heads: bool = False) -> Analysis:
+def analyze_model(model_or_path, exclude=None, whole_heads: bool | str = False) -> Analysis:
     """Channel groups and frozen groups (with reasons) of a model, without pruning it."""
     from .passmanager import PassManager
     graph, _ = load_graph(model_or_path)

@@ -359,18 +359,20 @@ def _print_summary(report, output, verbose: bool) -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--exclude", multiple=True, help="Node-name glob pattern whose channels stay (repeatable).")
+@click.option("--heads", type=click.Choice(["auto", "whole", "inner"]), default="auto", show_default=True,
+              help="Head splits as `prune` takes them: whole heads at attention (auto), everywhere, or inner channels.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-v", "--verbose", is_flag=True, help="List every group and every frozen group with its reason.")
 @click.option("--graph", "graph_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the groups and the tensors and nodes they touch as GraphML.")
-def analyze(model, exclude, as_json, verbose, graph_out):
+def analyze(model, exclude, heads, as_json, verbose, graph_out):
     """Show MODEL's channel groups, their sizes, and frozen channels with reasons."""
     from .api import analyze_model
     from .report import PruneReport
     if not model.exists():
         _fail(f"model file not found: {model}")
     try:
-        analysis = analyze_model(str(model), exclude=list(exclude))
+        analysis = analyze_model(str(model), exclude=list(exclude), whole_heads=heads)
     except GraphpruneError as exc:
         _fail(str(exc))
     except MemoryError:

@@ -64,8 +64,12 @@ class PruneOptions:
     min_channels: int = _opt(1, "Keep at least N channels per group (N >= 1).")
     exclude: tuple[str, ...] = _opt(None, "Node-name glob pattern whose channels stay (repeatable).",
                                     multiple=True, default_factory=tuple)
-    whole_heads: bool = _opt(False, "Where a reshape splits an axis (attention heads, channel groups), remove whole "
-                                    "heads/groups instead of the same inner channels of every head.", flag=True)
+    heads: str = _opt("auto", "Where a reshape or fused attention splits an axis into heads/groups x inner "
+                              "channels: whole: remove whole heads/groups; inner: the same inner channels of every "
+                              "head/group (the finest units); auto: whole heads where the split feeds attention "
+                              "(a product of two activations), inner channels elsewhere (channel shuffle, group "
+                              "norm).", choices=("auto", "whole", "inner"))
+    whole_heads: bool = _opt(False, "Same as --heads whole.", flag=True)
     # -- data -----------------------------------------------------------------------------------------------
     calib: str | None = _opt(None, "Calibration data: .npz of input feeds (first axis = samples) or a folder of "
                                    ".npy/images.")
@@ -143,6 +147,13 @@ class PruneOptions:
         return None
 
     @property
+    def head_mode(self) -> str:
+        """How head splits are pruned: --whole-heads forces 'whole', else --heads (default 'auto': whole heads where
+        the split feeds attention. MiniLM, 1.5x fewer MACs with --calib: embedding cosine 0.918 with inner
+        channels, 0.939 with whole heads; 2x: 0.852 -> 0.882; data-free 0.649 -> 0.676)."""
+        return "whole" if self.whole_heads else self.heads
+
+    @property
     def allocation_scope(self) -> str:
         """The scope 'auto' resolves to, with a budget (MACs/params target or --min-fidelity) and obspa:
         with calibration data the compensation-aware 'loss' allocation (1.5x fewer MACs, % of dense: MiniLM
@@ -194,7 +205,7 @@ class PruneOptions:
         """The options a plan records, so a replay can say how it was made."""
         return {"ratio": self.effective_ratio, "importance": self.importance, "round_to": self.round_to,
                 "min_channels": self.min_channels, "exclude": list(self.exclude), "seed": self.seed,
-                "whole_heads": self.whole_heads, "scope": self.allocation_scope, "target_macs": self.target_macs,
+                "heads": self.head_mode, "scope": self.allocation_scope, "target_macs": self.target_macs,
                 "target_params": self.target_params, "compensate": self.compensate,
                 "calib": str(self.calib) if self.calib is not None else None}
 

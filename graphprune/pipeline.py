@@ -81,7 +81,7 @@ def _add_biases(ctx: Context) -> str:
 
 def _analyze(ctx: Context) -> str:
     o = ctx.options
-    ctx.analysis = analyze(ctx.graph, exclude=list(o.exclude), whole_heads=o.whole_heads)
+    ctx.analysis = analyze(ctx.graph, exclude=list(o.exclude), whole_heads=o.head_mode)
     ctx.report.add_analysis(ctx.analysis)
     ctx.report.diagnostics = list(ctx.analysis.diagnostics)
     return f"{len(ctx.analysis.groups)} groups, {len(ctx.analysis.frozen_groups)} frozen"

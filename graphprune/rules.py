@@ -95,11 +95,16 @@ class Coupler:
     (`element_reasons()`, `reasons`), and the weights' roles, consumers, producers, contractions, oracle masks,
     fixups and layout choices. Only graphprune.analysis reads that record; later stages read the `Analysis`."""
 
-    def __init__(self, graph: Graph, choices: dict | None = None, whole_heads: bool = False):
+    def __init__(self, graph: Graph, choices: dict | None = None, whole_heads: bool | str = False):
         self.graph = graph
         self._virtual_shapes: dict[str, tuple[int]] = {}  # meeting points rules create; never in graph.shapes
-        # where a reshape splits an axis: prune the outer factor (whole heads / groups) instead of the finest
-        self.whole_heads = whole_heads
+        # where a reshape or fused attention splits an axis into heads/groups × inner channels: prune the outer
+        # factor (whole heads / groups, "whole"), the finest units ("inner"), or whole heads where the split
+        # feeds attention and inner channels elsewhere ("auto"); True/False are "whole"/"inner"
+        self.heads = {True: "whole", False: "inner"}.get(whole_heads, whole_heads)
+        if self.heads not in HEAD_MODES:
+            raise ValueError(f"heads must be one of {', '.join(HEAD_MODES)}, not {whole_heads!r}")
+        self._attention_memo: dict[str, bool] = {}
         self.slots: dict[tuple[str, int], tuple[int, int]] = {}
         self.slot_list: list[tuple[str, int]] = []
         self.n = 0
@@ -350,6 +355,18 @@ class Coupler:
         self.choice_log.append(Choice(key, pick, list(candidates)))
         return pick
 
+    @property
+    def whole_heads(self) -> bool:
+        """Whether the current node's head split removes whole heads (see `heads`)."""
+        if self.heads != "auto":
+            return self.heads == "whole"
+        node = self.node
+        if node is None:
+            return False
+        if node.name not in self._attention_memo:
+            self._attention_memo[node.name] = splits_attention(self.graph, node)
+        return self._attention_memo[node.name]
+
     def bind_choice(self, virtual_name: str) -> None:
         """Name the virtual axis that carries the last choice, so a frozen outcome can be retried."""
         self.choice_log[-1].tensor = virtual_name
@@ -451,8 +468,63 @@ class Coupler:
         return reason
 
 
+HEAD_MODES = ("auto", "whole", "inner")
+FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "RotaryEmbedding",
+                             "PackedAttention", "PackedMultiHeadAttention", "SparseAttention"})
+ATTENTION_HOPS = 6   # ops between a head split/merge and the attention product it belongs to (transpose, scale,
+                     # rotary halves, cast): a reshape further away from any such product is not a head split
+
+
+def splits_attention(graph: Graph, node) -> bool:
+    """True for a fused attention op, and for a node within ATTENTION_HOPS non-weighted ops (either way) of a
+    product of two activations (MatMul/Einsum with no constant operand: Q·Kᵀ or probabilities·V). Walks stop at
+    layers with constant weights, so a projection's split (Q, K, V) and the merge after A·V count and a reshape
+    in a convolution stack (channel shuffle, group norm) does not."""
+    if node.op_type in FUSED_ATTENTION:
+        return True
+
+    def constant(name: str) -> bool:
+        if not name or name in graph.initializers:
+            return True
+        prod = graph.producer.get(name)
+        return prod is not None and prod.op_type == "Constant"
+
+    def weighted(n) -> bool:
+        return n.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInteger",
+                             "ConvInteger", "QLinearMatMul", "QLinearConv") and any(constant(i) for i in n.input[:2])
+
+    def product_of_activations(n) -> bool:
+        if n.op_type == "MatMul":
+            return not constant(n.input[0]) and not constant(n.input[1])
+        if n.op_type == "Einsum":
+            return sum(not constant(i) for i in n.input) >= 2
+        return False
+
+    def data(name: str) -> bool:   # activations, not shape arithmetic (Shape → Gather → Concat → a Reshape)
+        return bool(name) and graph.dtypes.get(name) not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32,
+                                                              onnx.TensorProto.BOOL)
+
+    seen = {node.name}
+    frontier = [node]
+    for _ in range(ATTENTION_HOPS):
+        nxt = []
+        for n in frontier:
+            near = [u for out in n.output if data(out) for u, _ in graph.uses.get(out, [])]
+            near += [graph.producer[i] for i in n.input if data(i) and i in graph.producer]
+            for m in near:
+                if m is None or m.name in seen:
+                    continue
+                seen.add(m.name)
+                if product_of_activations(m):
+                    return True
+                if not weighted(m):
+                    nxt.append(m)
+        frontier = nxt
+    return False
+
+
 def couple(graph: Graph, exclude: list[str] | None = None, choices: dict | None = None,
-           whole_heads: bool = False) -> Coupler:
+           whole_heads: bool | str = False) -> Coupler:
     """Run every node's rule over `graph`, inside Loop/Scan/If bodies too (their rules tie the bodies' formal
     inputs and outputs to the node's). Graph inputs and outputs, tensors read inside subgraphs no rule follows,
     and every tensor of a node whose name matches an `exclude` glob are frozen too."""

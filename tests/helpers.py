@@ -78,6 +78,9 @@ def prune_checked(model, ratio=0.5, expect_smaller=True, **kwargs):
     # rule tests check the structure (exact slices, shape constants): the magnitude criterion compensates nothing,
     # unlike the default obspa, whose OBS refit moves the kept weights
     kwargs.setdefault("importance", "l1")
+    # ... and the finest head units (head_dim), which exercise every slicing rule; the default 'auto' choice (whole
+    # heads at attention) has its own tests (test_rules_shape)
+    kwargs.setdefault("heads", "inner")
     pruned, report = graphprune.prune(model, ratio=ratio, verify=True, **kwargs)
     onnx.checker.check_model(pruned, full_check=True)
     assert report.verification is not None

@@ -476,6 +476,36 @@ def test_attention_whole_heads():
     assert wshape(p, "wq.w") == (16, 8) and wshape(p, "wo.w") == (8, 16)
 
 
+def test_heads_auto_takes_whole_heads_at_attention_and_inner_channels_in_a_channel_shuffle():
+    """The default head mode ('auto'): the split/merge reshapes around Q·Kᵀ and A·V give whole-head units, a
+    channel shuffle between convolutions keeps its finest units, in one model."""
+    g = G()
+    q = _heads(g, "x", "wq", 16, 4, 4, [0, 2, 1, 3], "q")
+    kt = _heads(g, "x", "wk", 16, 4, 4, [0, 2, 3, 1], "k")
+    v = _heads(g, "x", "wv", 16, 4, 4, [0, 2, 1, 3], "v")
+    att = g.model([("x", [2, 5, 16])], [_attention_tail(g, q, kt, v, 4, 4, 16)])
+    auto = graphprune.analyze_model(att, whole_heads="auto")
+    # one group of 4 whole heads (Q, K and V of a head together) ...
+    assert sorted((len(gr.units), gr.channels) for gr in auto.groups) == [(4, 16)]
+    assert {tuple(u.elements[("wq.w", 1)]) for u in auto.groups[0].units} == {tuple(range(4 * h, 4 * h + 4))
+                                                                               for h in range(4)}
+    # ... where 'inner' has Q·K's and V's head_dim apart: element j of every head
+    inner = graphprune.analyze_model(att, whole_heads="inner")
+    assert sorted((len(gr.units), gr.channels) for gr in inner.groups) == [(4, 16), (4, 16)]
+    qk = next(gr for gr in inner.groups if ("wq.w", 1) in gr.members)
+    assert {tuple(u.elements[("wq.w", 1)]) for u in qk.units} == {tuple(range(j, 16, 4)) for j in range(4)}
+    p, _ = prune_checked(att, heads="auto")
+    for name in ("q.split", "k.split", "v.split"):
+        assert const_input(p, name, 1).tolist() == [0, 0, 2, 4]      # 2 heads of dim 4
+    g = G()
+    y1 = g.add("Relu", [g.conv("x", 3, 8, "cv1")])
+    r = g.add("Reshape", [y1, g.ints([1, 2, 4, 4, 4])], name="r1")
+    r2 = g.add("Reshape", [g.add("Transpose", [r], perm=[0, 2, 1, 3, 4]), g.ints([1, 8, 4, 4])], name="r2")
+    shuffle = g.model([("x", [1, 3, 4, 4])], [g.conv(r2, 8, 5, "cv2")])
+    units = graphprune.analyze_model(shuffle, whole_heads="auto").groups[0].units
+    assert sorted(tuple(u.elements[("cv1.w", 0)]) for u in units) == [(j, 4 + j) for j in range(4)]
+
+
 def test_attention_with_static_targets_and_minus_one():
     """Targets spelled [B, S, H, -1] / [B, S, -1] (common in exports): only the channel entries may change."""
     g = G()
