@@ -104,7 +104,7 @@ class Coupler:
         self.heads = {True: "whole", False: "inner"}.get(whole_heads, whole_heads)
         if self.heads not in HEAD_MODES:
             raise ValueError(f"heads must be one of {', '.join(HEAD_MODES)}, not {whole_heads!r}")
-        self._attention_memo: dict[str, bool] = {}
+        self._attention_memo: dict[int, bool] = {}
         self.slots: dict[tuple[str, int], tuple[int, int]] = {}
         self.slot_list: list[tuple[str, int]] = []
         self.n = 0
@@ -363,9 +363,10 @@ class Coupler:
         node = self.node
         if node is None:
             return False
-        if node.name not in self._attention_memo:
-            self._attention_memo[node.name] = splits_attention(self.graph, node)
-        return self._attention_memo[node.name]
+        key = id(node)   # names may be empty or repeated before canonicalisation
+        if key not in self._attention_memo:
+            self._attention_memo[key] = splits_attention(self.graph, node)
+        return self._attention_memo[key]
 
     def bind_choice(self, virtual_name: str) -> None:
         """Name the virtual axis that carries the last choice, so a frozen outcome can be retried."""
@@ -504,7 +505,7 @@ def splits_attention(graph: Graph, node) -> bool:
         return bool(name) and graph.dtypes.get(name) not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32,
                                                               onnx.TensorProto.BOOL)
 
-    seen = {node.name}
+    seen = {id(node)}
     frontier = [node]
     for _ in range(ATTENTION_HOPS):
         nxt = []
@@ -512,9 +513,9 @@ def splits_attention(graph: Graph, node) -> bool:
             near = [u for out in n.output if data(out) for u, _ in graph.uses.get(out, [])]
             near += [graph.producer[i] for i in n.input if data(i) and i in graph.producer]
             for m in near:
-                if m is None or m.name in seen:
+                if m is None or id(m) in seen:
                     continue
-                seen.add(m.name)
+                seen.add(id(m))
                 if product_of_activations(m):
                     return True
                 if not weighted(m):
