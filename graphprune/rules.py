@@ -484,11 +484,17 @@ def splits_attention(graph: Graph, node) -> bool:
     if node.op_type in FUSED_ATTENTION:
         return True
 
-    def constant(name: str) -> bool:
+    def constant(name: str, depth: int = 0) -> bool:
+        """An initializer, a Constant, or one seen through a dequantisation, cast or layout op (QDQ weights)."""
         if not name or name in graph.initializers:
             return True
         prod = graph.producer.get(name)
-        return prod is not None and prod.op_type == "Constant"
+        if prod is None or depth > 3:
+            return False
+        if prod.op_type == "Constant":
+            return True
+        return prod.op_type in ("DequantizeLinear", "Cast", "Identity", "Transpose", "Reshape", "Unsqueeze") \
+            and constant(prod.input[0], depth + 1)
 
     def weighted(n) -> bool:
         return n.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInteger",

@@ -506,6 +506,30 @@ def test_heads_auto_takes_whole_heads_at_attention_and_inner_channels_in_a_chann
     assert sorted(tuple(u.elements[("cv1.w", 0)]) for u in units) == [(j, 4 + j) for j in range(4)]
 
 
+def test_a_quantised_weight_is_not_an_activation_for_the_attention_test():
+    """MatMul(x, DequantizeLinear(W)) is a weighted layer, not Q·Kᵀ: a reshape beside it is no head split;
+    MatMul of two reshaped activations is."""
+    from graphprune.ir import Graph
+    from graphprune.rules import splits_attention
+    w = numpy_helper.from_array(np.ones((8, 8), np.int8), "w_q")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "w_scale")
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], name="split"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], name="dq"),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="linear"),
+             helper.make_node("Reshape", ["x", "shape"], ["a"], name="split_a"),
+             helper.make_node("Transpose", ["a"], ["at"], perm=[0, 1, 3, 2], name="t"),
+             helper.make_node("MatMul", ["a", "at"], ["scores"], name="qk")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)],
+                          [w, scale, numpy_helper.from_array(np.array([2, 4, 2, 8], np.int64), "shape")])
+    graph = Graph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    node = {n.name: n for n in graph.nodes}
+    # the walk follows a node's readers and its inputs' producers, never siblings: 'split' sees only 'linear'
+    assert not splits_attention(graph, node["split"])
+    assert splits_attention(graph, node["split_a"])
+
+
 def test_attention_with_static_targets_and_minus_one():
     """Targets spelled [B, S, H, -1] / [B, S, -1] (common in exports): only the channel entries may change."""
     g = G()
