@@ -23,9 +23,10 @@ def rand(*shape, seed=None, scale=None, positive=False):
     return a.astype(np.float32)
 
 
-def make_model(nodes, inputs, outputs, initializers=None, opset=17, value_info=None, check=True):
+def make_model(nodes, inputs, outputs, initializers=None, opset=17, value_info=None, check=True, domains=None):
     """inputs/outputs: list of (name, shape) or (name, shape, elem_type); initializers: dict name -> array.
-    check=False skips onnx.checker, for ops it rejects that onnxruntime runs (GroupNormalization-18, ...)."""
+    check=False skips onnx.checker, for ops it rejects that onnxruntime runs (GroupNormalization-18, ...).
+    domains: extra opset imports, e.g. {"com.microsoft": 1}."""
     def vi(spec):
         name, shape = spec[0], spec[1]
         et = spec[2] if len(spec) > 2 else TensorProto.FLOAT
@@ -33,7 +34,8 @@ def make_model(nodes, inputs, outputs, initializers=None, opset=17, value_info=N
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in (initializers or {}).items()]
     graph = helper.make_graph(nodes, "test", [vi(i) for i in inputs], [vi(o) for o in outputs], inits,
                               value_info=value_info or [])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]
+                              + [helper.make_opsetid(d, v) for d, v in (domains or {}).items()])
     model.ir_version = 8
     if check:
         onnx.checker.check_model(model)

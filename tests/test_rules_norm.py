@@ -54,6 +54,11 @@ class Net(GraphBuilder):
     def model(self, inputs, outputs):
         return make_model(self.nodes, inputs, outputs, self.inits, opset=self.opset)
 
+    def ms_model(self, inputs, outputs):
+        """With onnxruntime's com.microsoft ops (not checked: onnx.checker does not know them)."""
+        return make_model(self.nodes, inputs, outputs, self.inits, opset=self.opset, check=False,
+                          domains={"com.microsoft": 1})
+
 
 def _mask_hidden(model, removed):
     """The masked original of an up.w -> ... -> down.w block by hand: the removed hidden channels zeroed in
@@ -342,12 +347,7 @@ def test_skip_layer_norm(qualified, with_bias):
     y = net.matmul(n, 12, 6, "down")
     z = net.matmul(total, 12, 6, "sum_proj")
     outputs = [(y, [2, 5, 6]), (z, [2, 5, 6]), (inv, [2, 5, 1])] + ([] if simplified else [(mean, [2, 5, 1])])
-    graph = helper.make_graph(net.nodes, "t", [helper.make_tensor_value_info("x", F, [2, 5, 10])],
-                              [helper.make_tensor_value_info(o, F, s) for o, s in outputs],
-                              [numpy_helper.from_array(v, k) for k, v in net.inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
+    model = net.ms_model([("x", [2, 5, 10])], outputs)
     assert group_sizes(model) == [(12, 12)]
     pruned, report = prune_checked(model, verify_samples=3)
     assert wshape(pruned, "a.w") == (10, 6) and wshape(pruned, "ln.gamma") == (6,)
@@ -363,12 +363,7 @@ def test_skip_layer_norm_with_constant_skip_stays_frozen():
     n = net.op("SkipLayerNormalization", [a, net.w(5, 12, name="pos"), net.w(12, name="ln.gamma", positive=True)],
                domain="com.microsoft")
     y = net.matmul(n, 12, 6, "down")
-    graph = helper.make_graph(net.nodes, "t", [helper.make_tensor_value_info("x", F, [2, 5, 10])],
-                              [helper.make_tensor_value_info(y, F, [2, 5, 6])],
-                              [numpy_helper.from_array(v, k) for k, v in net.inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
+    model = net.ms_model([("x", [2, 5, 10])], [(y, [2, 5, 6])])
     assert any("constant skip input" in r for r in frozen_reasons(model))
 
 
@@ -389,12 +384,7 @@ def test_skip_layer_norm_between_frozen_streams(op):
 
     h1 = skip_norm("x", net.matmul("x", 12, 12, "attn"), "n1")
     out = skip_norm(h1, net.matmul(net.op("Relu", [net.matmul(h1, 12, 16, "up")]), 16, 12, "down"), "n2")
-    graph = helper.make_graph(net.nodes, "t", [helper.make_tensor_value_info("x", F, [2, 5, 12])],
-                              [helper.make_tensor_value_info(out, F, [2, 5, 12])],
-                              [numpy_helper.from_array(v, k) for k, v in net.inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
+    model = net.ms_model([("x", [2, 5, 12])], [(out, [2, 5, 12])])
     assert group_sizes(model) == [(12, 12), (16, 16)]
     pruned, report = prune_checked(model, verify_samples=3)
     assert wshape(pruned, "n1.gamma") == (6,) and wshape(pruned, "n1.skip_bias") == (12,)
@@ -434,12 +424,7 @@ def test_contrib_gelu_activations(qualified, bias):
     h = net.matmul("x", 10, 16, "up")
     ins = [h, net.w(16, name="act.bias", scale=0.5)] if bias else [h]
     y = net.matmul(net.op(op, ins, domain=domain), 16, 6, "down")
-    graph = helper.make_graph(net.nodes, "t", [helper.make_tensor_value_info("x", F, [2, 5, 10])],
-                              [helper.make_tensor_value_info(y, F, [2, 5, 6])],
-                              [numpy_helper.from_array(v, k) for k, v in net.inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
+    model = net.ms_model([("x", [2, 5, 10])], [(y, [2, 5, 6])])
     assert group_sizes(model) == [(16, 16)]
     pruned, _ = prune_checked(model)
     assert wshape(pruned, "up.w") == (10, 8) and wshape(pruned, "down.w") == (8, 6)
