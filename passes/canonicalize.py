@@ -498,21 +498,26 @@ def _name_nodes(graph: Graph) -> None:
 def fold_constants(graph: Graph) -> int:
     """Fold nodes whose inputs are all constant, and shape reads of static dims. Weight-only quantised
     weights (low-bit initializer -> Cast/DequantizeLinear) are left as they are."""
-    outputs = set(graph.output_names)
-    folded = 0
-    kept = []
-    for node in graph.nodes:
+    graph.nodes, folded = _fold_nodes(graph, graph.nodes, set(graph.output_names), subgraph_outer_names)
+    return folded + _fold_in_bodies(graph, graph.nodes)
+
+
+def _fold_nodes(graph: Graph, nodes, outputs: set, nested) -> tuple[list, int]:
+    """Fold the foldable nodes of one scope into initializers: standard-domain, one output that is not a graph
+    (or body) output, and not `nested(node)` (a node whose subgraphs would have to be folded too). Returns the
+    nodes kept and how many were folded."""
+    kept, folded = [], 0
+    for node in nodes:
         value = None
-        if node.domain in ("", "ai.onnx") and node.op_type not in NON_FOLDABLE and not subgraph_outer_names(node) \
-                and not any(o in outputs for o in node.output) and len(node.output) == 1:
+        if node.domain in ("", "ai.onnx") and node.op_type not in NON_FOLDABLE and not nested(node) \
+                and len(node.output) == 1 and node.output[0] not in outputs:
             value = _try_fold(graph, node)
         if value is not None:
             graph.set_initializer(node.output[0], value)
             folded += 1
         else:
             kept.append(node)
-    graph.nodes = kept
-    return folded + _fold_in_bodies(graph, graph.nodes)
+    return kept, folded
 
 
 def _fold_in_bodies(graph: Graph, nodes) -> int:
@@ -522,18 +527,8 @@ def _fold_in_bodies(graph: Graph, nodes) -> int:
     folded = 0
     for node in nodes:
         for body in _control_flow_bodies(node):
-            outputs = {o.name for o in body.output}
-            kept = []
-            for n in body.node:
-                value = None
-                if n.domain in ("", "ai.onnx") and n.op_type not in NON_FOLDABLE and not subgraphs(n) \
-                        and len(n.output) == 1 and n.output[0] not in outputs:
-                    value = _try_fold(graph, n)
-                if value is not None:
-                    graph.set_initializer(n.output[0], value)
-                    folded += 1
-                else:
-                    kept.append(n)
+            kept, count = _fold_nodes(graph, body.node, {o.name for o in body.output}, subgraphs)
+            folded += count
             if len(kept) < len(body.node):
                 del body.node[:]
                 body.node.extend(kept)
